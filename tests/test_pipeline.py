@@ -1,0 +1,173 @@
+"""The steps chained as the Makefile chains them, on synthetic data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT
+from sklearn.metrics import roc_auc_score
+
+import common
+import evaluate
+import preprocess
+import threshold
+import train
+
+SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "threshold.py", "evaluate.py"]
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_help(script):
+    out = run_script(script, "--help")
+    assert out.returncode == 0 and "usage:" in out.stdout and "Example:" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["preprocess.py", "--data", "no/such/dir"],
+                                  ["train.py", "--cache", "no/such/cache", "--run-dir", "unused"],
+                                  ["threshold.py", "--run", "no/such/run"],
+                                  ["evaluate.py", "--run", "no/such/run"]])
+def test_missing_input_is_a_one_line_error(args):
+    out = run_script(*args)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: no/such/") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_preprocess_cache_holds_every_image(synthetic_data, synthetic_cache):
+    meta = pd.read_csv(synthetic_data / "metadata.csv")
+    index, arrays = common.load_cache(synthetic_cache)
+    assert index["image_id"].tolist() == meta["image_id"].tolist()
+    assert arrays["full"].shape == (len(meta), 64, 64, 3) and arrays["crop"].shape == arrays["full"].shape
+    assert set(np.unique(arrays["mask"])) <= {0, 1}
+    assert index["mask_ok"].all()
+    assert all((synthetic_cache / "masks" / f"{i}.png").is_file() for i in index["image_id"])
+    for column in ("mask_area", "hair_fraction", "crop_x0", "crop_y0", "crop_x1", "crop_y1"):
+        assert column in index.columns
+
+
+def test_preprocess_redoes_nothing_unless_a_setting_changes(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "cache"
+    args = ["--data", str(synthetic_data), "--img-size", "24", "--out", str(out), "--workers", "1"]
+    preprocess.main(preprocess.parse_args(args))
+    stamp = (out / "index.csv").stat().st_mtime_ns
+    preprocess.main(preprocess.parse_args(args))
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "index.csv").stat().st_mtime_ns == stamp
+    preprocess.main(preprocess.parse_args(args + ["--crop-margin", "0.3"]))
+    assert json.loads((out / "cache_key.json").read_text())["crop_margin"] == 0.3
+    assert (out / "index.csv").stat().st_mtime_ns != stamp
+
+
+def test_preprocess_reports_an_unreadable_image_and_goes_on(synthetic_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    meta = pd.read_csv(data / "metadata.csv").head(30)
+    meta.to_csv(data / "metadata.csv", index=False)
+    (data / meta["filename"][3]).write_bytes(b"\x89PNG broken")
+    preprocess.main(preprocess.parse_args(["--data", str(data), "--img-size", "24", "--out",
+                                           str(tmp_path / "cache"), "--workers", "1"]))
+    printed = capsys.readouterr().out
+    assert f"{meta['filename'][3]}: not a readable image" in printed and "(1 failed)" in printed
+    index, _ = common.load_cache(tmp_path / "cache")
+    assert len(index) == 29 and meta["image_id"][3] not in set(index["image_id"])
+
+
+def test_model_trains_its_loss_falls_and_it_learns(trained_run):
+    history = pd.read_csv(trained_run / "history.csv")
+    assert len(history) == 4
+    assert history["train_loss"].iloc[-1] < 0.8 * history["train_loss"].iloc[0]
+    assert history["val_auc"].max() > 0.7  # the synthetic classes are learnably different
+
+
+def test_run_folder_holds_a_rebuildable_checkpoint(trained_run, synthetic_cache):
+    for name in ("model.pt", "last.pt", "history.csv", "val_probs.csv", "config.json", "thresholds.json"):
+        assert (trained_run / name).is_file(), name
+    model, checkpoint = common.load_checkpoint(trained_run / "model.pt")
+    assert checkpoint["arch"] == "efficientnet_lite0" and checkpoint["img_size"] == 64
+    index, arrays = common.load_cache(synthetic_cache)
+    val = pd.read_csv(trained_run / "val_probs.csv")
+    assert set(val["image_id"]) == set(index.loc[index["split"] == "val", "image_id"])
+    # the saved probabilities are the checkpoint's own
+    rows = index.set_index("image_id").loc[val["image_id"], "row"]
+    probs = common.predict_probs(model, common.model_inputs(arrays, rows, checkpoint["input"]),
+                                 checkpoint["normalisation"], torch.device("cpu"))
+    np.testing.assert_allclose(probs, val["prob"], atol=1e-5)
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["args"]["arch"] == "efficientnet_lite0" and "torch" in config["versions"]
+
+
+def test_resume_continues_exactly(synthetic_cache, tmp_path, monkeypatch):
+    args = ["--cache", str(synthetic_cache), "--arch", "resnet18", "--no-pretrained", "--epochs", "3",
+            "--batch-size", "32", "--aug", "full", "--seed", "5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(train.parse_args(args + ["--run-dir", str(straight)]))
+
+    real_epoch = train.train_one_epoch
+
+    def interrupted_in_third_epoch(*a, epoch, **kw):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, epoch=epoch, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args(args + ["--run-dir", str(resumed)]))
+    assert len(pd.read_csv(resumed / "history.csv")) == 2
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    train.main(train.parse_args(args + ["--run-dir", str(resumed), "--resume"]))
+    a, b = pd.read_csv(straight / "history.csv"), pd.read_csv(resumed / "history.csv")
+    np.testing.assert_allclose(a[["train_loss", "val_loss", "val_auc"]], b[["train_loss", "val_loss", "val_auc"]],
+                               rtol=1e-4)
+    np.testing.assert_allclose(pd.read_csv(straight / "val_probs.csv")["prob"],
+                               pd.read_csv(resumed / "val_probs.csv")["prob"], atol=1e-4)
+
+
+def test_threshold_needs_only_validation_probabilities(trained_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "val_probs.csv", run)  # no model, no test file
+    threshold.main(threshold.parse_args(["--run", str(run), "--target-recall", "0.9"]))
+    chosen = json.loads((run / "thresholds.json").read_text())
+    val = pd.read_csv(run / "val_probs.csv")
+    t = chosen["thresholds"]["recall_target"]
+    assert common.binary_metrics(val["label"], val["prob"], t)["recall"] >= 0.9
+    # it is the highest such threshold: any higher one misses the target
+    higher = val["prob"][val["prob"] > t]
+    if len(higher):
+        assert common.binary_metrics(val["label"], val["prob"], higher.min())["recall"] < 0.9
+    f1 = {p: common.binary_metrics(val["label"], val["prob"], p)["f1"] for p in val["prob"]}
+    assert common.binary_metrics(val["label"], val["prob"], chosen["thresholds"]["best_f1"])["f1"] == \
+        pytest.approx(max(f1.values()))
+    assert (run / "pr_curve_val.png").is_file()
+
+
+def test_evaluate_writes_metrics_and_valid_plots(evaluated_run, synthetic_cache):
+    metrics = pd.read_csv(evaluated_run / "metrics.csv")
+    assert metrics["operating_point"].tolist() == ["default", "best_f1", "recall_target"]
+    test = pd.read_csv(evaluated_run / "test_probs.csv")
+    index, _ = common.load_cache(synthetic_cache)
+    assert set(test["image_id"]) == set(index.loc[index["split"] == "test", "image_id"])
+    assert metrics["roc_auc"].nunique() == 1
+    assert metrics["roc_auc"].iloc[0] == pytest.approx(roc_auc_score(test["label"], test["prob"]))
+    for metric in evaluate.METRICS:
+        assert (metrics[f"{metric}_lo"] <= metrics[metric] + 1e-9).all()
+        assert (metrics[metric] <= metrics[f"{metric}_hi"] + 1e-9).all()
+    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "pr_curve_val.png"):
+        path = evaluated_run / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        image = cv2.imread(str(path))
+        assert image is not None and min(image.shape[:2]) > 200, name
+
+
+def test_evaluating_twice_gives_the_same_probabilities(evaluated_run, tmp_path):
+    evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--out-dir", str(tmp_path), "--bootstrap", "0"]))
+    assert (tmp_path / "test_probs.csv").read_text() == (evaluated_run / "test_probs.csv").read_text()

@@ -1,0 +1,67 @@
+"""Step 4: choose operating points on the validation set, and only there.
+
+Reads <run>/val_probs.csv (label, prob). Writes <run>/thresholds.json:
+  default          0.5
+  best_f1          the threshold of highest validation F1 on the precision-recall curve
+  recall_target    the highest threshold whose validation recall is >= --target-recall
+and <run>/pr_curve_val.png with the chosen points marked. It never opens test data.
+
+Example: python threshold.py --run runs/lite0 --target-recall 0.90
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from common import binary_metrics, fail, plot_pr_curve, read_csv, write_json
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run folder with val_probs.csv")
+    p.add_argument("--target-recall", type=float, default=0.90, help="recall the screening point must reach")
+    return p.parse_args(argv)
+
+
+def best_f1_threshold(labels, probs):
+    from sklearn.metrics import precision_recall_curve
+    precision, recall, thresholds = precision_recall_curve(labels, probs)
+    # The last precision/recall pair has no threshold (recall 0 by convention).
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[np.argmax(f1)])
+
+
+def recall_target_threshold(labels, probs, target):
+    """Highest threshold whose recall reaches the target: the fewest false alarms that still
+    catch that share of malignant lesions."""
+    from sklearn.metrics import precision_recall_curve
+    _, recall, thresholds = precision_recall_curve(labels, probs)
+    reaching = recall[:-1] >= target
+    return float(thresholds[reaching].max())
+
+
+def main(args):
+    if not 0 < args.target_recall <= 1:
+        fail("--target-recall", "must lie in (0, 1]")
+    val_path = args.run / "val_probs.csv"
+    val = read_csv(val_path, ["label", "prob"])
+    labels, probs = val["label"].to_numpy(), val["prob"].to_numpy()
+    if not set(np.unique(labels)) == {0, 1}:
+        fail(val_path, "needs both benign (0) and malignant (1) labels to choose thresholds")
+    thresholds = {
+        "default": 0.5,
+        "best_f1": best_f1_threshold(labels, probs),
+        "recall_target": recall_target_threshold(labels, probs, args.target_recall),
+    }
+    summary = {name: binary_metrics(labels, probs, t) for name, t in thresholds.items()}
+    write_json({"thresholds": thresholds, "target_recall": args.target_recall,
+                "chosen_on": str(val_path), "validation_metrics": summary}, args.run / "thresholds.json")
+    plot_pr_curve(labels, probs, thresholds, args.run / "pr_curve_val.png", "validation precision-recall")
+    for name, m in summary.items():
+        print(f"{name:14s} threshold {m['threshold']:.4f}  val recall {m['recall']:.3f}  "
+              f"precision {m['precision']:.3f}  specificity {m['specificity']:.3f}")
+    print(f"wrote {args.run / 'thresholds.json'}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
