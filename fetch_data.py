@@ -6,17 +6,30 @@ plus whatever clinical columns the source had (age, sex, localization, dx_type..
 The split is grouped by lesion_id (a lesion never sits in two splits) and stratified by dx.
 
 Sources:
-  --synthetic N      N synthetic dermoscopy images with ground-truth masks (demo and tests)
-  --from-dir PATH    a copy you already have: a labels CSV (labels.csv, metadata.csv or
-                     HAM10000_metadata.csv, or --labels) with image_id and dx or label columns;
-                     images at its filename column (relative to PATH) or anywhere below PATH
-  --source isic|dataverse   the remote HAM10000 download (not built yet: use --from-dir)
+  --source isic        the ISIC Archive API (default): the HAM10000 collection, image by image
+  --source dataverse   the official release on Harvard Dataverse: zips checked against their MD5
+  --from-dir PATH      a copy you already have: a labels CSV (metadata.csv, labels.csv,
+                       HAM10000_metadata.csv, an ISIC one-hot ground truth, or --labels) with an
+                       image id and a diagnosis (dx or label); images at its filename column
+                       (relative to PATH) or anywhere below PATH
+  --synthetic N        N synthetic dermoscopy images with ground-truth masks (demo and tests)
+--subset isic2018_test takes the 1,512 ISIC 2018 Task 3 test images instead of the 10,015 of the
+HAM10000 release: an external test set, every row split=test (as --assign-split test does for
+--from-dir). A second run downloads nothing that is complete; an interrupted one resumes.
 
 Example: python fetch_data.py --from-dir ../shared/data/ham10000_224 --out data/ham224
 """
 import argparse
+import hashlib
+import http.client
+import json
 import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +48,66 @@ DX_ALIASES = {
 }
 LABEL_FILES = ("metadata.csv", "labels.csv", "HAM10000_metadata.csv", "HAM10000_metadata")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+ISIC_API = "https://api.isic-archive.com/api/v2/"
+DATAVERSE = "https://dataverse.harvard.edu"
+HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
+# The Archive's HAM10000 collection also holds the ISIC 2018 validation (ISIC_0034321-0034513)
+# and test images; the HAM10000 release itself is ISIC_0024306-ISIC_0034320 (10,015 images).
+HAM10000_IDS = (24306, 34320)
+ISIC2018_VALIDATION_IDS = (34321, 34513)
+# MD5 sums published with the Dataverse record; the record's own listing must agree.
+PUBLISHED_MD5 = {"HAM10000_images_part_1.zip": "4639bfa73ab251610530a97c898e6e46",
+                 "HAM10000_images_part_2.zip": "da43d6cc50f6613013be07e8986b384b"}
+# The Archive's 2024 diagnosis taxonomy (diagnosis_3, else diagnosis_2) to HAM10000 codes.
+# akiec = actinic keratosis + intraepithelial carcinoma (Bowen's, SCC in situ);
+# bkl = seborrheic keratosis + solar lentigo + lichen-planus-like keratosis.
+ISIC_DIAGNOSIS_TO_DX = {
+    "nevus": "nv", "blue nevus": "nv", "combined nevus": "nv", "congenital nevus": "nv",
+    "dermal nevus": "nv", "junctional nevus": "nv", "compound nevus": "nv", "recurrent nevus": "nv",
+    "spitz nevus": "nv", "reed nevus": "nv", "halo nevus": "nv",
+    "melanoma": "mel", "melanoma invasive": "mel", "melanoma in situ": "mel", "melanoma, nos": "mel",
+    "melanoma metastasis": "mel",
+    "basal cell carcinoma": "bcc",
+    "solar or actinic keratosis": "akiec", "actinic keratosis": "akiec",
+    "squamous cell carcinoma in situ": "akiec", "bowen's disease": "akiec",
+    "seborrheic keratosis": "bkl", "solar lentigo": "bkl", "lichen planus like keratosis": "bkl",
+    "pigmented benign keratosis": "bkl",
+    "dermatofibroma": "df",
+    "hemangioma": "vasc", "angioma": "vasc", "angiokeratoma": "vasc", "pyogenic granuloma": "vasc",
+    "hemorrhage": "vasc", "vascular lesion": "vasc",
+    # groups (diagnosis_2), used when diagnosis_3 is missing
+    "benign melanocytic proliferations": "nv",
+    "malignant melanocytic proliferations (melanoma)": "mel",
+    "malignant adnexal epidermal proliferations": "bcc",
+    "indeterminate epidermal proliferations": "akiec",
+    "malignant epidermal proliferations": "akiec",
+    "benign epidermal proliferations": "bkl",
+    "flat melanotic pigmentations - not melanocytic nevus": "bkl",
+    "benign soft tissue proliferations - fibro-histiocytic": "df",
+    "benign soft tissue proliferations - vascular": "vasc",
+}
 # Official HAM10000 class frequencies (10,015 images), so synthetic data has the real imbalance.
 HAM10000_DX_COUNTS = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic images")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--source", choices=["isic", "dataverse"], default="isic", help="download HAM10000")
     source.add_argument("--from-dir", type=Path, metavar="PATH", help="import a local copy")
-    source.add_argument("--source", choices=["isic", "dataverse"], help="download HAM10000")
+    source.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic images")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write, e.g. data/ham10000")
+    p.add_argument("--subset", choices=["ham10000", "isic2018_test"], default="ham10000",
+                   help="downloads: the HAM10000 release, or the ISIC 2018 Task 3 test set")
     p.add_argument("--labels", type=Path, help="labels CSV for --from-dir (default: found by name)")
+    p.add_argument("--assign-split", choices=SPLITS, help="put every row in this split (an external test set)")
     p.add_argument("--val-frac", type=float, default=0.15, help="fraction of lesions for validation")
     p.add_argument("--test-frac", type=float, default=0.15, help="fraction of lesions for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the synthetic images")
+    p.add_argument("--limit", type=int, help="download only the first N images (a quick partial fetch)")
+    p.add_argument("--retries", type=int, default=5, help="tries after the first, with exponential backoff")
+    p.add_argument("--api-url", default=ISIC_API, help="ISIC Archive API base URL")
+    p.add_argument("--dataverse-url", default=DATAVERSE, help="Dataverse server")
     p.add_argument("--image-size", type=int, default=160, help="side of synthetic images (4:3)")
     return p.parse_args(argv)
 
@@ -62,20 +120,25 @@ SPLIT_FOLDS = 20  # fractions are realised in steps of 1/20 of the lesions
 
 def lesion_splits(df, val_frac, test_frac, seed):
     """A split label per row, grouped by lesion_id and stratified by dx, using scikit-learn's
-    StratifiedGroupKFold: the folds are dealt out to test, val, then train."""
+    StratifiedGroupKFold: fold k of n goes to test while (k + 1/2) / n < test_frac, then to val
+    while below test_frac + val_frac, then to train. Datasets too small to stratify by dx are
+    stratified by malignancy."""
     from sklearn.model_selection import StratifiedGroupKFold
-    n_test, n_val = round(test_frac * SPLIT_FOLDS), round(val_frac * SPLIT_FOLDS)
-    if n_test + n_val >= SPLIT_FOLDS:
+    if test_frac + val_frac >= 1:
         raise ValueError("val and test fractions leave nothing to train on")
+    strata = df["dx"]
     n_folds = min(SPLIT_FOLDS, df["lesion_id"].nunique())
+    if strata.value_counts().max() < n_folds:
+        strata = df["malignant"]
+    n_folds = max(2, min(n_folds, strata.value_counts().max()))
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    split_of_fold = ["test"] * n_test + ["val"] * n_val + ["train"] * (SPLIT_FOLDS - n_test - n_val)
     split = np.empty(len(df), dtype=object)
     with warnings.catch_warnings():
         # Rare classes (df, vasc) having fewer lesions than folds is expected, not a problem.
         warnings.filterwarnings("ignore", message="The least populated class")
-        for fold, (_, fold_rows) in enumerate(folds.split(df, df["dx"], groups=df["lesion_id"])):
-            split[fold_rows] = split_of_fold[fold]
+        for fold, (_, fold_rows) in enumerate(folds.split(df, strata, groups=df["lesion_id"])):
+            position = (fold + 0.5) / n_folds
+            split[fold_rows] = "test" if position < test_frac else "val" if position < test_frac + val_frac else "train"
     return split
 
 
@@ -85,7 +148,10 @@ def finish_metadata(df, args):
     # An image without a lesion id is a lesion of its own.
     df["lesion_id"] = df["lesion_id"].where(df["lesion_id"].notna() & (df["lesion_id"] != ""), df["image_id"])
     df["malignant"] = df["dx"].map(is_malignant)
-    df["split"] = lesion_splits(df, args.val_frac, args.test_frac, args.seed)
+    if args.assign_split:
+        df["split"] = args.assign_split
+    else:
+        df["split"] = lesion_splits(df, args.val_frac, args.test_frac, args.seed)
     rest = [c for c in df.columns if c not in METADATA_COLUMNS]
     return df[list(METADATA_COLUMNS) + rest]
 
@@ -94,7 +160,7 @@ def write_dataset(df, out_dir):
     write_csv(df, out_dir / "metadata.csv")
     counts = df.groupby(["split", "dx"]).size().unstack(fill_value=0)
     print(f"wrote {out_dir / 'metadata.csv'}: {len(df)} images, {df['lesion_id'].nunique()} lesions")
-    print(counts.reindex(index=list(SPLITS)).to_string())
+    print(counts.reindex(index=[s for s in SPLITS if s in counts.index]).to_string())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +264,296 @@ def make_synthetic(n, out_dir, width, height, seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# HTTP with retries
+
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+RETRY_BASE_SECONDS = 1.0
+MAX_WAIT_SECONDS = 120
+# A body cut short, a reset connection, a timeout: worth another try.
+TRANSIENT_ERRORS = (http.client.HTTPException, urllib.error.URLError, TimeoutError, ConnectionError)
+OFFLINE_HINT = "is the network reachable? Without it, download HAM10000 yourself and use --from-dir PATH"
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+
+
+def backoff(attempt, retry_after=None):
+    """Seconds to wait before try attempt+1: the server's Retry-After if it sent one, else
+    exponential backoff."""
+    if retry_after is not None:
+        try:
+            return min(float(retry_after), MAX_WAIT_SECONDS)
+        except ValueError:
+            pass  # an HTTP date rather than seconds: fall back to our own schedule
+    return min(RETRY_BASE_SECONDS * 2 ** attempt, MAX_WAIT_SECONDS)
+
+
+def http_open(url, retries, headers=None):
+    """urlopen that retries 429 (honouring Retry-After), 5xx, timeouts and dropped
+    connections, and ends with one line on 401/403/404 or when the server stays unreachable."""
+    request = urllib.request.Request(url, headers={"User-Agent": "skin-lesion-toolkit", **(headers or {})})
+    for attempt in range(retries + 1):
+        try:
+            return urllib.request.urlopen(request, timeout=60)
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                fail(url, f"HTTP {e.code}: access denied; the data is public, so the URL may have "
+                     "expired or changed: run again, or use --from-dir PATH")
+            if e.code == 404:
+                fail(url, "HTTP 404: not found; the API may have changed: check --api-url/--dataverse-url")
+            if e.code not in RETRY_STATUSES or attempt == retries:
+                fail(url, f"HTTP {e.code} {e.reason} after {attempt + 1} tries")
+            wait = backoff(attempt, e.headers.get("Retry-After"))
+        except TRANSIENT_ERRORS as e:
+            if attempt == retries:
+                fail(url, f"unreachable after {attempt + 1} tries ({getattr(e, 'reason', e)}); {OFFLINE_HINT}")
+            wait = backoff(attempt)
+        sleep(wait)
+
+
+def get_json(url, retries):
+    """GET a JSON document; a body cut short or garbled is fetched again."""
+    for attempt in range(retries + 1):
+        try:
+            with http_open(url, retries) as response:
+                return json.loads(response.read())
+        except (*TRANSIENT_ERRORS, json.JSONDecodeError, UnicodeDecodeError) as e:
+            if attempt == retries:
+                fail(url, f"no complete JSON answer after {attempt + 1} tries ({type(e).__name__})")
+            sleep(backoff(attempt))
+
+
+def paginate(url, retries):
+    """Every result of a paginated API listing, following `next` until it is null."""
+    while url:
+        page = get_json(url, retries)
+        yield from page.get("results", [])
+        url = page.get("next")
+
+
+def file_md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_complete(path, size=None, md5=None):
+    return path.is_file() and (size is None or path.stat().st_size == size) and \
+        (md5 is None or file_md5(path) == md5)
+
+
+def download(url, target, retries, size=None, md5=None, bar=None):
+    """Download url to target through target.part, resuming a part left by an interrupted run
+    (HTTP Range). The part is renamed only when its size matches what the server announced
+    and the expected size and MD5 where they are known; a short or corrupt body is fetched again."""
+    part = target.with_name(target.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:
+            part.unlink()
+            have = 0
+        try:
+            if size is None or have < size:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                with http_open(url, retries, headers) as response:
+                    if have and response.status != 206:  # the server ignored the range: start over
+                        have = 0
+                    length = response.headers.get("Content-Length")
+                    announced = have + int(length) if length is not None else None
+                    with open(part, "ab" if have else "wb") as f:
+                        for block in iter(lambda: response.read(1 << 20), b""):
+                            f.write(block)
+                            if bar is not None:
+                                bar.update(len(block))
+                got = part.stat().st_size
+                if announced is not None and got != announced:
+                    raise http.client.IncompleteRead(b"", announced - got)
+            if size is not None and part.stat().st_size != size:
+                raise http.client.IncompleteRead(b"", size - part.stat().st_size)
+            if md5 is not None and file_md5(part) != md5:
+                part.unlink()
+                raise ValueError("MD5 checksum mismatch")
+            part.replace(target)
+            return
+        except (*TRANSIENT_ERRORS, ValueError) as e:
+            if attempt == retries:
+                fail(url, f"download failed after {attempt + 1} tries ({type(e).__name__}: {e}); {OFFLINE_HINT}")
+            sleep(backoff(attempt))
+
+
+def check_free_space(folder, needed_bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed_bytes * 1.05 > free:
+        fail(folder, f"needs {needed_bytes / 1e9:.1f} GB free for the download, has {free / 1e9:.1f} GB")
+
+
+def safe_extract(zip_path, target):
+    """Unpack a zip only after every member path is checked to stay inside target; a member
+    that would land elsewhere (absolute, '..', a drive) refuses the whole archive."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            root = target.resolve()
+            for member in archive.infolist():
+                destination = (root / member.filename).resolve()
+                if member.filename.startswith(("/", "\\")) or not destination.is_relative_to(root):
+                    fail(zip_path, f"member {member.filename!r} would be written outside {target}; "
+                         "nothing was extracted")
+            archive.extractall(target)
+    except zipfile.BadZipFile as e:
+        zip_path.unlink()  # a corrupt archive is fetched again on the next run
+        fail(zip_path, f"not a valid zip ({e}); removed, run again to download it anew")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ISIC Archive
+
+
+def isic_number(isic_id):
+    try:
+        return int(str(isic_id).split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def in_subset(isic_id, subset):
+    n = isic_number(isic_id)
+    if subset == "ham10000":
+        return HAM10000_IDS[0] <= n <= HAM10000_IDS[1]
+    return n > ISIC2018_VALIDATION_IDS[1]  # the ISIC 2018 Task 3 test images
+
+
+def isic_dx(clinical):
+    """HAM10000 code of an Archive image's clinical metadata, or None when it has no match."""
+    for field in ("diagnosis_3", "diagnosis_2", "diagnosis"):
+        value = clinical.get(field)
+        if value and str(value).strip().lower() in ISIC_DIAGNOSIS_TO_DX:
+            return ISIC_DIAGNOSIS_TO_DX[str(value).strip().lower()]
+    return None
+
+
+def find_isic_collection(api, retries):
+    collections = [c for c in paginate(urllib.parse.urljoin(api, "collections/?limit=100"), retries)
+                   if "ham10000" in str(c.get("name", "")).lower()]
+    if not collections:
+        fail(urllib.parse.urljoin(api, "collections/"), "no collection named HAM10000 found")
+    # the collection named exactly HAM10000 rather than one that only mentions it
+    collections.sort(key=lambda c: (c["name"].strip().lower() != "ham10000", c["id"]))
+    return collections[0]
+
+
+def fetch_isic(args):
+    collection = find_isic_collection(args.api_url, args.retries)
+    print(f"ISIC Archive collection {collection['id']}: {collection['name']}")
+    search = urllib.parse.urljoin(args.api_url, f"images/search/?collections={collection['id']}&limit=100")
+    rows, unmapped = [], []
+    for image in tqdm(paginate(search, args.retries), desc="listing images", unit="image"):
+        isic_id = image["isic_id"]
+        if not in_subset(isic_id, args.subset):
+            continue
+        clinical = (image.get("metadata") or {}).get("clinical") or {}
+        dx = isic_dx(clinical)
+        if dx is None:
+            unmapped.append(f"{isic_id} ({clinical.get('diagnosis_3') or clinical.get('diagnosis_2')})")
+            continue
+        full = image["files"]["full"]
+        rows.append({"image_id": isic_id, "filename": f"images/{isic_id}.jpg",
+                     "lesion_id": clinical.get("lesion_id"), "dx": dx,
+                     "dx_type": clinical.get("diagnosis_confirm_type"), "age": clinical.get("age_approx"),
+                     "sex": clinical.get("sex"), "localization": clinical.get("anatom_site_general"),
+                     "copyright_license": image.get("copyright_license"),
+                     "attribution": image.get("attribution"), "url": full["url"], "size": full.get("size")})
+        if args.limit and len(rows) >= args.limit:
+            break
+    for item in unmapped:
+        print(f"skipped {item}: diagnosis has no HAM10000 code")
+    if unmapped:
+        print(f"skipped {len(unmapped)} images whose diagnosis has no HAM10000 code")
+    if not rows:
+        fail(search, f"no {args.subset} images found in the collection")
+
+    todo = [r for r in rows if not is_complete(args.out / r["filename"], r["size"])]
+    print(f"{len(rows)} images, {len(rows) - len(todo)} already complete, {len(todo)} to download")
+    check_free_space(args.out, sum(r["size"] or 0 for r in todo))
+    with tqdm(total=sum(r["size"] or 0 for r in todo), unit="B", unit_scale=True, desc="downloading") as bar:
+        for r in todo:
+            # the signed URLs expire, so they come from this run's listing, never from a file
+            download(r["url"], args.out / r["filename"], args.retries, size=r["size"], bar=bar)
+    df = pd.DataFrame(rows).drop(columns=["url", "size"])
+    attribution = df.groupby(["attribution", "copyright_license"], dropna=False).size()
+    with atomic_path(args.out / "attribution.txt") as tmp:
+        tmp.write_text("".join(f"{n} images: {a} ({lic})\n" for (a, lic), n in attribution.items()))
+    readable = check_images(df, args.out, search)
+    for filename in set(df["filename"]) - set(readable["filename"]):
+        (args.out / filename).unlink(missing_ok=True)  # corrupt: fetched again on the next run
+    return readable
+
+
+# ---------------------------------------------------------------------------------------------
+# Harvard Dataverse
+
+
+def dataverse_files(args):
+    url = f"{args.dataverse_url.rstrip('/')}/api/datasets/:persistentId/?persistentId={HAM10000_DOI}"
+    record = get_json(url, args.retries)
+    try:
+        files = record["data"]["latestVersion"]["files"]
+    except (KeyError, TypeError):
+        fail(url, "answer has no data.latestVersion.files; has the Dataverse API changed?")
+    listing = {}
+    for entry in files:
+        data_file = entry.get("dataFile", {})
+        name = data_file.get("originalFileName") or data_file.get("filename") or entry.get("label")
+        md5 = data_file.get("md5") or (data_file.get("checksum") or {}).get("value")
+        listing[name] = {"id": data_file["id"], "md5": md5, "tabular": bool(data_file.get("originalFileName"))}
+    return listing, url
+
+
+def pick_file(listing, prefix, url):
+    for name in sorted(listing):
+        if name.lower().startswith(prefix.lower()):
+            return name
+    fail(url, f"the record lists no file starting with {prefix!r}")
+
+
+def fetch_dataverse(args):
+    listing, url = dataverse_files(args)
+    if args.subset == "ham10000":
+        names = [pick_file(listing, "HAM10000_images_part_1", url), pick_file(listing, "HAM10000_images_part_2", url)]
+        labels = pick_file(listing, "HAM10000_metadata", url)
+    else:
+        names = [pick_file(listing, "ISIC2018_Task3_Test_Images", url)]
+        labels = pick_file(listing, "ISIC2018_Task3_Test_GroundTruth", url)
+    for name in names:
+        if name in PUBLISHED_MD5 and listing[name]["md5"] != PUBLISHED_MD5[name]:
+            fail(url, f"lists MD5 {listing[name]['md5']} for {name}, not the published {PUBLISHED_MD5[name]}")
+
+    raw = args.out / "raw"
+    base = f"{args.dataverse_url.rstrip('/')}/api/access/datafile/"
+    for name in [*names, labels]:
+        entry = listing[name]
+        target = raw / name
+        if is_complete(target, md5=entry["md5"]):
+            print(f"{target} is complete")
+            continue
+        # Tabular files are served converted unless the original is asked for.
+        file_url = base + str(entry["id"]) + ("?format=original" if entry["tabular"] else "")
+        with tqdm(unit="B", unit_scale=True, desc=name) as bar:
+            download(file_url, target, args.retries, md5=entry["md5"], bar=bar)
+    for name in names:
+        done = raw / (name + ".extracted")
+        if not done.exists():
+            print(f"extracting {name}")
+            safe_extract(raw / name, raw / Path(name).stem)
+            done.touch()
+    return import_dir(raw, raw / labels, args.out, limit=args.limit, link=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # local import
 
 
@@ -219,67 +575,101 @@ def normalise_dx(labels, path):
     return dx
 
 
-def import_dir(root, labels_path, out_dir):
-    """Copy images listed in a labels CSV into out_dir/images. Images the CSV names but that
-    cannot be found or decoded are reported by name and left out."""
-    import cv2
-    if not root.is_dir():
-        fail(root, "not a folder")
-    labels_path = labels_path or find_labels_file(root)
-    df = read_csv(labels_path, ["image_id"])
-    label_column = next((c for c in ("dx", "label") if c in df.columns), None)
-    if label_column is None:
-        fail(labels_path, "needs a 'dx' or 'label' column with the diagnosis")
-    df["dx"] = normalise_dx(df[label_column], labels_path)
+def read_labels(path):
+    """A labels table with image_id and dx, whichever of the usual layouts it comes in: HAM10000
+    metadata (image_id, dx), a plain labels file (image_id, label) or an ISIC challenge ground
+    truth (image, then one-hot MEL, NV, BCC, AKIEC, BKL, DF, VASC columns)."""
+    df = read_csv(path)
+    df = df.rename(columns={c: "image_id" for c in ("image", "isic_id") if c in df.columns and "image_id" not in df})
+    if "image_id" not in df.columns:
+        fail(path, "needs an image id column (image_id, image or isic_id)")
+    df["image_id"] = df["image_id"].astype(str)
+    one_hot = [c for c in df.columns if c.lower() in DX_CODES]
+    if "dx" in df.columns or "label" in df.columns:
+        df["dx"] = normalise_dx(df["dx" if "dx" in df.columns else "label"], path)
+    elif len(one_hot) == len(DX_CODES):
+        df["dx"] = df[one_hot].idxmax(axis=1).str.lower()
+        df = df.drop(columns=one_hot)
+    else:
+        fail(path, "needs a diagnosis: a 'dx' or 'label' column, or one-hot columns " + ", ".join(DX_CODES).upper())
     if "lesion_id" not in df.columns:
         df["lesion_id"] = np.nan
     if df["image_id"].duplicated().any():
-        fail(labels_path, f"image_id {df['image_id'][df['image_id'].duplicated()].iloc[0]} appears twice")
+        fail(path, f"image_id {df['image_id'][df['image_id'].duplicated()].iloc[0]} appears twice")
+    return df
 
-    # Where no filename column is given (the official layout), images sit in any sub-folder.
-    if "filename" in df.columns:
-        sources = {row.image_id: root / row.filename for row in df.itertuples()}
-    else:
-        found = {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
-        sources = {i: found.get(i, root / f"{i}.jpg") for i in df["image_id"]}
 
-    kept, problems = {}, []
-    for row in tqdm(df.itertuples(), total=len(df), desc="importing images"):
-        source = sources[row.image_id]
-        target = out_dir / "images" / f"{row.image_id}{source.suffix.lower()}"
-        if not source.is_file():
-            problems.append(f"{source}: file not found")
+def check_images(df, root, listed_in):
+    """Rows whose image (root / filename) is missing or cannot be decoded are reported by name
+    and left out, with a count; never silently."""
+    import cv2
+    problems, keep = [], []
+    for filename in tqdm(df["filename"], desc="checking images", leave=False):
+        path = root / filename
+        if not path.is_file():
+            problems.append(f"{path}: file not found")
+        elif cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
+            problems.append(f"{path}: not a readable image")
+        else:
+            keep.append(filename)
             continue
-        if cv2.imread(str(source), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
-            problems.append(f"{source}: not a readable image")
-            continue
-        if not (target.is_file() and target.stat().st_size == source.stat().st_size):
-            with atomic_path(target) as tmp:
-                shutil.copyfile(source, tmp)
-        kept[row.image_id] = target.relative_to(out_dir).as_posix()
     for problem in problems:
         print(f"skipped {problem}")
     if problems:
-        print(f"skipped {len(problems)} of {len(df)} images listed in {labels_path}")
-    if not kept:
-        fail(labels_path, "none of its images could be imported")
-    imported = df[df["image_id"].isin(kept)].copy()
-    imported["filename"] = imported["image_id"].map(kept)
-    return imported.drop(columns=[c for c in ("label", "mask", "split", "binary") if c in imported.columns])
+        print(f"skipped {len(problems)} of {len(df)} images listed in {listed_in}")
+    if not keep:
+        fail(listed_in, "none of its images could be read")
+    return df[df["filename"].isin(keep)].copy()
+
+
+def import_dir(root, labels_path, out_dir, limit=None, link=False):
+    """Copy (or hard-link, for our own downloads) the readable images a labels CSV lists into
+    out_dir/images."""
+    if not root.is_dir():
+        fail(root, "not a folder")
+    labels_path = labels_path or find_labels_file(root)
+    df = read_labels(labels_path)
+    if limit:
+        df = df.head(limit)
+    # Where no filename column is given (the official layout), images sit in any sub-folder.
+    if "filename" not in df.columns:
+        found = {p.stem: p.relative_to(root).as_posix() for p in root.rglob("*")
+                 if p.suffix.lower() in IMAGE_SUFFIXES}
+        df["filename"] = [found.get(i, f"{i}.jpg") for i in df["image_id"]]
+    df = check_images(df, root, labels_path)
+
+    targets = []
+    for row in tqdm(df.itertuples(), total=len(df), desc="importing images"):
+        source = root / row.filename
+        target = out_dir / "images" / f"{row.image_id}{source.suffix.lower()}"
+        if not (target.is_file() and target.stat().st_size == source.stat().st_size):
+            with atomic_path(target) as tmp:
+                try:
+                    if not link:
+                        raise OSError
+                    tmp.hardlink_to(source)  # no second copy of a multi-GB download
+                except OSError:
+                    shutil.copyfile(source, tmp)
+        targets.append(target.relative_to(out_dir).as_posix())
+    df["filename"] = targets
+    return df.drop(columns=[c for c in ("label", "mask", "split", "binary") if c in df.columns])
 
 
 def main(args):
     if not 0 <= args.val_frac < 1 or not 0 < args.test_frac < 1:
         fail("--val-frac/--test-frac", "fractions must lie between 0 and 1")
-    if args.source is not None:
-        fail(f"--source {args.source}", "the remote HAM10000 download is not built yet; download the "
-             "dataset yourself and import it with --from-dir PATH")
     if args.synthetic is not None:
         if args.synthetic < 20:
             fail("--synthetic", "needs at least 20 images to make three splits")
         df = make_synthetic(args.synthetic, args.out, args.image_size, args.image_size * 3 // 4, args.seed)
+    elif args.from_dir is not None:
+        df = import_dir(args.from_dir, args.labels, args.out, limit=args.limit)
+    elif args.source == "isic":
+        df = fetch_isic(args)
     else:
-        df = import_dir(args.from_dir, args.labels, args.out)
+        df = fetch_dataverse(args)
+    if args.subset == "isic2018_test" and args.from_dir is None and args.synthetic is None:
+        args.assign_split = args.assign_split or "test"
     write_dataset(finish_metadata(df, args), args.out)
 
 

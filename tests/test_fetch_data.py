@@ -105,9 +105,3 @@ def test_unknown_diagnosis_is_a_one_line_error(tmp_path):
     message = str(exc.value)
     assert "labels.csv" in message and "wart" in message and "\n" not in message
     assert not (tmp_path / "o" / "metadata.csv").exists()
-
-
-def test_remote_source_not_built_says_what_to_do_instead(tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        fetch_data.main(fetch_data.parse_args(["--source", "isic", "--out", str(tmp_path)]))
-    assert "--from-dir" in str(exc.value)
