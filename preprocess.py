@@ -11,7 +11,15 @@ cache/<dataset>_<img-size>) holding:
   cache_key.json         every setting that changes the content; an unchanged key redoes nothing
 Images that cannot be read are reported by name and left out of index.csv.
 
-Example: python preprocess.py --data data/ham224 --img-size 224
+--score-masks DIR scores the cached masks against ground-truth masks in DIR (named <image_id>.png
+or <image_id>_*.png) and writes segmentation_scores.csv (image_id, dice, jaccard, mask_ok),
+segmentation_summary.json (mean Dice, mean Jaccard, share of images with Jaccard < 0.65) and
+worst_overlays.png (the worst cases: ground truth green, ours red) into the cache folder.
+--overlay-sheet N draws N random images with their masks into overlays.png, for data without
+ground truth.
+
+Examples: python preprocess.py --data data/ham224 --img-size 224
+          python preprocess.py --data data/ph2 --score-masks ../shared/data/ph2/masks
 """
 import argparse
 import multiprocessing
@@ -23,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, crop_box, file_sha256, lesion_mask, read_csv,
-                    read_json, read_rgb, remove_hair, resize_to, write_csv, write_json, write_png)
+from common import (METADATA_COLUMNS, crop_box, fail, file_sha256, lesion_mask, read_csv, read_json, read_rgb,
+                    remove_hair, resize_to, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 3
 
 
 def parse_args(argv=None):
@@ -39,6 +47,9 @@ def parse_args(argv=None):
                    help="longest side at which hair removal and segmentation run")
     p.add_argument("--crop-margin", type=float, default=0.15, help="crop margin, fraction of the lesion box")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (1: no pool)")
+    p.add_argument("--score-masks", type=Path, metavar="DIR", help="score the masks against ground truth in DIR")
+    p.add_argument("--worst", type=int, default=8, help="cases on the worst-overlay sheet")
+    p.add_argument("--overlay-sheet", type=int, metavar="N", help="draw N random images with their masks")
     return p.parse_args(argv)
 
 
@@ -85,8 +96,9 @@ def cache_key(args, metadata_path):
             "metadata_sha256": file_sha256(metadata_path)}
 
 
-def build_cache(metadata, data_dir, out_dir, args):
-    """Write the cache into out_dir (a fresh folder). Returns the number of failed images."""
+def preprocess_all(metadata, data_dir, out_dir, args):
+    """Preprocess every image into the arrays and mask PNGs of out_dir (a fresh folder).
+    Returns (index rows of the images done, error lines of those that failed)."""
     n, s = len(metadata), args.img_size
     settings = {"img_size": s, "work_size": args.work_size, "crop_margin": args.crop_margin}
     jobs = [(row.image_id, data_dir / row.filename, settings) for row in metadata.itertuples()]
@@ -112,21 +124,14 @@ def build_cache(metadata, data_dir, out_dir, args):
     return rows, failures
 
 
-def main(args):
+def write_cache(metadata, metadata_path, out_dir, key, args):
+    """Build the cache beside out_dir and swap it in whole: a crash never leaves a half cache."""
     import pandas as pd
-    metadata_path = args.data / "metadata.csv"
-    metadata = read_csv(metadata_path, METADATA_COLUMNS)
-    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}"
-    key = cache_key(args, metadata_path)
-    if (out_dir / "cache_key.json").is_file() and read_json(out_dir / "cache_key.json") == key:
-        print(f"{out_dir} is up to date")
-        return
 
-    # Build beside the target and swap it in whole: a crash never leaves a half cache.
     build_dir = out_dir.with_name(f".building.{out_dir.name}")
     shutil.rmtree(build_dir, ignore_errors=True)
     (build_dir / "masks").mkdir(parents=True)
-    rows, failures = build_cache(metadata, args.data, build_dir, args)
+    rows, failures = preprocess_all(metadata, args.data, build_dir, args)
     if not rows:
         shutil.rmtree(build_dir)
         raise SystemExit(f"error: {metadata_path}: no image could be preprocessed")
@@ -143,6 +148,127 @@ def main(args):
     flagged = int((index["mask_ok"] == 0).sum())
     print(f"wrote {out_dir}: {len(index)} images ({len(failures)} failed), "
           f"{flagged} without a plausible mask (whole image used, mask_ok=0)")
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation scores and overlay sheets
+
+
+def dice_jaccard(predicted, truth):
+    intersection = np.logical_and(predicted, truth).sum()
+    total = predicted.sum() + truth.sum()
+    union = total - intersection
+    return (2 * intersection / total if total else 1.0), (intersection / union if union else 1.0)
+
+
+def find_truth_masks(truth_dir, image_ids):
+    """Ground-truth mask path per image id: <id>.png or <id>_<anything>.png (PH2: _lesion)."""
+    if not truth_dir.is_dir():
+        fail(truth_dir, "not a folder")
+    by_stem = {p.stem: p for p in truth_dir.iterdir() if p.suffix.lower() in (".png", ".bmp", ".jpg")}
+    found = {}
+    for image_id in image_ids:
+        matches = [p for stem, p in by_stem.items() if stem == image_id or stem.startswith(image_id + "_")]
+        if matches:
+            found[image_id] = sorted(matches)[0]
+    if not found:
+        fail(truth_dir, "holds no mask named after an image id of this dataset")
+    return found
+
+
+def outlined(rgb, masks_and_colours, side=300):
+    """The image scaled to `side` wide with each mask's outer contour drawn in its colour."""
+    import cv2
+    h, w = rgb.shape[:2]
+    size = (side, round(side * h / w))
+    tile = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    for mask, colour in masks_and_colours:
+        small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(tile, contours, -1, colour, 2)
+    return tile
+
+
+def save_sheet(tiles, titles, path, columns=4):
+    from common import new_figure, save_figure
+    rows = max(1, -(-len(tiles) // columns))
+    fig, axes = new_figure(ncols=columns, figsize=(3.2 * columns, 2.7 * rows))
+    fig.clf()
+    for k, (tile, title) in enumerate(zip(tiles, titles)):
+        ax = fig.add_subplot(rows, columns, k + 1)
+        ax.imshow(tile)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+def score_masks(index, data_dir, cache_dir, truth_dir, worst):
+    """Dice and Jaccard of every cached mask against its ground truth; the worst on a sheet."""
+    import cv2
+    import pandas as pd
+    truth_paths = find_truth_masks(truth_dir, index["image_id"])
+    rows = []
+    for row in tqdm(index.itertuples(), total=len(index), desc="scoring masks"):
+        if row.image_id not in truth_paths:
+            continue
+        truth = cv2.imread(str(truth_paths[row.image_id]), cv2.IMREAD_GRAYSCALE) > 0
+        ours = cv2.imread(str(cache_dir / "masks" / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        ours = cv2.resize(ours, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        dice, jaccard = dice_jaccard(ours, truth)
+        rows.append({"image_id": row.image_id, "dice": dice, "jaccard": jaccard, "mask_ok": row.mask_ok})
+    scores = pd.DataFrame(rows)
+    summary = {"images": len(scores), "mean_dice": scores["dice"].mean(), "mean_jaccard": scores["jaccard"].mean(),
+               "share_jaccard_below_0.65": (scores["jaccard"] < 0.65).mean(),
+               "flagged_mask_ok_0": int((scores["mask_ok"] == 0).sum()), "truth": str(truth_dir)}
+    write_csv(scores, cache_dir / "segmentation_scores.csv")
+    write_json(summary, cache_dir / "segmentation_summary.json")
+
+    worst_rows = scores.nsmallest(worst, "dice")
+    filenames = index.set_index("image_id")["filename"]
+    tiles, titles = [], []
+    for r in worst_rows.itertuples():
+        truth = cv2.imread(str(truth_paths[r.image_id]), cv2.IMREAD_GRAYSCALE) > 0
+        ours = cv2.imread(str(cache_dir / "masks" / f"{r.image_id}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        rgb = read_rgb(data_dir / filenames[r.image_id])
+        ours = cv2.resize(ours.astype(np.uint8), truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        tiles.append(outlined(rgb, [(truth, (0, 255, 0)), (ours, (255, 0, 0))]))
+        titles.append(f"{r.image_id}  Dice {r.dice:.2f}  Jaccard {r.jaccard:.2f}")
+    save_sheet(tiles, titles, cache_dir / "worst_overlays.png")
+    print(f"{summary['images']} masks against {truth_dir}: mean Dice {summary['mean_dice']:.3f}, mean Jaccard "
+          f"{summary['mean_jaccard']:.3f}, Jaccard < 0.65 for {summary['share_jaccard_below_0.65']:.1%}; "
+          f"wrote {cache_dir / 'segmentation_scores.csv'} and {cache_dir / 'worst_overlays.png'}")
+    return summary
+
+
+def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
+    import cv2
+    chosen = index.sample(min(n, len(index)), random_state=seed)
+    tiles, titles = [], []
+    for r in chosen.itertuples():
+        ours = cv2.imread(str(cache_dir / "masks" / f"{r.image_id}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        rgb = read_rgb(data_dir / r.filename)
+        ours = cv2.resize(ours.astype(np.uint8), rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        tiles.append(outlined(rgb, [(ours, (255, 0, 0) if r.mask_ok else (255, 255, 0))]))
+        titles.append(f"{r.image_id} {r.dx}" + ("" if r.mask_ok else " (no plausible mask)"))
+    save_sheet(tiles, titles, cache_dir / "overlays.png", columns=10 if n >= 30 else 5)
+    print(f"wrote {cache_dir / 'overlays.png'}")
+
+
+def main(args):
+    metadata_path = args.data / "metadata.csv"
+    metadata = read_csv(metadata_path, METADATA_COLUMNS)
+    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}"
+    key = cache_key(args, metadata_path)
+    if (out_dir / "cache_key.json").is_file() and read_json(out_dir / "cache_key.json") == key:
+        print(f"{out_dir} is up to date")
+    else:
+        write_cache(metadata, metadata_path, out_dir, key, args)
+    if args.score_masks or args.overlay_sheet:
+        index = read_csv(out_dir / "index.csv", ("image_id", "filename", "mask_ok"))
+        if args.score_masks:
+            score_masks(index, args.data, out_dir, args.score_masks, args.worst)
+        if args.overlay_sheet:
+            overlay_sheet(index, args.data, out_dir, args.overlay_sheet)
 
 
 if __name__ == "__main__":

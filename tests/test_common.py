@@ -86,20 +86,34 @@ def test_segmentation_finds_synthetic_lesions_despite_hairs_and_vignette():
     assert np.mean(scores) > 0.9 and np.min(scores) > 0.75
 
 
-def test_hair_removal_finds_and_paints_over_hairs():
-    found, darkening_left = [], []
-    for image, truth, hair in synthetic_images(30, seed=1):
+def hair_pairs(n, seed):
+    """The same synthetic image with and without its hairs (hairs come from their own stream)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        lesion = fetch_data.synthetic_lesion_params(rng, malignant=i % 2)
+        state = rng.bit_generator.state
+        with_hair, truth, hair = fetch_data.synthetic_image(rng, lesion, 200, 150)
+        rng.bit_generator.state = state
+        without_hair, _, _ = fetch_data.synthetic_image(rng, lesion, 200, 150, hairs=False)
+        yield with_hair, without_hair, truth, hair
+
+
+def test_hair_removal_removes_most_hair_and_keeps_the_segmentation():
+    residue, dice_with, dice_without = [], [], []
+    for with_hair, without_hair, truth, hair in hair_pairs(40, seed=1):
         if hair.sum() < 50:
             continue
-        clean, detected = common.remove_hair(image)
-        on_skin = hair & ~truth  # hairs over skin: dark lines on a light background
-        found.append((detected & on_skin).sum() / on_skin.sum())
-        gray_before = image.mean(axis=2)[on_skin].mean()
-        gray_after = clean.mean(axis=2)[on_skin].mean()
-        darkening_left.append(gray_before / gray_after)
-    assert len(found) >= 10
-    assert np.mean(found) > 0.8
-    assert np.mean(darkening_left) < 0.5  # hair pixels end up at least twice as bright
+        assert (with_hair[~hair] == without_hair[~hair]).all()  # the pair differs only in hairs
+        clean, _ = common.remove_hair(with_hair)
+        # how far hair pixels are from the hairless image, before and after removal
+        before = np.abs(with_hair[hair].astype(int) - without_hair[hair]).mean()
+        after = np.abs(clean[hair].astype(int) - without_hair[hair]).mean()
+        residue.append(after / before)
+        dice_with.append(dice(common.lesion_mask(clean)[0], truth))
+        dice_without.append(dice(common.lesion_mask(common.remove_hair(without_hair)[0])[0], truth))
+    assert len(residue) >= 15
+    assert np.mean(residue) < 0.25  # at least three quarters of the hair contrast is gone
+    assert np.mean(dice_with) >= np.mean(dice_without) - 0.01
 
 
 def test_implausible_image_is_flagged_and_uses_the_whole_image():

@@ -29,7 +29,7 @@ def run_script(*args):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_has_help(script):
     out = run_script(script, "--help")
-    assert out.returncode == 0 and "usage:" in out.stdout and "Example:" in out.stdout
+    assert out.returncode == 0 and "usage:" in out.stdout and "Example" in out.stdout
 
 
 @pytest.mark.parametrize("args", [["preprocess.py", "--data", "no/such/dir"],
@@ -171,3 +171,33 @@ def test_evaluate_writes_metrics_and_valid_plots(evaluated_run, synthetic_cache)
 def test_evaluating_twice_gives_the_same_probabilities(evaluated_run, tmp_path):
     evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--out-dir", str(tmp_path), "--bootstrap", "0"]))
     assert (tmp_path / "test_probs.csv").read_text() == (evaluated_run / "test_probs.csv").read_text()
+
+
+def test_score_masks_on_synthetic_ground_truth(synthetic_data, synthetic_cache, capsys):
+    preprocess.main(preprocess.parse_args(["--data", str(synthetic_data), "--img-size", "64", "--out",
+                                           str(synthetic_cache), "--score-masks", str(synthetic_data / "masks"),
+                                           "--overlay-sheet", "10"]))
+    summary = json.loads((synthetic_cache / "segmentation_summary.json").read_text())
+    scores = pd.read_csv(synthetic_cache / "segmentation_scores.csv")
+    assert summary["images"] == len(scores) == 240
+    assert summary["mean_dice"] == pytest.approx(scores["dice"].mean())
+    assert summary["mean_dice"] > 0.9 and summary["share_jaccard_below_0.65"] < 0.05
+    assert (scores["jaccard"] <= scores["dice"] + 1e-12).all()
+    for sheet in ("worst_overlays.png", "overlays.png"):
+        assert cv2.imread(str(synthetic_cache / sheet)) is not None
+
+
+def test_segmentation_meets_its_targets_on_ph2(tmp_path):
+    """The issue's targets on the 100 PH2 images with expert masks: mean Dice >= 0.88 and at most
+    10% of images with Jaccard below 0.65 (the plain Otsu recipe scores about 0.69)."""
+    from conftest import SHARED_DATA
+    import fetch_data
+    data = tmp_path / "ph2"
+    fetch_data.main(fetch_data.parse_args(["--from-dir", str(SHARED_DATA / "ph2"), "--out", str(data),
+                                           "--assign-split", "test"]))
+    preprocess.main(preprocess.parse_args(["--data", str(data), "--img-size", "32", "--out", str(tmp_path / "c"),
+                                           "--score-masks", str(SHARED_DATA / "ph2" / "masks")]))
+    summary = json.loads((tmp_path / "c" / "segmentation_summary.json").read_text())
+    assert summary["images"] == 100
+    assert summary["mean_dice"] >= 0.88
+    assert summary["share_jaccard_below_0.65"] <= 0.10
