@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -206,6 +205,8 @@ def lesion_mask(rgb):
             continue
         # Shading and vignettes hug the image border; a lesion runs off it along one side at most.
         on_border = np.mean(border == region.label)
+        # A region along half the border or more is no candidate: when nothing else is left the
+        # image is flagged (a lesion filling the frame then uses the whole image, as it should).
         score = region.area * (1.0 - centre_distance) * max(0.0, 1.0 - BORDER_PENALTY * on_border)
         if score > best_score:
             best, best_score = region.label, score
@@ -236,6 +237,31 @@ def crop_box(mask, margin=0.15):
 def apply_mask(rgb, mask):
     """Black out everything outside the lesion, as the reference study did."""
     return rgb * mask[..., None].astype(rgb.dtype)
+
+
+def preprocess_image(path, img_size, work_size, crop_margin):
+    """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
+    segmentation at a working resolution, then the cached arrays and the index values."""
+    import cv2
+    rgb = read_rgb(path)
+    h, w = rgb.shape[:2]
+    scale = min(1.0, work_size / max(h, w))
+    if scale < 1:
+        rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    clean, hair = remove_hair(rgb)
+    mask, plausible = lesion_mask(clean)
+    x0, y0, x1, y1 = crop_box(mask, crop_margin)
+    return {
+        "image": resize_to(clean, img_size),
+        "crop": resize_to(clean[y0:y1, x0:x1], img_size),
+        "mask_small": (resize_to(mask.astype(np.uint8), img_size) > 0).astype(np.uint8),
+        "mask": mask.astype(np.uint8) * 255,
+        "mask_area": float(mask.mean()), "hair_fraction": float(hair.mean()),
+        "mask_ok": int(plausible),
+        # the box in the original image's pixels, for users who crop the full-size image
+        "crop_x0": round(x0 / scale), "crop_y0": round(y0 / scale),
+        "crop_x1": round(x1 / scale), "crop_y1": round(y1 / scale),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +339,7 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(path, f"not a loadable checkpoint ({type(e).__name__})")
-    for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size"):
+    for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
     model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False)
@@ -360,45 +386,85 @@ def load_cache(cache_dir):
     return index, arrays
 
 
-def model_inputs(arrays, rows, input_mode):
-    """uint8 images (N, H, W, 3) of the given cache rows, in the chosen input form."""
+def model_inputs(arrays, rows, input_mode, size=None):
+    """uint8 images (N, S, S, 3) of the given cache rows, in the chosen input form, resized to
+    `size` where that differs from the cache's."""
     rows = np.asarray(rows)
     if input_mode == "full":
-        return np.ascontiguousarray(arrays["full"][rows])
-    if input_mode == "crop":
-        return np.ascontiguousarray(arrays["crop"][rows])
-    if input_mode == "masked":
-        return apply_mask(arrays["full"][rows], arrays["mask"][rows])
-    raise ValueError(f"unknown input mode {input_mode!r}")
+        images = np.ascontiguousarray(arrays["full"][rows])
+    elif input_mode == "crop":
+        images = np.ascontiguousarray(arrays["crop"][rows])
+    elif input_mode == "masked":
+        images = apply_mask(arrays["full"][rows], arrays["mask"][rows])
+    else:
+        raise ValueError(f"unknown input mode {input_mode!r}")
+    if size is not None and size != images.shape[1]:
+        images = np.stack([resize_to(image, size) for image in images]) if len(images) else \
+            np.zeros((0, size, size, 3), np.uint8)
+    return images
 
 
 def to_model_tensor(images_uint8, normalisation):
-    """uint8 NHWC numpy or tensor -> normalised float NCHW tensor."""
+    """uint8 NHWC numpy or tensor -> normalised float NCHW tensor. The arithmetic runs in NHWC and
+    the result is a permuted view: channels-last in memory, what the convolutions of these
+    backbones run fastest on (CPU and GPU), at no copy."""
     import torch
-    x = torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(normalisation["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(normalisation["std"]).view(1, 3, 1, 1)
-    return (x - mean) / std
+    x = torch.as_tensor(images_uint8).float()
+    mean = torch.tensor(normalisation["mean"]) * 255
+    std = torch.tensor(normalisation["std"]) * 255
+    return ((x - mean) / std).permute(0, 3, 1, 2)
 
 
-def malignancy_prob(logits):
-    """One logit: sigmoid. Two: softmax of the malignant column."""
+TASKS = ("binary", "multiclass")
+MALIGNANT_COLUMNS = [DX_CODES.index(code) for code in sorted(MALIGNANT_DX)]
+
+
+def output_probs(logits, task):
+    """(malignancy probability, class probabilities or None) from a batch of logits.
+    Binary: one logit (sigmoid) or two (softmax). Multiclass: the 7 HAM10000 classes in DX_CODES
+    order, and the malignancy score is the summed probability of mel, bcc and akiec, so the
+    binary thresholds and metrics apply to it as well."""
     import torch
+    logits = logits.float()
+    if task == "multiclass":
+        classes = torch.softmax(logits, dim=1)
+        return classes[:, MALIGNANT_COLUMNS].sum(dim=1), classes
     if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0])
-    return torch.softmax(logits, dim=1)[:, 1]
+        return torch.sigmoid(logits[:, 0]), None
+    return torch.softmax(logits, dim=1)[:, 1], None
 
 
-def predict_probs(model, images_uint8, normalisation, device, batch_size=64):
-    """Malignancy probability for each image, in order."""
+def predict_probs(model, images_uint8, normalisation, device, task="binary", batch_size=64, tta=False):
+    """(malignancy probability per image, class probabilities (N, 7) or None), in order. With tta,
+    the average over the 8 flips and right-angle rotations (dermoscopy has no up or down)."""
     import torch
     model.eval()
-    probs = []
+    views = [(k, flip) for k in range(4) for flip in (False, True)] if tta else [(0, False)]
+    malignant, classes = [], []
     with torch.inference_mode():
         for start in range(0, len(images_uint8), batch_size):
             x = to_model_tensor(images_uint8[start:start + batch_size], normalisation).to(device)
-            probs.append(malignancy_prob(model(x).float()).cpu())
-    return torch.cat(probs).numpy() if probs else np.zeros(0)
+            prob, class_probs = 0, 0
+            for k, flip in views:
+                view = torch.rot90(x, k, dims=(2, 3))
+                view = torch.flip(view, dims=(3,)) if flip else view
+                p, c = output_probs(model(view.contiguous(memory_format=torch.channels_last)), task)
+                prob = prob + p / len(views)
+                class_probs = None if c is None else class_probs + c / len(views)
+            malignant.append(prob.cpu())
+            if class_probs is not None:
+                classes.append(class_probs.cpu())
+    malignant = torch.cat(malignant).numpy() if malignant else np.zeros(0)
+    return malignant, (torch.cat(classes).numpy() if classes else None)
+
+
+def prepare_model(model, device):
+    """Move a model to its device in the memory layout its inputs come in."""
+    import torch
+    model = model.to(device)
+    if device.type in ("cpu", "cuda"):  # MPS lacks channels-last kernels for some layers
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

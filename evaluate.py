@@ -3,24 +3,31 @@
 Reads <run>/model.pt, <run>/thresholds.json and a preprocess cache (default: the one the model
 was trained on), and predicts one split of it (default test) with the preprocessing the model
 was trained with. Writes into --out-dir (default the run folder):
-  test_probs.csv         image_id, lesion_id, dx, label, prob
+  test_probs.csv         image_id, lesion_id, dx, label, prob (and prob_<dx> for 7-class models)
   metrics.csv            one row per operating point: threshold, accuracy, precision, recall,
                          specificity, f1, roc_auc, pr_auc, each with a bootstrap 95% interval
                          (<metric>_lo, <metric>_hi), and the confusion counts
   confusion_matrix.png   counts and row-normalised shares at each operating point
   roc_curve.png, pr_curve.png   with the operating points marked
+  calibration.png        reliability diagram: predicted probability against observed frequency
+  gradcam.png            with --gradcam N: Grad-CAM heat maps of the N most confident true
+                         positives, false positives and false negatives (at recall_target)
+  multiclass_metrics.csv, confusion_matrix_7class.png   for 7-class models: balanced accuracy,
+                         macro ROC-AUC, per-class precision and recall, the 7x7 confusion matrix
+  report.md              the metrics table, the plots and the data they were computed on
 
-Example: python evaluate.py --run runs/lite0
+Examples: python evaluate.py --run runs/lite0
+          python evaluate.py --run runs/lite0 --cache cache/ph2_224 --split all --out-dir runs/lite0/ph2
 """
 import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from common import (SPLITS, binary_metrics, fail, ranking_metrics, threshold_metrics, load_cache, load_checkpoint, model_inputs, new_figure,
-                    pick_device, plot_pr_curve, predict_probs, read_json, save_figure, write_csv)
+from common import (DX_CODES, SPLITS, atomic_path, binary_metrics, fail, load_cache, load_checkpoint, model_inputs, new_figure,
+                    pick_device, plot_pr_curve, predict_probs, prepare_model, ranking_metrics, read_json,
+                    save_figure, threshold_metrics, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -33,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, help="where outputs go (default: the run folder)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--tta", action="store_true", help="average over flips and right-angle rotations")
+    p.add_argument("--gradcam", type=int, default=0, metavar="N", help="Grad-CAM grid of N cases per outcome")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -102,6 +111,126 @@ def plot_roc_curve(labels, probs, table, path):
     save_figure(fig, path)
 
 
+def plot_calibration(labels, probs, path, bins=10):
+    from sklearn.calibration import calibration_curve
+    observed, predicted = calibration_curve(labels, probs, n_bins=bins, strategy="quantile")
+    fig, ax = new_figure()
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+    ax.plot(predicted, observed, "o-", label=f"model ({bins} equal-count bins)")
+    ax.set(xlabel="predicted malignancy probability", ylabel="observed share malignant", xlim=(0, 1),
+           ylim=(0, 1), title="reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path)
+
+
+def multiclass_report(rows, class_probs, out_dir):
+    """Per-class precision, recall, F1 and one-vs-rest ROC-AUC, a 'macro' row (its recall is the
+    balanced accuracy), and the 7x7 confusion matrix."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+    truth = np.array([DX_CODES.index(dx) for dx in rows["dx"]])
+    predicted = class_probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=range(len(DX_CODES)),
+                                                                     zero_division=0)
+    one_vs_rest = [ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in range(len(DX_CODES))]
+    table = pd.DataFrame({"class": DX_CODES, "precision": precision, "recall": recall, "f1": f1,
+                          "roc_auc": one_vs_rest, "support": support})
+    present = table[table["support"] > 0]
+    summary = {"balanced_accuracy": balanced_accuracy_score(truth, predicted),
+               "macro_roc_auc": float(np.nanmean(present["roc_auc"]))}
+    macro = {"class": "macro", "precision": present["precision"].mean(), "recall": summary["balanced_accuracy"],
+             "f1": present["f1"].mean(), "roc_auc": summary["macro_roc_auc"], "support": int(support.sum())}
+    write_csv(pd.concat([table, pd.DataFrame([macro])]), out_dir / "multiclass_metrics.csv")
+
+    counts = confusion_matrix(truth, predicted, labels=range(len(DX_CODES)))
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = new_figure(figsize=(6.5, 5.5))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(DX_CODES)):
+        for j in range(len(DX_CODES)):
+            ax.text(j, i, f"{counts[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set(xticks=range(7), yticks=range(7), xticklabels=DX_CODES, yticklabels=DX_CODES, xlabel="predicted",
+           ylabel="true", title=f"7 classes, balanced accuracy {summary['balanced_accuracy']:.3f}")
+    save_figure(fig, out_dir / "confusion_matrix_7class.png")
+    return summary
+
+
+def gradcam_maps(model, images_uint8, normalisation, device, task):
+    """Grad-CAM of the malignancy score at the last convolution: the channels' activations
+    weighted by their mean gradient, rectified, scaled to [0, 1] per image."""
+    import torch
+    from common import output_probs, to_model_tensor
+    layer = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    saved = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o: saved.__setitem__("activation", o)),
+             layer.register_full_backward_hook(lambda m, gi, go: saved.__setitem__("gradient", go[0]))]
+    model.eval()
+    try:
+        x = to_model_tensor(images_uint8, normalisation).to(device).requires_grad_(True)
+        prob, _ = output_probs(model(x), task)
+        model.zero_grad()
+        torch.log(prob.clamp_min(1e-7)).sum().backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights = saved["gradient"].mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * saved["activation"]).sum(dim=1)).detach()
+    cam = cam / cam.flatten(1).max(dim=1).values.clamp_min(1e-7).view(-1, 1, 1)
+    return cam.cpu().numpy()
+
+
+def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
+    """Rows: the n most confident true positives, false positives and false negatives."""
+    import cv2
+    decided = test["prob"].to_numpy() >= threshold
+    label = test["label"].to_numpy() == 1
+    probs = test["prob"].to_numpy()
+    groups = {"true positive": np.flatnonzero(decided & label), "false positive": np.flatnonzero(decided & ~label),
+              "false negative": np.flatnonzero(~decided & label)}
+    fig, axes = new_figure(ncols=n, figsize=(2.2 * n, 2.4 * len(groups)))
+    fig.clf()
+    for row, (name, members) in enumerate(groups.items()):
+        # most confident: highest probability for positives, lowest for false negatives
+        members = members[np.argsort(probs[members])]
+        chosen = members[::-1][:n] if name != "false negative" else members[:n]
+        if len(chosen) == 0:
+            continue
+        cams = gradcam_maps(model, images[chosen], checkpoint["normalisation"], device, checkpoint["task"])
+        for col, (k, cam) in enumerate(zip(chosen, cams)):
+            image = images[k]
+            heat = cv2.resize(cam, image.shape[1::-1])
+            coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+            ax = fig.add_subplot(len(groups), n, row * n + col + 1)
+            ax.imshow((0.55 * image + 0.45 * coloured).astype(np.uint8))
+            ax.set_title(f"{name}\n{test['image_id'].iloc[k]} p={probs[k]:.2f}", fontsize=7)
+            ax.axis("off")
+    save_figure(fig, path)
+
+
+def write_report(out_dir, table, summary, args, checkpoint, cache, n_images, plots):
+    lines = [f"# Evaluation of {args.run}", "",
+             f"- model: {checkpoint['arch']} ({checkpoint['task']}, {checkpoint['input']} input, "
+             f"{checkpoint['img_size']} px, loss {checkpoint['loss']})",
+             f"- data: {n_images} images of `{cache}`, split `{args.split}`; thresholds chosen on validation "
+             f"(`{args.run / 'thresholds.json'}`)",
+             f"- intervals: 95% bootstrap over images ({args.bootstrap} resamples)" + (", test-time augmentation"
+                                                                                        if args.tta else ""), "",
+             "| operating point | threshold | " + " | ".join(METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for row in table.to_dict("records"):
+        cells = [f"{row[m]:.3f} [{row[m + '_lo']:.3f}, {row[m + '_hi']:.3f}]" if m + "_lo" in row else f"{row[m]:.3f}"
+                 for m in METRICS]
+        lines.append(f"| {row['operating_point']} | {row['threshold']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("ROC-AUC and PR-AUC come from the probabilities alone, so they are the same at every operating point.")
+    if summary:
+        lines += ["", f"7 classes: balanced accuracy {summary['balanced_accuracy']:.3f}, macro ROC-AUC "
+                      f"{summary['macro_roc_auc']:.3f} (per class: `multiclass_metrics.csv`)."]
+    lines += [""] + [f"![{name}]({name})" for name in plots]
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def main(args):
     model, checkpoint = load_checkpoint(args.run / "model.pt")
     thresholds = read_json(args.run / "thresholds.json").get("thresholds")
@@ -109,20 +238,22 @@ def main(args):
         fail(args.run / "thresholds.json", "has no 'thresholds'; run threshold.py")
     cache = args.cache or Path(checkpoint["args"]["cache"])
     index, arrays = load_cache(cache)
-    if arrays["full"].shape[1] != checkpoint["img_size"]:
-        fail(cache, f"holds {arrays['full'].shape[1]}px images but the model was trained on "
-             f"{checkpoint['img_size']}px; run preprocess.py --img-size {checkpoint['img_size']}")
     rows = index if args.split == "all" else index[index["split"] == args.split]
     if rows.empty:
         fail(cache / "index.csv", f"has no rows in split '{args.split}'")
 
     device = pick_device(args.device)
-    images = model_inputs(arrays, rows["row"], checkpoint["input"])
-    probs = predict_probs(model.to(device), images, checkpoint["normalisation"], device)
+    images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["img_size"])
+    model = prepare_model(model, device)
+    probs, class_probs = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"],
+                                       tta=args.tta)
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()
     test["label"], test["prob"] = labels, probs
+    if class_probs is not None:
+        for k, code in enumerate(DX_CODES):
+            test[f"prob_{code}"] = class_probs[:, k]
     write_csv(test, out_dir / "test_probs.csv")
     if labels.min() == labels.max():
         fail(cache / "index.csv", f"split '{args.split}' holds one class only; probabilities written, "
@@ -130,12 +261,27 @@ def main(args):
 
     table = metrics_table(labels, probs, thresholds, args.bootstrap, args.seed)
     write_csv(table, out_dir / "metrics.csv")
+    plots = ["confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png"]
     plot_confusion_matrices(table, out_dir / "confusion_matrix.png")
     plot_roc_curve(labels, probs, table, out_dir / "roc_curve.png")
     plot_pr_curve(labels, probs, thresholds, out_dir / "pr_curve.png", f"{args.split} precision-recall")
+    plot_calibration(labels, probs, out_dir / "calibration.png")
+    summary = None
+    if class_probs is not None:
+        summary = multiclass_report(rows, class_probs, out_dir)
+        plots.append("confusion_matrix_7class.png")
+    if args.gradcam:
+        threshold = thresholds.get("recall_target", thresholds.get("default", 0.5))
+        plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")
+        plots.append("gradcam.png")
+    write_report(out_dir, table, summary, args, checkpoint, cache, len(rows), plots)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table[["operating_point", "threshold", *METRICS]].to_string(index=False))
-    print(f"wrote {out_dir / 'metrics.csv'} and plots ({len(rows)} images of {cache}, split {args.split})")
+    if summary:
+        print(f"7 classes: balanced accuracy {summary['balanced_accuracy']:.3f}, macro ROC-AUC "
+              f"{summary['macro_roc_auc']:.3f}")
+    print(f"wrote {out_dir / 'metrics.csv'}, {out_dir / 'report.md'} and plots "
+          f"({len(rows)} images of {cache}, split {args.split})")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, crop_box, fail, file_sha256, lesion_mask, read_csv, read_json, read_rgb,
-                    remove_hair, resize_to, write_csv, write_json, write_png)
+from common import (METADATA_COLUMNS, fail, file_sha256, preprocess_image, read_csv, read_json, read_rgb, write_csv,
+                    write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -51,30 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--worst", type=int, default=8, help="cases on the worst-overlay sheet")
     p.add_argument("--overlay-sheet", type=int, metavar="N", help="draw N random images with their masks")
     return p.parse_args(argv)
-
-
-def preprocess_image(path, img_size, work_size, crop_margin):
-    """Everything done to one image: returns the cached arrays and the index values."""
-    import cv2
-    rgb = read_rgb(path)
-    h, w = rgb.shape[:2]
-    scale = min(1.0, work_size / max(h, w))
-    if scale < 1:
-        rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-    clean, hair = remove_hair(rgb)
-    mask, plausible = lesion_mask(clean)
-    x0, y0, x1, y1 = crop_box(mask, crop_margin)
-    return {
-        "image": resize_to(clean, img_size),
-        "crop": resize_to(clean[y0:y1, x0:x1], img_size),
-        "mask_small": (resize_to(mask.astype(np.uint8), img_size) > 0).astype(np.uint8),
-        "mask": mask.astype(np.uint8) * 255,
-        "mask_area": float(mask.mean()), "hair_fraction": float(hair.mean()),
-        "mask_ok": int(plausible),
-        # the box in the original image's pixels, for users who crop the full-size image
-        "crop_x0": round(x0 / scale), "crop_y0": round(y0 / scale),
-        "crop_x1": round(x1 / scale), "crop_y1": round(y1 / scale),
-    }
 
 
 def _worker(job):

@@ -4,6 +4,8 @@ Reads <run>/val_probs.csv (label, prob). Writes <run>/thresholds.json:
   default          0.5
   best_f1          the threshold of highest validation F1 on the precision-recall curve
   recall_target    the highest threshold whose validation recall is >= --target-recall
+  specificity_target   with --target-specificity: the lowest threshold whose validation
+                   specificity is >= the target (the most sensitive point that keeps it)
 and <run>/pr_curve_val.png with the chosen points marked. It never opens test data.
 
 Example: python threshold.py --run runs/lite0 --target-recall 0.90
@@ -20,6 +22,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run folder with val_probs.csv")
     p.add_argument("--target-recall", type=float, default=0.90, help="recall the screening point must reach")
+    p.add_argument("--target-specificity", type=float, help="also choose a point of at least this specificity")
     return p.parse_args(argv)
 
 
@@ -40,6 +43,13 @@ def recall_target_threshold(labels, probs, target):
     return float(thresholds[reaching].max())
 
 
+def specificity_target_threshold(labels, probs, target):
+    from sklearn.metrics import roc_curve
+    fpr, _, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    keeping = (1 - fpr >= target) & np.isfinite(thresholds)
+    return float(thresholds[keeping].min())
+
+
 def main(args):
     if not 0 < args.target_recall <= 1:
         fail("--target-recall", "must lie in (0, 1]")
@@ -53,8 +63,13 @@ def main(args):
         "best_f1": best_f1_threshold(labels, probs),
         "recall_target": recall_target_threshold(labels, probs, args.target_recall),
     }
+    if args.target_specificity is not None:
+        if not 0 < args.target_specificity <= 1:
+            fail("--target-specificity", "must lie in (0, 1]")
+        thresholds["specificity_target"] = specificity_target_threshold(labels, probs, args.target_specificity)
     summary = {name: binary_metrics(labels, probs, t) for name, t in thresholds.items()}
     write_json({"thresholds": thresholds, "target_recall": args.target_recall,
+                "target_specificity": args.target_specificity,
                 "chosen_on": str(val_path), "validation_metrics": summary}, args.run / "thresholds.json")
     plot_pr_curve(labels, probs, thresholds, args.run / "pr_curve_val.png", "validation precision-recall")
     for name, m in summary.items():

@@ -1,6 +1,5 @@
 """The steps chained as the Makefile chains them, on synthetic data."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -98,8 +97,8 @@ def test_run_folder_holds_a_rebuildable_checkpoint(trained_run, synthetic_cache)
     assert set(val["image_id"]) == set(index.loc[index["split"] == "val", "image_id"])
     # the saved probabilities are the checkpoint's own
     rows = index.set_index("image_id").loc[val["image_id"], "row"]
-    probs = common.predict_probs(model, common.model_inputs(arrays, rows, checkpoint["input"]),
-                                 checkpoint["normalisation"], torch.device("cpu"))
+    probs, _ = common.predict_probs(model, common.model_inputs(arrays, rows, checkpoint["input"]),
+                                    checkpoint["normalisation"], torch.device("cpu"))
     np.testing.assert_allclose(probs, val["prob"], atol=1e-5)
     config = json.loads((trained_run / "config.json").read_text())
     assert config["args"]["arch"] == "efficientnet_lite0" and "torch" in config["versions"]

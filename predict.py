@@ -1,0 +1,112 @@
+"""Apply a trained model to new images: the same hair removal, segmentation and input form the
+model was trained with, then the malignancy probability and the decision at an operating point.
+
+Reads <run>/model.pt and <run>/thresholds.json, and images (files or folders of them).
+Writes a CSV (default <run>/predictions.csv): file, malignancy_prob, decision (benign/malignant at
+the chosen threshold), threshold, mask_area, mask_ok (0 when no plausible lesion was found and the
+whole image was used), and for 7-class models prob_<dx> per class. With --overlay DIR, a PNG per
+image with the lesion outline and the decision. Unreadable files are reported by name and skipped.
+
+Example: python predict.py --run runs/lite0 photos/ --operating-point recall_target --overlay overlays/
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from common import (DX_CODES, fail, load_checkpoint, model_inputs, pick_device, predict_probs, prepare_model,
+                    preprocess_image, read_json, read_rgb, write_csv, write_png)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("--run", type=Path, required=True, help="run folder with model.pt and thresholds.json")
+    p.add_argument("--operating-point", default="recall_target",
+                   help="a threshold name in thresholds.json (default, best_f1, recall_target...)")
+    p.add_argument("--out", type=Path, help="CSV to write (default <run>/predictions.csv)")
+    p.add_argument("--overlay", type=Path, metavar="DIR", help="write a PNG per image with outline and decision")
+    p.add_argument("--tta", action="store_true", help="average over flips and rotations (as evaluate.py --tta)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    return p.parse_args(argv)
+
+
+def list_images(paths):
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            files.append(path)
+        else:
+            print(f"skipped {path}: file not found")
+    return files
+
+
+def overlay(path, prepared, decision, prob, out_path):
+    """The image with the lesion outline (red: malignant, green: benign) and the decision."""
+    import cv2
+    rgb = read_rgb(path)
+    mask = cv2.resize(prepared["mask"], rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    colour = (220, 40, 40) if decision == "malignant" else (40, 180, 40)
+    thickness = max(2, rgb.shape[1] // 200)
+    cv2.drawContours(rgb, contours, -1, colour, thickness)
+    text = f"{decision} (p={prob:.2f})" + ("" if prepared["mask_ok"] else " [no lesion mask]")
+    scale = rgb.shape[1] / 800
+    cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                thickness + 2)
+    cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness)
+    write_png(out_path, rgb)
+
+
+def main(args):
+    model, checkpoint = load_checkpoint(args.run / "model.pt")
+    settings = checkpoint.get("preprocess")
+    if settings is None:
+        fail(args.run / "model.pt", "has no preprocessing settings; retrain it with this version of train.py")
+    thresholds = read_json(args.run / "thresholds.json").get("thresholds", {})
+    if args.operating_point not in thresholds:
+        fail(args.run / "thresholds.json", f"has no operating point '{args.operating_point}' "
+             f"(it has {', '.join(thresholds) or 'none'})")
+    threshold = thresholds[args.operating_point]
+    files = list_images(args.images)
+    if not files:
+        fail(" ".join(map(str, args.images)), "no images found")
+
+    device = pick_device(args.device)
+    model = prepare_model(model, device)
+    rows, skipped = [], 0
+    for path in tqdm(files, desc="predicting"):
+        try:
+            prepared = preprocess_image(path, settings["img_size"], settings["work_size"], settings["crop_margin"])
+        except SystemExit as e:  # unreadable: say which and go on with the rest
+            print(f"skipped {str(e).removeprefix('error: ')}")
+            skipped += 1
+            continue
+        arrays = {"full": prepared["image"][None], "crop": prepared["crop"][None], "mask": prepared["mask_small"][None]}
+        images = model_inputs(arrays, [0], checkpoint["input"], checkpoint["img_size"])
+        probs, class_probs = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"],
+                                           tta=args.tta)
+        decision = "malignant" if probs[0] >= threshold else "benign"
+        row = {"file": str(path), "malignancy_prob": float(probs[0]), "decision": decision,
+               "threshold": threshold, "operating_point": args.operating_point,
+               "mask_area": prepared["mask_area"], "mask_ok": prepared["mask_ok"]}
+        if class_probs is not None:
+            row.update({f"prob_{code}": float(class_probs[0, k]) for k, code in enumerate(DX_CODES)})
+        rows.append(row)
+        if args.overlay:
+            overlay(path, prepared, decision, probs[0], args.overlay / f"{path.stem}.png")
+    if not rows:
+        fail(" ".join(map(str, args.images)), "none of the images could be read")
+    out = args.out or args.run / "predictions.csv"
+    write_csv(pd.DataFrame(rows), out)
+    print(f"wrote {out}: {len(rows)} images" + (f", {skipped} skipped" if skipped else ""))
+
+
+if __name__ == "__main__":
+    main(parse_args())
