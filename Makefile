@@ -39,13 +39,13 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess train threshold evaluate demo test bench clean distclean help
+.PHONY: all data preprocess train threshold evaluate external study demo test bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
 
 data: $(DATA_DIR)/metadata.csv  ## fetch or import DATA into data/DATA
 preprocess: $(CACHE)/index.csv  ## hair removal, segmentation, crops into cache/DATA_IMG_SIZE
-train: $(RUN_DIR)/model.pt  ## train ARCH into runs/RUN
+train: $(RUN_DIR)/val_probs.csv  ## train ARCH into runs/RUN
 threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
 evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots
 
@@ -58,18 +58,53 @@ $(VENV)/.installed: requirements.txt
 $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR)
 
-$(CACHE)/index.csv: $(DATA_DIR)/metadata.csv | $(PY_DEPS)
-	$(PYTHON) preprocess.py --data $(DATA_DIR) --img-size $(IMG_SIZE) --out $(CACHE)
+cache/%_$(IMG_SIZE)/index.csv: data/%/metadata.csv | $(PY_DEPS)
+	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --out cache/$*_$(IMG_SIZE)
 
-$(RUN_DIR)/model.pt: $(CACHE)/index.csv | $(PY_DEPS)
+# val_probs.csv is written when training ends (model.pt already after the first epoch), so an
+# interrupted run is not taken for a finished one; it resumes from its last.pt.
+$(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
 	$(PYTHON) train.py --cache $(CACHE) --run-dir $(RUN_DIR) --arch $(ARCH) --epochs $(EPOCHS) \
-		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) $(TRAIN_FLAGS)
+		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) $(TRAIN_FLAGS) \
+		$(if $(wildcard $(RUN_DIR)/last.pt),--resume)
 
-$(RUN_DIR)/thresholds.json: $(RUN_DIR)/model.pt | $(PY_DEPS)
+$(RUN_DIR)/thresholds.json: $(RUN_DIR)/val_probs.csv | $(PY_DEPS)
 	$(PYTHON) threshold.py --run $(RUN_DIR) --target-recall $(TARGET_RECALL)
 
 $(RUN_DIR)/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
 	$(PYTHON) evaluate.py --run $(RUN_DIR)
+
+# An external test set from another hospital and dermatoscope: every PH2 image is a test image.
+external: $(RUN_DIR)/ph2/metrics.csv  ## evaluate RUN on PH2 (melanoma vs nevus) into runs/RUN/ph2
+
+ifneq ($(DATA),ph2)
+data/ph2/metadata.csv: | $(PY_DEPS)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
+endif
+
+$(RUN_DIR)/ph2/metrics.csv: $(RUN_DIR)/thresholds.json cache/ph2_$(IMG_SIZE)/index.csv | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/ph2_$(IMG_SIZE) --split all --out-dir $(RUN_DIR)/ph2
+
+# The study of README "Results": the reference study's stages, each a run of its own on the same
+# lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
+# are not run again; an interrupted one resumes.
+STUDY_DATA   ?= ham224
+STUDY_FROM   ?= $(SHARED)/ham10000_224
+STUDY_EPOCHS ?= 10
+STUDY_TRAIN_SIZE ?= 160
+STUDY_IMG_SIZE ?= 224
+study_stage = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
+	RUN=study/$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(STUDY_TRAIN_SIZE) $(6)"
+
+study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 CPU cores)
+	$(call study_stage,1_baseline,efficientnet_lite0,ce,none,full,)
+	$(call study_stage,2_wbce,efficientnet_lite0,wbce,none,full,)
+	$(call study_stage,3_wbce_aug,efficientnet_lite0,wbce,full,full,)
+	$(call study_stage,4a_wbce_aug_masked,efficientnet_lite0,wbce,full,masked,)
+	$(call study_stage,4b_wbce_aug_crop,efficientnet_lite0,wbce,full,crop,)
+	$(call study_stage,6_multiclass,efficientnet_lite0,ce,full,full,--task multiclass --class-weights balanced)
+	$(call study_stage,7_resnet18_scratch,resnet18,wbce,full,full,--no-pretrained)
+	$(PYTHON) bench/study.py --runs runs/study --out bench/results/study
 
 demo:  ## the whole pipeline on synthetic images, a few minutes on 2 CPU cores
 	$(MAKE) all DATA=synthetic RUN=demo IMG_SIZE=64 EPOCHS=8 ARCH=efficientnet_lite0 BATCH_SIZE=32 LR=2e-3

@@ -87,8 +87,9 @@ def read_csv(path, required_columns=()):
     return df
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file, read in 1 MiB blocks (multi-GB zips fit in no memory)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

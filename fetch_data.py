@@ -20,7 +20,6 @@ HAM10000 release: an external test set, every row split=test (as --assign-split 
 Example: python fetch_data.py --from-dir ../shared/data/ham10000_224 --out data/ham224
 """
 import argparse
-import hashlib
 import http.client
 import json
 import shutil
@@ -36,7 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (DX_CODES, METADATA_COLUMNS, SPLITS, atomic_path, fail, is_malignant, read_csv,
+from common import (DX_CODES, METADATA_COLUMNS, SPLITS, atomic_path, fail, file_digest, is_malignant, read_csv,
                     write_csv, write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
@@ -338,17 +337,9 @@ def paginate(url, retries):
         url = page.get("next")
 
 
-def file_md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_complete(path, size=None, md5=None):
     return path.is_file() and (size is None or path.stat().st_size == size) and \
-        (md5 is None or file_md5(path) == md5)
+        (md5 is None or file_digest(path, "md5") == md5)
 
 
 def download(url, target, retries, size=None, md5=None, bar=None):
@@ -380,7 +371,7 @@ def download(url, target, retries, size=None, md5=None, bar=None):
                     raise http.client.IncompleteRead(b"", announced - got)
             if size is not None and part.stat().st_size != size:
                 raise http.client.IncompleteRead(b"", size - part.stat().st_size)
-            if md5 is not None and file_md5(part) != md5:
+            if md5 is not None and file_digest(part, "md5") != md5:
                 part.unlink()
                 raise ValueError("MD5 checksum mismatch")
             part.replace(target)
@@ -662,8 +653,8 @@ def import_dir(root, labels_path, out_dir, limit=None, link=False):
 
 
 def main(args):
-    if not 0 <= args.val_frac < 1 or not 0 < args.test_frac < 1:
-        fail("--val-frac/--test-frac", "fractions must lie between 0 and 1")
+    if not 0 <= args.val_frac < 1 or not 0 < args.test_frac < 1 or args.val_frac + args.test_frac >= 1:
+        fail("--val-frac/--test-frac", "fractions must lie between 0 and 1 and leave lesions to train on")
     if args.synthetic is not None:
         if args.synthetic < 20:
             fail("--synthetic", "needs at least 20 images to make three splits")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, fail, file_sha256, preprocess_image, read_csv, read_json, read_rgb, write_csv,
+from common import (METADATA_COLUMNS, fail, file_digest, preprocess_image, read_csv, read_json, read_rgb, write_csv,
                     write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
@@ -69,7 +69,7 @@ def _worker(job):
 def cache_key(args, metadata_path):
     return {"pipeline_version": PIPELINE_VERSION, "img_size": args.img_size,
             "work_size": args.work_size, "crop_margin": args.crop_margin,
-            "metadata_sha256": file_sha256(metadata_path)}
+            "metadata_sha256": file_digest(metadata_path)}
 
 
 def preprocess_all(metadata, data_dir, out_dir, args):

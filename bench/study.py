@@ -1,0 +1,94 @@
+"""Collect the study's runs into one results table (README "Results").
+
+Reads every run folder under --runs (config.json, history.csv, thresholds.json, metrics.csv, and
+ph2/metrics.csv and multiclass_metrics.csv where present). Writes <out>.csv (one row per stage,
+data set and operating point, with 95% intervals) and <out>.md (the table for the README), and
+prints the Markdown.
+
+Stage 5 of the study, "the best of the above", is chosen among the binary runs by validation
+ROC-AUC alone (never by a test figure) and reported at its best_f1 and recall_target points.
+
+Example: python bench/study.py --runs runs/study --out bench/results/study
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import atomic_path, fail, write_csv  # noqa: E402
+
+METRICS = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, default=Path("runs/study"), help="folder of the study's run folders")
+    p.add_argument("--out", type=Path, default=Path("bench/results/study"), help="output path without suffix")
+    return p.parse_args(argv)
+
+
+def describe(run):
+    config = json.loads((run / "config.json").read_text())
+    history = pd.read_csv(run / "history.csv")
+    a = config["args"]
+    return {"stage": run.name, "arch": a["arch"] + ("" if a["pretrained"] else " (scratch)"), "task": a["task"],
+            "loss": a["loss"], "aug": a["aug"], "input": a["input"], "epochs": len(history),
+            "train_minutes": round(history["seconds"].sum() / 60, 1), "val_score": config["best_val_score"]}
+
+
+def collect(runs_dir):
+    runs = sorted(p.parent for p in runs_dir.glob("*/metrics.csv"))
+    if not runs:
+        fail(runs_dir, "holds no evaluated run (no */metrics.csv)")
+    binary = [run for run in runs if describe(run)["task"] == "binary"]
+    best = max(binary, key=lambda run: describe(run)["val_score"]) if binary else None
+    rows = []
+    for run in runs:
+        info = describe(run)
+        points = ["default", "recall_target"] if info["stage"] != "1_baseline" else ["default"]
+        for data, path in (("internal test", run / "metrics.csv"), ("PH2", run / "ph2" / "metrics.csv")):
+            if not path.is_file():
+                continue
+            table = pd.read_csv(path).set_index("operating_point")
+            for point in points + (["best_f1"] if run == best and "best_f1" not in points else []):
+                row = {**info, "data": data, "operating_point": point, "threshold": table.loc[point, "threshold"],
+                       "best_by_validation": run == best}
+                for m in METRICS:
+                    row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
+                                f"{m}_hi": table.loc[point, f"{m}_hi"]})
+                if (run / "multiclass_metrics.csv").is_file() and data == "internal test":
+                    per_class = pd.read_csv(run / "multiclass_metrics.csv").set_index("class")
+                    row["balanced_accuracy_7"] = per_class.loc["macro", "recall"]
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(table):
+    head = ["stage", "data", "point", "ROC-AUC", "PR-AUC", "accuracy", "precision", "recall", "specificity", "F1",
+            "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.to_dict("records"):
+        stage = r["stage"] + (" (best by val)" if r["best_by_validation"] else "")
+        if pd.notna(r.get("balanced_accuracy_7")):
+            stage += f", 7-class bal. acc. {r['balanced_accuracy_7']:.3f}"
+        cells = [f"{r[m]:.3f} ({r[m + '_lo']:.3f}-{r[m + '_hi']:.3f})" for m in METRICS]
+        lines.append(f"| {stage} | {r['data']} | {r['operating_point']} (t={r['threshold']:.3f}) | "
+                     + " | ".join(cells) + f" | {r['train_minutes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    table = collect(args.runs)
+    write_csv(table, args.out.with_suffix(".csv"))
+    text = markdown(table)
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(parse_args())
