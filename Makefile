@@ -118,6 +118,7 @@ bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (minutes; result
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_224 --out data/ham224
 	$(PYTHON) preprocess.py --data data/ham224 --overlay-sheet 50
 	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
+	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
 
 clean:  ## remove caches, runs and synthetic data (keeps downloaded data and the venv)
 	rm -rf cache runs data/synthetic
