@@ -49,12 +49,15 @@ def collect(runs_dir):
     rows = []
     for run in runs:
         info = describe(run)
-        points = ["default", "recall_target"] if info["stage"] != "1_baseline" else ["default"]
+        # the baseline is the reference study's first stage, read at 0.5; stage 5 adds best_f1
+        points = ["default"] if info["stage"] == "1_baseline" else ["default", "recall_target"]
+        if run == best:
+            points = list(dict.fromkeys(points + ["best_f1", "recall_target"]))
         for data, path in (("internal test", run / "metrics.csv"), ("PH2", run / "ph2" / "metrics.csv")):
             if not path.is_file():
                 continue
             table = pd.read_csv(path).set_index("operating_point")
-            for point in points + (["best_f1"] if run == best and "best_f1" not in points else []):
+            for point in points:
                 row = {**info, "data": data, "operating_point": point, "threshold": table.loc[point, "threshold"],
                        "best_by_validation": run == best}
                 for m in METRICS:
