@@ -19,6 +19,7 @@ MALIGNANT_DX = frozenset({"akiec", "bcc", "mel"})
 # Columns every metadata.csv has (fetch_data.py writes them, preprocess.py reads them).
 METADATA_COLUMNS = ("image_id", "filename", "lesion_id", "dx", "malignant", "split")
 SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def is_malignant(dx):
@@ -506,11 +507,12 @@ def binary_metrics(y_true, prob, threshold):
     return {**threshold_metrics(y_true, prob, threshold), **ranking_metrics(y_true, prob)}
 
 
-def new_figure(ncols=1, figsize=(5, 4.5)):
+def new_figure(ncols=1, figsize=(5, 4.5), nrows=1):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    return plt.subplots(1, ncols, figsize=figsize)
+    return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False) if nrows > 1 else \
+        plt.subplots(1, ncols, figsize=figsize)
 
 
 def save_figure(fig, path):
@@ -519,6 +521,19 @@ def save_figure(fig, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+def save_image_grid(tiles, titles, path, columns, tile_inches=(3.2, 2.7)):
+    """RGB tiles in rows of `columns`, each with its title; a None tile leaves its place empty."""
+    rows = max(1, -(-len(tiles) // columns))
+    fig, axes = new_figure(ncols=columns, nrows=rows, figsize=(tile_inches[0] * columns, tile_inches[1] * rows))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, tile, title in zip(np.ravel(axes), tiles, titles):
+        if tile is not None:
+            ax.imshow(tile)
+            ax.set_title(title, fontsize=7)
+    save_figure(fig, path)
 
 
 def plot_pr_curve(y_true, prob, operating_points, path, title):

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (DX_CODES, SPLITS, atomic_path, binary_metrics, fail, load_cache, load_checkpoint, model_inputs, new_figure,
-                    pick_device, plot_pr_curve, predict_probs, prepare_model, ranking_metrics, read_json,
-                    save_figure, threshold_metrics, write_csv)
+from common import (DX_CODES, SPLITS, atomic_path, binary_metrics, fail, load_cache, load_checkpoint, model_inputs,
+                    new_figure, output_probs, pick_device, plot_pr_curve, predict_probs, prepare_model, ranking_metrics,
+                    read_json, save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -159,7 +159,6 @@ def gradcam_maps(model, images_uint8, normalisation, device, task):
     """Grad-CAM of the malignancy score at the last convolution: the channels' activations
     weighted by their mean gradient, rectified, scaled to [0, 1] per image."""
     import torch
-    from common import output_probs, to_model_tensor
     layer = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     saved = {}
     hooks = [layer.register_forward_hook(lambda m, i, o: saved.__setitem__("activation", o)),
@@ -187,24 +186,21 @@ def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
     probs = test["prob"].to_numpy()
     groups = {"true positive": np.flatnonzero(decided & label), "false positive": np.flatnonzero(decided & ~label),
               "false negative": np.flatnonzero(~decided & label)}
-    fig, axes = new_figure(ncols=n, figsize=(2.2 * n, 2.4 * len(groups)))
-    fig.clf()
-    for row, (name, members) in enumerate(groups.items()):
+    tiles, titles = [], []
+    for name, members in groups.items():
         # most confident: highest probability for positives, lowest for false negatives
         members = members[np.argsort(probs[members])]
         chosen = members[::-1][:n] if name != "false negative" else members[:n]
-        if len(chosen) == 0:
-            continue
-        cams = gradcam_maps(model, images[chosen], checkpoint["normalisation"], device, checkpoint["task"])
-        for col, (k, cam) in enumerate(zip(chosen, cams)):
-            image = images[k]
-            heat = cv2.resize(cam, image.shape[1::-1])
+        cams = gradcam_maps(model, images[chosen], checkpoint["normalisation"], device, checkpoint["task"]) \
+            if len(chosen) else []
+        for k, cam in zip(chosen, cams):
+            heat = cv2.resize(cam, images[k].shape[1::-1])
             coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-            ax = fig.add_subplot(len(groups), n, row * n + col + 1)
-            ax.imshow((0.55 * image + 0.45 * coloured).astype(np.uint8))
-            ax.set_title(f"{name}\n{test['image_id'].iloc[k]} p={probs[k]:.2f}", fontsize=7)
-            ax.axis("off")
-    save_figure(fig, path)
+            tiles.append((0.55 * images[k] + 0.45 * coloured).astype(np.uint8))
+            titles.append(f"{name}\n{test['image_id'].iloc[k]} p={probs[k]:.2f}")
+        tiles += [None] * (n - len(chosen))  # each outcome keeps a row of its own
+        titles += [""] * (n - len(chosen))
+    save_image_grid(tiles, titles, path, columns=n, tile_inches=(2.2, 2.4))
 
 
 def write_report(out_dir, table, summary, args, checkpoint, cache, n_images, plots):

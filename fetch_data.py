@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (DX_CODES, METADATA_COLUMNS, SPLITS, atomic_path, fail, file_digest, is_malignant, read_csv,
-                    write_csv, write_png)
+from common import (DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, SPLITS, atomic_path, fail, file_digest,
+                    is_malignant, read_csv, write_csv, write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
 # its nevi (common and atypical) are nv, its melanomas mel.
@@ -46,7 +46,6 @@ DX_ALIASES = {
     "actinic keratoses": "akiec", "vascular lesions": "vasc", "dermatofibroma": "df",
 }
 LABEL_FILES = ("metadata.csv", "labels.csv", "HAM10000_metadata.csv", "HAM10000_metadata")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 ISIC_API = "https://api.isic-archive.com/api/v2/"
 DATAVERSE = "https://dataverse.harvard.edu"
 HAM10000_DOI = "doi:10.7910/DVN/DBW86T"

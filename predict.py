@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (DX_CODES, fail, load_checkpoint, model_inputs, pick_device, predict_probs, prepare_model,
-                    preprocess_image, read_json, read_rgb, write_csv, write_png)
+from common import (DX_CODES, IMAGE_SUFFIXES, fail, load_checkpoint, model_inputs, pick_device, predict_probs,
+                    prepare_model, preprocess_image, read_json, read_rgb, write_csv, write_png)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def parse_args(argv=None):

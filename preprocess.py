@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, fail, file_digest, preprocess_image, read_csv, read_json, read_rgb, write_csv,
-                    write_json, write_png)
+from common import (METADATA_COLUMNS, fail, file_digest, preprocess_image, read_csv, read_json, read_rgb,
+                    save_image_grid, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -165,19 +165,6 @@ def outlined(rgb, masks_and_colours, side=300):
     return tile
 
 
-def save_sheet(tiles, titles, path, columns=4):
-    from common import new_figure, save_figure
-    rows = max(1, -(-len(tiles) // columns))
-    fig, axes = new_figure(ncols=columns, figsize=(3.2 * columns, 2.7 * rows))
-    fig.clf()
-    for k, (tile, title) in enumerate(zip(tiles, titles)):
-        ax = fig.add_subplot(rows, columns, k + 1)
-        ax.imshow(tile)
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    save_figure(fig, path)
-
-
 def score_masks(index, data_dir, cache_dir, truth_dir, worst):
     """Dice and Jaccard of every cached mask against its ground truth; the worst on a sheet."""
     import cv2
@@ -209,7 +196,7 @@ def score_masks(index, data_dir, cache_dir, truth_dir, worst):
         ours = cv2.resize(ours.astype(np.uint8), truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
         tiles.append(outlined(rgb, [(truth, (0, 255, 0)), (ours, (255, 0, 0))]))
         titles.append(f"{r.image_id}  Dice {r.dice:.2f}  Jaccard {r.jaccard:.2f}")
-    save_sheet(tiles, titles, cache_dir / "worst_overlays.png")
+    save_image_grid(tiles, titles, cache_dir / "worst_overlays.png", columns=4)
     print(f"{summary['images']} masks against {truth_dir}: mean Dice {summary['mean_dice']:.3f}, mean Jaccard "
           f"{summary['mean_jaccard']:.3f}, Jaccard < 0.65 for {summary['share_jaccard_below_0.65']:.1%}; "
           f"wrote {cache_dir / 'segmentation_scores.csv'} and {cache_dir / 'worst_overlays.png'}")
@@ -226,7 +213,7 @@ def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
         ours = cv2.resize(ours.astype(np.uint8), rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
         tiles.append(outlined(rgb, [(ours, (255, 0, 0) if r.mask_ok else (255, 255, 0))]))
         titles.append(f"{r.image_id} {r.dx}" + ("" if r.mask_ok else " (no plausible mask)"))
-    save_sheet(tiles, titles, cache_dir / "overlays.png", columns=10 if n >= 30 else 5)
+    save_image_grid(tiles, titles, cache_dir / "overlays.png", columns=10 if n >= 30 else 5)
     print(f"wrote {cache_dir / 'overlays.png'}")
 
 
