@@ -7,11 +7,13 @@ prints the Markdown.
 
 Stage 5 of the study, "the best of the above", is chosen among the binary runs by validation
 ROC-AUC alone (never by a test figure) and reported at its best_f1 and recall_target points.
+With --plots DIR, that run's plots (internal test and PH2) are copied there for the README.
 
-Example: python bench/study.py --runs runs/study --out bench/results/study
+Example: python bench/study.py --runs runs/study --out bench/results/study --plots docs/results
 """
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=Path("runs/study"), help="folder of the study's run folders")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"), help="output path without suffix")
+    p.add_argument("--plots", type=Path, help="copy the plots of the run best by validation into this folder")
     return p.parse_args(argv)
 
 
@@ -40,19 +43,26 @@ def describe(run):
             "train_minutes": round(history["seconds"].sum() / 60, 1), "val_score": config["best_val_score"]}
 
 
-def collect(runs_dir):
+def evaluated_runs(runs_dir):
     runs = sorted(p.parent for p in runs_dir.glob("*/metrics.csv"))
     if not runs:
         fail(runs_dir, "holds no evaluated run (no */metrics.csv)")
+    return runs
+
+
+def best_binary_run(runs):
     binary = [run for run in runs if describe(run)["task"] == "binary"]
-    best = max(binary, key=lambda run: describe(run)["val_score"]) if binary else None
+    return max(binary, key=lambda run: describe(run)["val_score"]) if binary else None
+
+
+def collect(runs, best):
     rows = []
     for run in runs:
         info = describe(run)
-        # the baseline is the reference study's first stage, read at 0.5; stage 5 adds best_f1
-        points = ["default"] if info["stage"] == "1_baseline" else ["default", "recall_target"]
+        # the reference study read its baseline at 0.5 and tuned the threshold later; stage 5 adds best_f1
+        points = ["default", "recall_target"] if info["stage"] == "1_baseline" else ["recall_target"]
         if run == best:
-            points = list(dict.fromkeys(points + ["best_f1", "recall_target"]))
+            points = ["best_f1", "recall_target"]
         for data, path in (("internal test", run / "metrics.csv"), ("PH2", run / "ph2" / "metrics.csv")):
             if not path.is_file():
                 continue
@@ -84,13 +94,28 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
+def copy_plots(run, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "calibration.png", "pr_curve_val.png"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out_dir / name)
+    for name in ("roc_curve.png", "confusion_matrix.png"):
+        if (run / "ph2" / name).is_file():
+            shutil.copyfile(run / "ph2" / name, out_dir / f"ph2_{name}")
+
+
 def main(args):
-    table = collect(args.runs)
+    runs = evaluated_runs(args.runs)
+    best = best_binary_run(runs)
+    table = collect(runs, best)
     write_csv(table, args.out.with_suffix(".csv"))
     text = markdown(table)
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text(text)
     print(text)
+    if args.plots and best is not None:
+        copy_plots(best, args.plots)
+        print(f"copied the plots of {best.name} (best by validation ROC-AUC) into {args.plots}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""bench/study.py: the study's table picks its best run by validation only."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+POINTS = ("default", "best_f1", "recall_target")
+
+
+def fake_run(folder, val_auc, test_auc, task="binary", ph2=False):
+    folder.mkdir(parents=True)
+    args = {"arch": "efficientnet_lite0", "pretrained": True, "task": task, "loss": "wbce", "aug": "full",
+            "input": "full"}
+    (folder / "config.json").write_text(json.dumps({"args": args, "best_val_score": val_auc}))
+    pd.DataFrame({"seconds": [60.0, 90.0]}).to_csv(folder / "history.csv", index=False)
+    rows = []
+    for k, point in enumerate(POINTS):
+        row = {"operating_point": point, "threshold": 0.3 + 0.2 * k}
+        for m in study.METRICS:
+            value = test_auc if m == "roc_auc" else 0.5 + 0.1 * k
+            row.update({m: value, f"{m}_lo": value - 0.05, f"{m}_hi": value + 0.05})
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    if ph2:
+        (folder / "ph2").mkdir()
+        pd.DataFrame(rows).to_csv(folder / "ph2" / "metrics.csv", index=False)
+        (folder / "ph2" / "roc_curve.png").write_bytes(b"ph2 roc")
+    (folder / "roc_curve.png").write_bytes(folder.name.encode())
+
+
+def test_best_run_is_chosen_by_validation_not_test(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "1_baseline", val_auc=0.90, test_auc=0.95)
+    fake_run(runs / "3_wbce_aug", val_auc=0.94, test_auc=0.88, ph2=True)  # best on validation, worst on test
+    fake_run(runs / "6_multiclass", val_auc=0.99, test_auc=0.99, task="multiclass")  # val score is not an AUC
+    out = tmp_path / "results" / "study"
+    study.main(study.parse_args(["--runs", str(runs), "--out", str(out), "--plots", str(tmp_path / "plots")]))
+
+    table = pd.read_csv(out.with_suffix(".csv"))
+    best = table[table["best_by_validation"]]
+    assert set(best["stage"]) == {"3_wbce_aug"}
+    assert set(best["operating_point"]) == {"best_f1", "recall_target"}
+    assert set(best["data"]) == {"internal test", "PH2"}
+    baseline = table[table["stage"] == "1_baseline"]
+    assert list(baseline["operating_point"]) == ["default", "recall_target"]
+    assert table.loc[table["stage"] == "1_baseline", "train_minutes"].iloc[0] == 2.5
+    assert (tmp_path / "plots" / "roc_curve.png").read_bytes() == b"3_wbce_aug"
+    assert (tmp_path / "plots" / "ph2_roc_curve.png").is_file()
+    assert "| 3_wbce_aug (best by val) | PH2 | best_f1 (t=0.500) |" in out.with_suffix(".md").read_text()
