@@ -50,32 +50,39 @@ def evaluated_runs(runs_dir):
     return runs
 
 
-def best_binary_run(runs):
-    binary = [run for run in runs if describe(run)["task"] == "binary"]
-    return max(binary, key=lambda run: describe(run)["val_score"]) if binary else None
+def best_binary_run(infos):
+    """The binary run with the highest validation ROC-AUC (a multiclass run's score is a balanced
+    accuracy, not comparable)."""
+    binary = [info for info in infos if info["task"] == "binary"]
+    return max(binary, key=lambda info: info["val_score"])["stage"] if binary else None
 
 
-def collect(runs, best):
+def operating_points(stage, best):
+    if stage == best:
+        return ["best_f1", "recall_target"]
+    # the reference study read its baseline at 0.5 and tuned the threshold later
+    return ["default", "recall_target"] if stage == "1_baseline" else ["recall_target"]
+
+
+def collect(runs, infos, best):
     rows = []
-    for run in runs:
-        info = describe(run)
-        # the reference study read its baseline at 0.5 and tuned the threshold later; stage 5 adds best_f1
-        points = ["default", "recall_target"] if info["stage"] == "1_baseline" else ["recall_target"]
-        if run == best:
-            points = ["best_f1", "recall_target"]
+    for run, info in zip(runs, infos):
+        balanced_accuracy_7 = None
+        if (run / "multiclass_metrics.csv").is_file():
+            per_class = pd.read_csv(run / "multiclass_metrics.csv").set_index("class")
+            balanced_accuracy_7 = per_class.loc["macro", "recall"]
         for data, path in (("internal test", run / "metrics.csv"), ("PH2", run / "ph2" / "metrics.csv")):
             if not path.is_file():
                 continue
             table = pd.read_csv(path).set_index("operating_point")
-            for point in points:
+            for point in operating_points(info["stage"], best):
                 row = {**info, "data": data, "operating_point": point, "threshold": table.loc[point, "threshold"],
-                       "best_by_validation": run == best}
+                       "best_by_validation": info["stage"] == best}
                 for m in METRICS:
                     row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
                                 f"{m}_hi": table.loc[point, f"{m}_hi"]})
-                if (run / "multiclass_metrics.csv").is_file() and data == "internal test":
-                    per_class = pd.read_csv(run / "multiclass_metrics.csv").set_index("class")
-                    row["balanced_accuracy_7"] = per_class.loc["macro", "recall"]
+                if balanced_accuracy_7 is not None and data == "internal test":
+                    row["balanced_accuracy_7"] = balanced_accuracy_7
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -106,16 +113,17 @@ def copy_plots(run, out_dir):
 
 def main(args):
     runs = evaluated_runs(args.runs)
-    best = best_binary_run(runs)
-    table = collect(runs, best)
+    infos = [describe(run) for run in runs]
+    best = best_binary_run(infos)
+    table = collect(runs, infos, best)
     write_csv(table, args.out.with_suffix(".csv"))
     text = markdown(table)
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text(text)
     print(text)
     if args.plots and best is not None:
-        copy_plots(best, args.plots)
-        print(f"copied the plots of {best.name} (best by validation ROC-AUC) into {args.plots}")
+        copy_plots(args.runs / best, args.plots)
+        print(f"copied the plots of {best} (best by validation ROC-AUC) into {args.plots}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """bench/study.py: the study's table picks its best run by validation only."""
 import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
 study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
