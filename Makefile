@@ -16,6 +16,7 @@ AUG           ?= full
 INPUT         ?= full
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
+MEMBERS       ?=
 SHARED        ?= ../shared/data
 RUN           ?= $(DATA)_$(ARCH)
 
@@ -45,7 +46,7 @@ all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> eval
 
 data: $(DATA_DIR)/metadata.csv  ## fetch or import DATA into data/DATA
 preprocess: $(CACHE)/index.csv  ## hair removal, segmentation, crops into cache/DATA_IMG_SIZE
-train: $(RUN_DIR)/val_probs.csv  ## train ARCH into runs/RUN
+train: $(RUN_DIR)/val_probs.csv  ## train ARCH into runs/RUN (with MEMBERS: their ensemble)
 threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
 evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots
 
@@ -61,12 +62,18 @@ $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 cache/%_$(IMG_SIZE)/index.csv: data/%/metadata.csv | $(PY_DEPS)
 	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --out cache/$*_$(IMG_SIZE)
 
+ifeq ($(MEMBERS),)
 # val_probs.csv is written when training ends (model.pt already after the first epoch), so an
 # interrupted run is not taken for a finished one; it resumes from its last.pt.
 $(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
 	$(PYTHON) train.py --cache $(CACHE) --run-dir $(RUN_DIR) --arch $(ARCH) --epochs $(EPOCHS) \
 		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) $(TRAIN_FLAGS) \
 		$(if $(wildcard $(RUN_DIR)/last.pt),--resume)
+else
+# MEMBERS="a b c" (run names, as RUN): runs/RUN is their ensemble instead of a model of its own.
+$(RUN_DIR)/val_probs.csv: $(foreach m,$(MEMBERS),runs/$(m)/val_probs.csv) | $(PY_DEPS)
+	$(PYTHON) ensemble.py --run-dir $(RUN_DIR) $(addprefix runs/,$(MEMBERS))
+endif
 
 $(RUN_DIR)/thresholds.json: $(RUN_DIR)/val_probs.csv | $(PY_DEPS)
 	$(PYTHON) threshold.py --run $(RUN_DIR) --target-recall $(TARGET_RECALL)
@@ -96,6 +103,9 @@ STUDY_IMG_SIZE ?= 224
 # $(1) run name, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training size, $(7) more flags
 study_stage = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
 	RUN=study/$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)"
+# $(1) run name, $(2) the member stages, whose mean probability it is
+study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) \
+	RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))"
 
 # Stage 5 trains the recipe of stages 3-4 with the highest validation ROC-AUC again at the cache's
 # full 224 px: full images (validation ROC-AUC 0.936, masked 0.916, crop 0.913 in our study run).
@@ -137,4 +147,4 @@ help:  ## list targets and variables
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 14
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		TARGET_RECALL TRAIN_FLAGS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		TARGET_RECALL TRAIN_FLAGS MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

@@ -350,6 +350,43 @@ def load_checkpoint(path):
     return model, checkpoint
 
 
+ENSEMBLE_FILE = "members.json"
+
+
+def load_run_models(run_dir, device):
+    """The models of a run folder, on `device`: its model.pt, or for an ensemble written by
+    ensemble.py the model.pt of every member. Returns a list of (model, checkpoint)."""
+    run_dir = Path(run_dir)
+    ensemble_file = run_dir / ENSEMBLE_FILE
+    if ensemble_file.is_file():
+        members = read_json(ensemble_file).get("members")
+        if not members:
+            fail(ensemble_file, "lists no 'members'")
+        model_files = [run_dir / member / "model.pt" for member in members]  # relative to the ensemble folder
+    else:
+        model_files = [run_dir / "model.pt"]
+    models = []
+    for path in model_files:
+        model, checkpoint = load_checkpoint(path)
+        models.append((prepare_model(model, device), checkpoint))
+    tasks = {checkpoint["task"] for _, checkpoint in models}
+    if len(tasks) > 1:
+        fail(ensemble_file, f"mixes tasks ({', '.join(sorted(tasks))}); an ensemble averages models of one task")
+    return models
+
+
+def ensemble_probs(models, arrays, rows, device, tta=False):
+    """(malignancy probabilities, class probabilities or None) of cache rows, the mean over the
+    models, each fed the input form and size it was trained with."""
+    probs, class_probs = [], []
+    for model, checkpoint in models:
+        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
+        p, c = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"], tta=tta)
+        probs.append(p)
+        class_probs.append(c)
+    return np.mean(probs, axis=0), None if class_probs[0] is None else np.mean(class_probs, axis=0)
+
+
 def pick_device(name="auto"):
     import torch
     if name == "auto":
@@ -500,6 +537,12 @@ def ranking_metrics(y_true, prob):
     if not 0 < y_true.sum() < len(y_true):
         return {"roc_auc": float("nan"), "pr_auc": float("nan")}
     return {"roc_auc": float(roc_auc_score(y_true, prob)), "pr_auc": float(average_precision_score(y_true, prob))}
+
+
+def balanced_accuracy_7(dx, class_probs):
+    """Balanced accuracy (mean per-class recall) of the most probable of the 7 classes."""
+    from sklearn.metrics import balanced_accuracy_score
+    return float(balanced_accuracy_score([DX_CODES.index(code) for code in dx], np.argmax(class_probs, axis=1)))
 
 
 def binary_metrics(y_true, prob, threshold):

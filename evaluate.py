@@ -1,8 +1,9 @@
 """Step 5: score a trained model on held-out images at the operating points chosen on validation.
 
-Reads <run>/model.pt, <run>/thresholds.json and a preprocess cache (default: the one the model
-was trained on), and predicts one split of it (default test) with the preprocessing the model
-was trained with. Writes into --out-dir (default the run folder):
+Reads <run>/model.pt (for an ensemble of ensemble.py, every member's), <run>/thresholds.json and a
+preprocess cache (default: the one the model was trained on), and predicts one split of it
+(default test) with the preprocessing the model was trained with. Writes into --out-dir (default
+the run folder):
   test_probs.csv         image_id, lesion_id, dx, label, prob (and prob_<dx> for 7-class models)
   metrics.csv            one row per operating point: threshold, accuracy, precision, recall,
                          specificity, f1, roc_auc, pr_auc, each with a bootstrap 95% interval
@@ -25,16 +26,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (DX_CODES, SPLITS, atomic_path, binary_metrics, fail, load_cache, load_checkpoint, model_inputs,
-                    new_figure, output_probs, pick_device, plot_pr_curve, predict_probs, prepare_model, ranking_metrics,
-                    read_json, save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
+from common import (DX_CODES, SPLITS, atomic_path, binary_metrics, ensemble_probs, fail, load_cache, load_run_models,
+                    model_inputs, new_figure, output_probs, pick_device, plot_pr_curve, ranking_metrics, read_json,
+                    save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run folder with model.pt and thresholds.json")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run folder with model.pt (or members.json) and thresholds.json")
     p.add_argument("--cache", type=Path, help="preprocess cache to predict (default: the training cache)")
     p.add_argument("--split", default="test", choices=[*SPLITS, "all"], help="rows of the cache to predict")
     p.add_argument("--out-dir", type=Path, help="where outputs go (default: the run folder)")
@@ -203,10 +205,14 @@ def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
     save_image_grid(tiles, titles, path, columns=n, tile_inches=(2.2, 2.4))
 
 
-def write_report(out_dir, table, summary, args, checkpoint, cache, n_images, plots):
+def describe_models(models):
+    parts = [f"{c['arch']} ({c['task']}, {c['input']} input, {c['img_size']} px, loss {c['loss']})" for _, c in models]
+    return parts[0] if len(parts) == 1 else f"mean probability of {len(parts)} models: " + "; ".join(parts)
+
+
+def write_report(out_dir, table, summary, args, models, cache, n_images, plots):
     lines = [f"# Evaluation of {args.run}", "",
-             f"- model: {checkpoint['arch']} ({checkpoint['task']}, {checkpoint['input']} input, "
-             f"{checkpoint['img_size']} px, loss {checkpoint['loss']})",
+             f"- model: {describe_models(models)}",
              f"- data: {n_images} images of `{cache}`, split `{args.split}`; thresholds chosen on validation "
              f"(`{args.run / 'thresholds.json'}`)",
              f"- intervals: 95% bootstrap over images ({args.bootstrap} resamples)" + (", test-time augmentation"
@@ -228,21 +234,24 @@ def write_report(out_dir, table, summary, args, checkpoint, cache, n_images, plo
 
 
 def main(args):
-    model, checkpoint = load_checkpoint(args.run / "model.pt")
+    device = pick_device(args.device)
+    models = load_run_models(args.run, device)
+    if args.gradcam and len(models) > 1:
+        fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
     thresholds = read_json(args.run / "thresholds.json").get("thresholds")
     if not thresholds:
         fail(args.run / "thresholds.json", "has no 'thresholds'; run threshold.py")
-    cache = args.cache or Path(checkpoint["args"]["cache"])
+    training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}
+    if args.cache is None and len(training_caches) > 1:
+        fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
+             "name one with --cache")
+    cache = args.cache or Path(training_caches.pop())
     index, arrays = load_cache(cache)
     rows = index if args.split == "all" else index[index["split"] == args.split]
     if rows.empty:
         fail(cache / "index.csv", f"has no rows in split '{args.split}'")
 
-    device = pick_device(args.device)
-    images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["img_size"])
-    model = prepare_model(model, device)
-    probs, class_probs = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"],
-                                       tta=args.tta)
+    probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta)
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()
@@ -267,10 +276,12 @@ def main(args):
         summary = multiclass_report(rows, class_probs, out_dir)
         plots.append("confusion_matrix_7class.png")
     if args.gradcam:
+        model, checkpoint = models[0]
+        images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["img_size"])
         threshold = thresholds.get("recall_target", thresholds.get("default", 0.5))
         plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")
         plots.append("gradcam.png")
-    write_report(out_dir, table, summary, args, checkpoint, cache, len(rows), plots)
+    write_report(out_dir, table, summary, args, models, cache, len(rows), plots)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table[["operating_point", "threshold", *METRICS]].to_string(index=False))
     if summary:

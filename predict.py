@@ -1,7 +1,8 @@
 """Apply a trained model to new images: the same hair removal, segmentation and input form the
 model was trained with, then the malignancy probability and the decision at an operating point.
 
-Reads <run>/model.pt and <run>/thresholds.json, and images (files or folders of them).
+Reads <run>/model.pt (for an ensemble of ensemble.py, every member's) and <run>/thresholds.json,
+and images (files or folders of them).
 Writes a CSV (default <run>/predictions.csv): file, malignancy_prob, decision (benign/malignant at
 the chosen threshold), threshold, mask_area, mask_ok (0 when no plausible lesion was found and the
 whole image was used), and for 7-class models prob_<dx> per class. With --overlay DIR, a PNG per
@@ -16,15 +17,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (DX_CODES, IMAGE_SUFFIXES, fail, load_checkpoint, model_inputs, pick_device, predict_probs,
-                    prepare_model, preprocess_image, read_json, read_rgb, write_csv, write_png)
+from common import (DX_CODES, IMAGE_SUFFIXES, ensemble_probs, fail, load_run_models, pick_device, preprocess_image,
+                    read_json, read_rgb, write_csv, write_png)
 
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
-    p.add_argument("--run", type=Path, required=True, help="run folder with model.pt and thresholds.json")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run folder with model.pt (or members.json) and thresholds.json")
     p.add_argument("--operating-point", default="recall_target",
                    help="a threshold name in thresholds.json (default, best_f1, recall_target...)")
     p.add_argument("--out", type=Path, help="CSV to write (default <run>/predictions.csv)")
@@ -64,10 +66,14 @@ def overlay(path, prepared, decision, prob, out_path):
 
 
 def main(args):
-    model, checkpoint = load_checkpoint(args.run / "model.pt")
-    settings = checkpoint.get("preprocess")
-    if settings is None:
-        fail(args.run / "model.pt", "has no preprocessing settings; retrain it with this version of train.py")
+    device = pick_device(args.device)
+    models = load_run_models(args.run, device)
+    settings = [checkpoint.get("preprocess") for _, checkpoint in models]
+    if None in settings:
+        fail(args.run, "a model has no preprocessing settings; retrain it with this version of train.py")
+    if any(s != settings[0] for s in settings):
+        fail(args.run, "its models were trained on differently preprocessed images; predict with each on its own")
+    settings = settings[0]
     thresholds = read_json(args.run / "thresholds.json").get("thresholds", {})
     if args.operating_point not in thresholds:
         fail(args.run / "thresholds.json", f"has no operating point '{args.operating_point}' "
@@ -77,8 +83,6 @@ def main(args):
     if not files:
         fail(" ".join(map(str, args.images)), "no images found")
 
-    device = pick_device(args.device)
-    model = prepare_model(model, device)
     rows, skipped = [], 0
     for path in tqdm(files, desc="predicting"):
         try:
@@ -88,9 +92,7 @@ def main(args):
             skipped += 1
             continue
         arrays = {"full": prepared["image"][None], "crop": prepared["crop"][None], "mask": prepared["mask_small"][None]}
-        images = model_inputs(arrays, [0], checkpoint["input"], checkpoint["img_size"])
-        probs, class_probs = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"],
-                                           tta=args.tta)
+        probs, class_probs = ensemble_probs(models, arrays, [0], device, tta=args.tta)
         decision = "malignant" if probs[0] >= threshold else "benign"
         row = {"file": str(path), "malignancy_prob": float(probs[0]), "decision": decision,
                "threshold": threshold, "operating_point": args.operating_point,

@@ -32,8 +32,8 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (ARCHS, DX_CODES, INPUTS, TASKS, build_model, fail, git_commit, load_cache, model_inputs,
-                    pick_device, predict_probs, prepare_model, ranking_metrics, read_json,
+from common import (ARCHS, DX_CODES, INPUTS, TASKS, balanced_accuracy_7, build_model, fail, git_commit, load_cache,
+                    model_inputs, pick_device, predict_probs, prepare_model, ranking_metrics, read_json,
                     save_checkpoint, to_model_tensor, write_csv, write_json)
 
 
@@ -206,15 +206,13 @@ def train_one_epoch(model, images, targets, order, criterion, optimizer, schedul
 def validate(model, images, rows, normalisation, device, task):
     """Validation probabilities and scores. The selection score is ROC-AUC of the malignancy
     probability (binary) or balanced accuracy over the 7 classes (multiclass)."""
-    from sklearn.metrics import balanced_accuracy_score
     probs, class_probs = predict_probs(model, images, normalisation, device, task)
     labels = rows["malignant"].to_numpy()
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     scores = {"val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))),  # unweighted
               "val_auc": ranking_metrics(labels, probs)["roc_auc"], "val_bal_acc": float("nan")}
     if class_probs is not None:
-        truth = [DX_CODES.index(dx) for dx in rows["dx"]]
-        scores["val_bal_acc"] = balanced_accuracy_score(truth, class_probs.argmax(axis=1))
+        scores["val_bal_acc"] = balanced_accuracy_7(rows["dx"], class_probs)
     scores["val_score"] = scores["val_bal_acc"] if task == "multiclass" else scores["val_auc"]
     return probs, class_probs, scores
 

@@ -1,13 +1,16 @@
 """Collect the study's runs into one results table (README "Results").
 
 Reads every run folder under --runs (config.json, history.csv, thresholds.json, metrics.csv, and
-ph2/metrics.csv and multiclass_metrics.csv where present). Writes <out>.csv (one row per stage,
+ph2/metrics.csv and multiclass_metrics.csv where present; for an ensemble of ensemble.py its
+members.json, and its members' training time, which is its cost). Writes <out>.csv (one row per stage,
 data set and operating point, with 95% intervals) and <out>.md (the table for the README), and
 prints the Markdown.
 
-Stage 5 of the study, "the best of the above", is chosen among the binary runs by validation
-ROC-AUC alone (never by a test figure) and reported at its best_f1 and recall_target points.
-With --plots DIR, that run's plots (internal test and PH2) are copied there for the README.
+Stage 5 of the study, "the best of the above", is chosen among the binary runs (ensembles
+included) by validation ROC-AUC alone (never by a test figure) and reported at its best_f1 and
+recall_target points; the 7-class model likewise among the multiclass runs by validation balanced
+accuracy. With --plots DIR, the binary choice's plots (internal test and PH2) and the 7-class
+choice's confusion matrix are copied there.
 
 Example: python bench/study.py --runs runs/study --out bench/results/study --plots docs/results
 """
@@ -21,8 +24,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import atomic_path, fail, write_csv  # noqa: E402
+from common import ENSEMBLE_FILE, atomic_path, fail, write_csv  # noqa: E402
 
+CONFUSION_7 = "confusion_matrix_7class.png"
 METRICS = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
 
 
@@ -35,6 +39,14 @@ def parse_args(argv=None):
 
 
 def describe(run):
+    if (run / ENSEMBLE_FILE).is_file():
+        ensemble = json.loads((run / ENSEMBLE_FILE).read_text())
+        members = [describe(run / member) for member in ensemble["members"]]
+        recipes = {k: "/".join(sorted({m[k] for m in members})) for k in ("loss", "aug", "input")}
+        return {"stage": run.name, "arch": "mean of " + " + ".join(m["stage"] for m in members),
+                "task": ensemble["task"], **recipes,
+                "epochs": sum(m["epochs"] for m in members),
+                "train_minutes": round(sum(m["train_minutes"] for m in members), 1), "val_score": ensemble["val_score"]}
     config = json.loads((run / "config.json").read_text())
     history = pd.read_csv(run / "history.csv")
     a = config["args"]
@@ -50,11 +62,11 @@ def evaluated_runs(runs_dir):
     return runs
 
 
-def best_binary_run(infos):
-    """The binary run with the highest validation ROC-AUC (a multiclass run's score is a balanced
-    accuracy, not comparable)."""
-    binary = [info for info in infos if info["task"] == "binary"]
-    return max(binary, key=lambda info: info["val_score"])["stage"] if binary else None
+def best_run(infos, task):
+    """The run of this task with the highest validation score: ROC-AUC for binary runs, balanced
+    accuracy for multiclass ones (the two are not comparable)."""
+    runs = [info for info in infos if info["task"] == task]
+    return max(runs, key=lambda info: info["val_score"])["stage"] if runs else None
 
 
 def operating_points(stage, best):
@@ -64,7 +76,7 @@ def operating_points(stage, best):
     return ["default", "recall_target"] if stage == "1_baseline" else ["recall_target"]
 
 
-def collect(runs, infos, best):
+def collect(runs, infos, best, best_multiclass):
     rows = []
     for run, info in zip(runs, infos):
         balanced_accuracy_7 = None
@@ -77,7 +89,7 @@ def collect(runs, infos, best):
             table = pd.read_csv(path).set_index("operating_point")
             for point in operating_points(info["stage"], best):
                 row = {**info, "data": data, "operating_point": point, "threshold": table.loc[point, "threshold"],
-                       "best_by_validation": info["stage"] == best}
+                       "best_by_validation": info["stage"] in (best, best_multiclass)}
                 for m in METRICS:
                     row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
                                 f"{m}_hi": table.loc[point, f"{m}_hi"]})
@@ -93,6 +105,8 @@ def markdown(table):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         stage = r["stage"] + (" (best by val)" if r["best_by_validation"] else "")
+        if r["arch"].startswith("mean of"):
+            stage += f", {r['arch']}"
         if pd.notna(r.get("balanced_accuracy_7")):
             stage += f", 7-class bal. acc. {r['balanced_accuracy_7']:.3f}"
         cells = [f"{r[m]:.3f} ({r[m + '_lo']:.3f}-{r[m + '_hi']:.3f})" for m in METRICS]
@@ -114,8 +128,8 @@ def copy_plots(run, out_dir):
 def main(args):
     runs = evaluated_runs(args.runs)
     infos = [describe(run) for run in runs]
-    best = best_binary_run(infos)
-    table = collect(runs, infos, best)
+    best, best_multiclass = best_run(infos, "binary"), best_run(infos, "multiclass")
+    table = collect(runs, infos, best, best_multiclass)
     write_csv(table, args.out.with_suffix(".csv"))
     text = markdown(table)
     with atomic_path(args.out.with_suffix(".md")) as tmp:
@@ -124,6 +138,10 @@ def main(args):
     if args.plots and best is not None:
         copy_plots(args.runs / best, args.plots)
         print(f"copied the plots of {best} (best by validation ROC-AUC) into {args.plots}")
+    if args.plots and best_multiclass is not None and (args.runs / best_multiclass / CONFUSION_7).is_file():
+        args.plots.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.runs / best_multiclass / CONFUSION_7, args.plots / CONFUSION_7)
+        print(f"copied the 7-class confusion matrix of {best_multiclass} (best by validation) into {args.plots}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import preprocess
 import threshold
 import train
 
-SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "threshold.py", "evaluate.py"]
+SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "ensemble.py", "threshold.py", "evaluate.py", "predict.py"]
 
 
 def run_script(*args):
@@ -34,6 +34,7 @@ def test_every_script_has_help(script):
 @pytest.mark.parametrize("args", [["preprocess.py", "--data", "no/such/dir"],
                                   ["train.py", "--cache", "no/such/cache", "--run-dir", "unused"],
                                   ["threshold.py", "--run", "no/such/run"],
+                                  ["ensemble.py", "--run-dir", "unused", "no/such/run1", "no/such/run2"],
                                   ["evaluate.py", "--run", "no/such/run"]])
 def test_missing_input_is_a_one_line_error(args):
     out = run_script(*args)

@@ -31,6 +31,8 @@ def fake_run(folder, val_auc, test_auc, task="binary", ph2=False):
         pd.DataFrame(rows).to_csv(folder / "ph2" / "metrics.csv", index=False)
         (folder / "ph2" / "roc_curve.png").write_bytes(b"ph2 roc")
     (folder / "roc_curve.png").write_bytes(folder.name.encode())
+    if task == "multiclass":
+        (folder / "confusion_matrix_7class.png").write_bytes(folder.name.encode())
 
 
 def test_best_run_is_chosen_by_validation_not_test(tmp_path):
@@ -42,8 +44,8 @@ def test_best_run_is_chosen_by_validation_not_test(tmp_path):
     study.main(study.parse_args(["--runs", str(runs), "--out", str(out), "--plots", str(tmp_path / "plots")]))
 
     table = pd.read_csv(out.with_suffix(".csv"))
-    best = table[table["best_by_validation"]]
-    assert set(best["stage"]) == {"3_wbce_aug"}
+    assert set(table.loc[table["best_by_validation"], "stage"]) == {"3_wbce_aug", "6_multiclass"}
+    best = table[table["best_by_validation"] & (table["task"] == "binary")]
     assert set(best["operating_point"]) == {"best_f1", "recall_target"}
     assert set(best["data"]) == {"internal test", "PH2"}
     baseline = table[table["stage"] == "1_baseline"]
@@ -51,4 +53,28 @@ def test_best_run_is_chosen_by_validation_not_test(tmp_path):
     assert table.loc[table["stage"] == "1_baseline", "train_minutes"].iloc[0] == 2.5
     assert (tmp_path / "plots" / "roc_curve.png").read_bytes() == b"3_wbce_aug"
     assert (tmp_path / "plots" / "ph2_roc_curve.png").is_file()
+    assert (tmp_path / "plots" / "confusion_matrix_7class.png").read_bytes() == b"6_multiclass"
     assert "| 3_wbce_aug (best by val) | PH2 | best_f1 (t=0.500) |" in out.with_suffix(".md").read_text()
+
+
+def test_an_ensemble_is_described_by_its_members_and_can_be_chosen(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "2_wbce", val_auc=0.92, test_auc=0.90)
+    fake_run(runs / "3_wbce_aug", val_auc=0.93, test_auc=0.91)
+    fake_run(runs / "8_ensemble", val_auc=None, test_auc=0.92)
+    (runs / "8_ensemble" / "config.json").unlink()  # an ensemble trains nothing of its own
+    (runs / "8_ensemble" / "history.csv").unlink()
+    (runs / "8_ensemble" / "members.json").write_text(json.dumps(
+        {"members": ["../2_wbce", "../3_wbce_aug"], "task": "binary", "val_score": 0.95}))
+    fake_run(runs / "6_multiclass", val_auc=0.60, test_auc=0.85, task="multiclass")
+    fake_run(runs / "6b_multiclass", val_auc=0.65, test_auc=0.80, task="multiclass")
+    out = tmp_path / "study"
+    study.main(study.parse_args(["--runs", str(runs), "--out", str(out)]))
+
+    table = pd.read_csv(out.with_suffix(".csv"))
+    chosen = table[table["best_by_validation"]]
+    assert set(chosen["stage"]) == {"8_ensemble", "6b_multiclass"}
+    ensemble = table[table["stage"] == "8_ensemble"].iloc[0]
+    assert ensemble["train_minutes"] == 5.0 and ensemble["arch"] == "mean of 2_wbce + 3_wbce_aug"
+    row = "| 8_ensemble (best by val), mean of 2_wbce + 3_wbce_aug | internal test |"
+    assert row in out.with_suffix(".md").read_text()
