@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (DX_CODES, SPLITS, atomic_path, binary_metrics, ensemble_probs, fail, load_cache, load_run_models,
-                    model_inputs, new_figure, output_probs, pick_device, plot_pr_curve, ranking_metrics, read_json,
-                    save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
+from common import (DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics, ensemble_probs, fail,
+                    load_cache, load_run_models, model_inputs, new_figure, output_probs, pick_device, plot_pr_curve,
+                    ranking_metrics, read_json, save_figure, save_image_grid, threshold_metrics, to_model_tensor,
+                    write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -125,10 +126,19 @@ def plot_calibration(labels, probs, path, bins=10):
     save_figure(fig, path)
 
 
-def multiclass_report(rows, class_probs, out_dir):
+def balanced_accuracy_interval(dx, class_probs, n_resamples, seed):
+    """95% percentile interval of the 7-class balanced accuracy, from resampling images."""
+    rng = np.random.default_rng(seed)
+    dx = np.asarray(dx)
+    values = [balanced_accuracy_7(dx[pick], class_probs[pick])
+              for pick in (rng.integers(0, len(dx), len(dx)) for _ in range(n_resamples))]
+    return tuple(np.quantile(values, [0.025, 0.975])) if values else (np.nan, np.nan)
+
+
+def multiclass_report(rows, class_probs, out_dir, n_resamples, seed):
     """Per-class precision, recall, F1 and one-vs-rest ROC-AUC, a 'macro' row (its recall is the
-    balanced accuracy), and the 7x7 confusion matrix."""
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+    balanced accuracy, with a bootstrap 95% interval), and the 7x7 confusion matrix."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
     truth = np.array([DX_CODES.index(dx) for dx in rows["dx"]])
     predicted = class_probs.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=range(len(DX_CODES)),
@@ -137,10 +147,12 @@ def multiclass_report(rows, class_probs, out_dir):
     table = pd.DataFrame({"class": DX_CODES, "precision": precision, "recall": recall, "f1": f1,
                           "roc_auc": one_vs_rest, "support": support})
     present = table[table["support"] > 0]
-    summary = {"balanced_accuracy": balanced_accuracy_score(truth, predicted),
-               "macro_roc_auc": float(np.nanmean(present["roc_auc"]))}
+    low, high = balanced_accuracy_interval(rows["dx"], class_probs, n_resamples, seed)
+    summary = {"balanced_accuracy": balanced_accuracy_7(rows["dx"], class_probs), "balanced_accuracy_lo": low,
+               "balanced_accuracy_hi": high, "macro_roc_auc": float(np.nanmean(present["roc_auc"]))}
     macro = {"class": "macro", "precision": present["precision"].mean(), "recall": summary["balanced_accuracy"],
-             "f1": present["f1"].mean(), "roc_auc": summary["macro_roc_auc"], "support": int(support.sum())}
+             "recall_lo": low, "recall_hi": high, "f1": present["f1"].mean(), "roc_auc": summary["macro_roc_auc"],
+             "support": int(support.sum())}
     write_csv(pd.concat([table, pd.DataFrame([macro])]), out_dir / "multiclass_metrics.csv")
 
     counts = confusion_matrix(truth, predicted, labels=range(len(DX_CODES)))
@@ -205,6 +217,12 @@ def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
     save_image_grid(tiles, titles, path, columns=n, tile_inches=(2.2, 2.4))
 
 
+def multiclass_line(summary):
+    interval = "" if np.isnan(summary["balanced_accuracy_lo"]) else \
+        f" ({summary['balanced_accuracy_lo']:.3f}-{summary['balanced_accuracy_hi']:.3f})"
+    return f"{summary['balanced_accuracy']:.3f}{interval}, macro ROC-AUC {summary['macro_roc_auc']:.3f}"
+
+
 def describe_models(models):
     parts = [f"{c['arch']} ({c['task']}, {c['input']} input, {c['img_size']} px, loss {c['loss']})" for _, c in models]
     return parts[0] if len(parts) == 1 else f"mean probability of {len(parts)} models: " + "; ".join(parts)
@@ -226,8 +244,8 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots):
     lines.append("")
     lines.append("ROC-AUC and PR-AUC come from the probabilities alone, so they are the same at every operating point.")
     if summary:
-        lines += ["", f"7 classes: balanced accuracy {summary['balanced_accuracy']:.3f}, macro ROC-AUC "
-                      f"{summary['macro_roc_auc']:.3f} (per class: `multiclass_metrics.csv`)."]
+        lines += ["", f"7 classes: balanced accuracy {multiclass_line(summary)} (per class: "
+                      "`multiclass_metrics.csv`)."]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -273,7 +291,7 @@ def main(args):
     plot_calibration(labels, probs, out_dir / "calibration.png")
     summary = None
     if class_probs is not None:
-        summary = multiclass_report(rows, class_probs, out_dir)
+        summary = multiclass_report(rows, class_probs, out_dir, args.bootstrap, args.seed)
         plots.append("confusion_matrix_7class.png")
     if args.gradcam:
         model, checkpoint = models[0]
@@ -285,8 +303,7 @@ def main(args):
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table[["operating_point", "threshold", *METRICS]].to_string(index=False))
     if summary:
-        print(f"7 classes: balanced accuracy {summary['balanced_accuracy']:.3f}, macro ROC-AUC "
-              f"{summary['macro_roc_auc']:.3f}")
+        print(f"7 classes: balanced accuracy {multiclass_line(summary)}")
     print(f"wrote {out_dir / 'metrics.csv'}, {out_dir / 'report.md'} and plots "
           f"({len(rows)} images of {cache}, split {args.split})")
 

@@ -79,10 +79,12 @@ def operating_points(stage, best):
 def collect(runs, infos, best, best_multiclass):
     rows = []
     for run, info in zip(runs, infos):
-        balanced_accuracy_7 = None
+        balanced_accuracy_7 = {}
         if (run / "multiclass_metrics.csv").is_file():
-            per_class = pd.read_csv(run / "multiclass_metrics.csv").set_index("class")
-            balanced_accuracy_7 = per_class.loc["macro", "recall"]
+            macro = pd.read_csv(run / "multiclass_metrics.csv").set_index("class").loc["macro"]
+            balanced_accuracy_7 = {"balanced_accuracy_7": macro["recall"],
+                                   "balanced_accuracy_7_lo": macro.get("recall_lo", float("nan")),
+                                   "balanced_accuracy_7_hi": macro.get("recall_hi", float("nan"))}
         for data, path in (("internal test", run / "metrics.csv"), ("PH2", run / "ph2" / "metrics.csv")):
             if not path.is_file():
                 continue
@@ -93,8 +95,8 @@ def collect(runs, infos, best, best_multiclass):
                 for m in METRICS:
                     row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
                                 f"{m}_hi": table.loc[point, f"{m}_hi"]})
-                if balanced_accuracy_7 is not None and data == "internal test":
-                    row["balanced_accuracy_7"] = balanced_accuracy_7
+                if data == "internal test":
+                    row.update(balanced_accuracy_7)
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -109,6 +111,8 @@ def markdown(table):
             stage += f", {r['arch']}"
         if pd.notna(r.get("balanced_accuracy_7")):
             stage += f", 7-class bal. acc. {r['balanced_accuracy_7']:.3f}"
+            if pd.notna(r.get("balanced_accuracy_7_lo")):
+                stage += f" ({r['balanced_accuracy_7_lo']:.3f}-{r['balanced_accuracy_7_hi']:.3f})"
         cells = [f"{r[m]:.3f} ({r[m + '_lo']:.3f}-{r[m + '_hi']:.3f})" for m in METRICS]
         lines.append(f"| {stage} | {r['data']} | {r['operating_point']} (t={r['threshold']:.3f}) | "
                      + " | ".join(cells) + f" | {r['train_minutes']} |")

@@ -71,6 +71,8 @@ def test_multiclass_run_scores_malignancy_as_the_sum_of_malignant_classes(synthe
     predicted = test[class_columns].to_numpy().argmax(axis=1)
     truth = [common.DX_CODES.index(dx) for dx in test["dx"]]
     assert per_class.loc["macro", "recall"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    macro = per_class.loc["macro"]
+    assert macro["recall_lo"] <= macro["recall"] <= macro["recall_hi"] and macro["recall_lo"] < macro["recall_hi"]
     assert list(per_class.index[:7]) == list(common.DX_CODES)
     assert (run / "confusion_matrix_7class.png").is_file()
 
