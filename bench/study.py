@@ -16,6 +16,7 @@ Example: python bench/study.py --runs runs/study --out bench/results/study --plo
 """
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def describe(run):
         ensemble = json.loads((run / ENSEMBLE_FILE).read_text())
         members = [describe(run / member) for member in ensemble["members"]]
         recipes = {k: "/".join(sorted({m[k] for m in members})) for k in ("loss", "aug", "input")}
-        return {"stage": run.name, "arch": "mean of " + " + ".join(m["stage"] for m in members),
+        return {"stage": run.name, "arch": "mean of stages " + ", ".join(m["stage"].split("_")[0] for m in members),
                 "task": ensemble["task"], **recipes,
                 "epochs": sum(m["epochs"] for m in members),
                 "train_minutes": round(sum(m["train_minutes"] for m in members), 1), "val_score": ensemble["val_score"]}
@@ -56,7 +57,9 @@ def describe(run):
 
 
 def evaluated_runs(runs_dir):
-    runs = sorted(p.parent for p in runs_dir.glob("*/metrics.csv"))
+    # in stage order: 2 before 10, 4a before 4b
+    runs = sorted((p.parent for p in runs_dir.glob("*/metrics.csv")),
+                  key=lambda run: (int(re.match(r"\d*", run.name).group() or 10**9), run.name))
     if not runs:
         fail(runs_dir, "holds no evaluated run (no */metrics.csv)")
     return runs

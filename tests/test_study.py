@@ -68,6 +68,7 @@ def test_an_ensemble_is_described_by_its_members_and_can_be_chosen(tmp_path):
         {"members": ["../2_wbce", "../3_wbce_aug"], "task": "binary", "val_score": 0.95}))
     fake_run(runs / "6_multiclass", val_auc=0.60, test_auc=0.85, task="multiclass")
     fake_run(runs / "6b_multiclass", val_auc=0.65, test_auc=0.80, task="multiclass")
+    fake_run(runs / "10_long", val_auc=0.94, test_auc=0.93)
     out = tmp_path / "study"
     study.main(study.parse_args(["--runs", str(runs), "--out", str(out)]))
 
@@ -75,6 +76,8 @@ def test_an_ensemble_is_described_by_its_members_and_can_be_chosen(tmp_path):
     chosen = table[table["best_by_validation"]]
     assert set(chosen["stage"]) == {"8_ensemble", "6b_multiclass"}
     ensemble = table[table["stage"] == "8_ensemble"].iloc[0]
-    assert ensemble["train_minutes"] == 5.0 and ensemble["arch"] == "mean of 2_wbce + 3_wbce_aug"
-    row = "| 8_ensemble (best by val), mean of 2_wbce + 3_wbce_aug | internal test |"
+    assert ensemble["train_minutes"] == 5.0 and ensemble["arch"] == "mean of stages 2, 3"
+    row = "| 8_ensemble (best by val), mean of stages 2, 3 | internal test |"
     assert row in out.with_suffix(".md").read_text()
+    assert list(dict.fromkeys(table["stage"])) == ["2_wbce", "3_wbce_aug", "6_multiclass", "6b_multiclass",
+                                                   "8_ensemble", "10_long"]
