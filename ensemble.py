@@ -23,6 +23,7 @@ from common import (DX_CODES, ENSEMBLE_FILE, balanced_accuracy_7, fail, ranking_
                     write_csv, write_json)
 
 KEYS = ["image_id", "lesion_id", "dx", "label"]
+CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 
 
 def parse_args(argv=None):
@@ -44,14 +45,14 @@ def member_task(run):
 
 
 def read_val_probs(run, task):
-    columns = KEYS + ["prob"] + ([f"prob_{code}" for code in DX_CODES] if task == "multiclass" else [])
+    columns = KEYS + ["prob"] + (CLASS_COLUMNS if task == "multiclass" else [])
     val = read_csv(run / "val_probs.csv", columns)
     return val[columns].sort_values("image_id").reset_index(drop=True)
 
 
 def validation_score(val, task):
     if task == "multiclass":
-        return balanced_accuracy_7(val["dx"], val[[f"prob_{code}" for code in DX_CODES]].to_numpy())
+        return balanced_accuracy_7(val["dx"], val[CLASS_COLUMNS].to_numpy())
     return ranking_metrics(val["label"], val["prob"])["roc_auc"]
 
 
@@ -60,10 +61,11 @@ def main(args):
         fail(" ".join(map(str, args.members)), "an ensemble needs at least two different runs")
     if os.path.abspath(args.run_dir) in map(os.path.abspath, args.members):
         fail(args.run_dir, "is one of the members; write the ensemble to a folder of its own")
-    task = member_task(args.members[0])
-    for run in args.members[1:]:
-        if member_task(run) != task:
-            fail(run, f"is a {member_task(run)} run but {args.members[0]} is {task}; an ensemble averages one task")
+    tasks = [member_task(run) for run in args.members]
+    task = tasks[0]
+    for run, other in zip(args.members[1:], tasks[1:]):
+        if other != task:
+            fail(run, f"is a {other} run but {args.members[0]} is {task}; an ensemble averages one task")
     members = [(run, read_val_probs(run, task)) for run in args.members]
     first_run, first = members[0]
     for run, val in members[1:]:
