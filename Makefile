@@ -119,6 +119,8 @@ study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) 
 # recipe at 160 px (11) and at 224 px (12), and the ensemble of every pretrained weighted-BCE binary
 # run (13). The final system stays the binary run or ensemble with the highest validation ROC-AUC.
 STUDY_BEST_INPUT ?= full
+# the weighted-BCE stages 2-5, members of both ensembles 8 and 13
+STUDY_WBCE_2_TO_5 = 2_wbce 3_wbce_aug 4a_wbce_aug_masked 4b_wbce_aug_crop 5_wbce_aug_$(STUDY_BEST_INPUT)_224
 study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 CPU cores)
 	$(call study_stage,1_baseline,efficientnet_lite0,ce,none,full,$(STUDY_TRAIN_SIZE),)
 	$(call study_stage,2_wbce,efficientnet_lite0,wbce,none,full,$(STUDY_TRAIN_SIZE),)
@@ -130,13 +132,12 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 	$(call study_stage,6b_multiclass_sampler,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --sampler balanced)
 	$(call study_stage,6c_multiclass_seed1,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --class-weights balanced --seed 1)
 	$(call study_stage,7_resnet18_scratch,resnet18,wbce,full,full,$(STUDY_TRAIN_SIZE),--no-pretrained)
-	$(call study_ensemble,8_ensemble_wbce,2_wbce 3_wbce_aug 4a_wbce_aug_masked 4b_wbce_aug_crop 5_wbce_aug_$(STUDY_BEST_INPUT)_224)
+	$(call study_ensemble,8_ensemble_wbce,$(STUDY_WBCE_2_TO_5))
 	$(call study_ensemble,9_ensemble_multiclass,6_multiclass 6b_multiclass_sampler 6c_multiclass_seed1)
 	$(call study_stage,10_wbce_aug_long,efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),--epochs 30 --lr 3e-4)
 	$(call study_stage,11_lite2_wbce_aug,efficientnet_lite2,wbce,full,full,$(STUDY_TRAIN_SIZE),)
 	$(call study_stage,12_lite2_wbce_aug_224,efficientnet_lite2,wbce,full,full,224,)
-	$(call study_ensemble,13_ensemble_all_wbce,2_wbce 3_wbce_aug 4a_wbce_aug_masked 4b_wbce_aug_crop \
-		5_wbce_aug_$(STUDY_BEST_INPUT)_224 10_wbce_aug_long 11_lite2_wbce_aug 12_lite2_wbce_aug_224)
+	$(call study_ensemble,13_ensemble_all_wbce,$(STUDY_WBCE_2_TO_5) 10_wbce_aug_long 11_lite2_wbce_aug 12_lite2_wbce_aug_224)
 	$(PYTHON) bench/study.py --runs runs/study --out bench/results/study --plots docs/results
 
 demo:  ## the whole pipeline on synthetic images, a few minutes on 2 CPU cores
