@@ -14,6 +14,7 @@ LR            ?= 1e-3
 LOSS          ?= wbce
 AUG           ?= full
 INPUT         ?= full
+HAIR          ?= on
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
 MEMBERS       ?=
@@ -29,7 +30,9 @@ PY_DEPS := $(VENV)/.installed
 endif
 
 DATA_DIR := data/$(DATA)
-CACHE    := cache/$(DATA)_$(IMG_SIZE)
+# caches of another hair removal than the default live beside it (preprocess.py's default names)
+CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))
+CACHE    := cache/$(DATA)_$(IMG_SIZE)$(CACHE_SUFFIX)
 RUN_DIR  := runs/$(RUN)
 
 ifeq ($(DATA),synthetic)
@@ -40,7 +43,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess train threshold evaluate external study demo test bench clean distclean help
+.PHONY: all data preprocess train threshold evaluate external external-val study hair-study demo test bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
 
@@ -59,8 +62,8 @@ $(VENV)/.installed: requirements.txt
 $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR)
 
-cache/%_$(IMG_SIZE)/index.csv: data/%/metadata.csv | $(PY_DEPS)
-	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --out cache/$*_$(IMG_SIZE)
+cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv | $(PY_DEPS)
+	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
 
 ifeq ($(MEMBERS),)
 # val_probs.csv is written when training ends (model.pt already after the first epoch), so an
@@ -89,8 +92,19 @@ data/ph2/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
 endif
 
-$(RUN_DIR)/ph2/metrics.csv: $(RUN_DIR)/thresholds.json cache/ph2_$(IMG_SIZE)/index.csv | $(PY_DEPS)
-	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/ph2_$(IMG_SIZE) --split all --out-dir $(RUN_DIR)/ph2
+$(RUN_DIR)/ph2/metrics.csv: $(RUN_DIR)/thresholds.json cache/ph2_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/ph2_$(IMG_SIZE)$(CACHE_SUFFIX) --split all --out-dir $(RUN_DIR)/ph2
+
+# An external validation set, for choices about other clinics: ISIC 2017's train and val images
+# (melanoma vs the rest). Its test images are left unread (--only-split): a study reads them once.
+external-val: $(RUN_DIR)/isic2017_trainval/metrics.csv  ## evaluate RUN on ISIC 2017 train+val into runs/RUN/isic2017_trainval
+
+data/isic2017_trainval/metadata.csv: | $(PY_DEPS)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split train val --out data/isic2017_trainval --assign-split val
+
+$(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX) --split all \
+		--out-dir $(RUN_DIR)/isic2017_trainval
 
 # The study of README "Results": the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
@@ -100,12 +114,18 @@ STUDY_FROM   ?= $(SHARED)/ham10000_224
 STUDY_EPOCHS ?= 10
 STUDY_TRAIN_SIZE ?= 160
 STUDY_IMG_SIZE ?= 224
+# The first study's caches were built with the legacy hair removal; its stages keep it, so that
+# `make study` reproduces what README "Results" reports.
+STUDY_HAIR   ?= legacy
+# $(1) run folder under runs/, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training
+# size, $(7) more train flags, $(8) more make variables and goals
+recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
+	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)" $(8)
 # $(1) run name, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training size, $(7) more flags
-study_stage = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
-	RUN=study/$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)"
+study_stage = $(call recipe_run,study/$(1),$(2),$(3),$(4),$(5),$(6),$(7),HAIR=$(STUDY_HAIR))
 # $(1) run name, $(2) the member stages, whose mean probability it is
 study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) \
-	RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))"
+	HAIR=$(STUDY_HAIR) RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))"
 
 # Stage 5 trains the recipe of stages 3-4 with the highest validation ROC-AUC again at the cache's
 # full 224 px: full images (validation ROC-AUC 0.936, masked 0.916, crop 0.913 in our study run).
@@ -140,6 +160,14 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 	$(call study_ensemble,13_ensemble_all_wbce,$(STUDY_WBCE_2_TO_5) 10_wbce_aug_long 11_lite2_wbce_aug 12_lite2_wbce_aug_224)
 	$(PYTHON) bench/study.py --runs runs/study --out bench/results/study --plots docs/results
 
+# Hair removal judged by what it does to the diagnosis: stage 3's recipe (the study's best single
+# recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on
+# validation, on ISIC 2017 train+val (external validation) and on PH2.
+HAIR_STUDY_MODES = legacy on off
+hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation, ISIC 2017 train+val, PH2 (about 1 h)
+	$(foreach mode,$(HAIR_STUDY_MODES),$(call recipe_run,hair/$(mode),efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),,HAIR=$(mode) external-val) &&) true
+	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/hair/,$(HAIR_STUDY_MODES)) --out bench/results/hair_study
+
 demo:  ## the whole pipeline on synthetic images, a few minutes on 2 CPU cores
 	$(MAKE) all DATA=synthetic RUN=demo IMG_SIZE=64 EPOCHS=8 ARCH=efficientnet_lite0 BATCH_SIZE=32 LR=2e-3
 
@@ -162,7 +190,7 @@ distclean: clean  ## also remove all data and the virtual environment
 
 help:  ## list targets and variables
 	@echo "targets:"
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 14
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		TARGET_RECALL TRAIN_FLAGS MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		HAIR TARGET_RECALL TRAIN_FLAGS MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

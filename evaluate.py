@@ -28,7 +28,7 @@ import pandas as pd
 
 from common import (DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics, ensemble_probs, fail,
                     load_cache, load_run_models, model_inputs, new_figure, output_probs, pick_device, plot_pr_curve,
-                    ranking_metrics, read_json, save_figure, save_image_grid, threshold_metrics, to_model_tensor,
+                    preprocess_settings, ranking_metrics, read_json, save_figure, save_image_grid, threshold_metrics, to_model_tensor,
                     write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
@@ -251,6 +251,19 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots):
         tmp.write_text("\n".join(lines) + "\n")
 
 
+def check_preprocessing(cache, models):
+    """Images are scored only as their model's training images were prepared: a cache built with
+    other settings (hair removal, sizes, crop margin) would shift every probability unnoticed."""
+    cache_settings = preprocess_settings(read_json(cache / "cache_key.json"))
+    for _, checkpoint in models:
+        model_settings = preprocess_settings(checkpoint["preprocess"])
+        differ = [f"{k} {cache_settings[k]} (model: {model_settings[k]})"
+                  for k in model_settings if cache_settings[k] != model_settings[k]]
+        if differ:
+            fail(cache / "cache_key.json", f"was built with other preprocessing than {checkpoint['args']['cache']}, "
+                 f"the model's training cache: {', '.join(differ)}; rebuild it with preprocess.py and those settings")
+
+
 def main(args):
     device = pick_device(args.device)
     models = load_run_models(args.run, device)
@@ -264,6 +277,7 @@ def main(args):
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
              "name one with --cache")
     cache = args.cache or Path(training_caches.pop())
+    check_preprocessing(cache, models)
     index, arrays = load_cache(cache)
     rows = index if args.split == "all" else index[index["split"] == args.split]
     if rows.empty:

@@ -99,6 +99,9 @@ def parse_args(argv=None):
                    help="downloads: the HAM10000 release, or the ISIC 2018 Task 3 test set")
     p.add_argument("--labels", type=Path, help="labels CSV for --from-dir (default: found by name)")
     p.add_argument("--assign-split", choices=SPLITS, help="put every row in this split (an external test set)")
+    p.add_argument("--only-split", choices=SPLITS, nargs="+", metavar="SPLIT",
+                   help="--from-dir: import only the rows whose 'split' column holds one of these (train, val, "
+                        "test); the other images are never opened")
     p.add_argument("--val-frac", type=float, default=0.15, help="fraction of lesions for validation")
     p.add_argument("--test-frac", type=float, default=0.15, help="fraction of lesions for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the synthetic images")
@@ -618,13 +621,19 @@ def check_images(df, root, listed_in):
     return df[df["filename"].isin(keep)].copy()
 
 
-def import_dir(root, labels_path, out_dir, limit=None, link=False):
+def import_dir(root, labels_path, out_dir, limit=None, link=False, only_splits=None):
     """Copy (or hard-link, for our own downloads) the readable images a labels CSV lists into
     out_dir/images."""
     if not root.is_dir():
         fail(root, "not a folder")
     labels_path = labels_path or find_labels_file(root)
     df = read_labels(labels_path)
+    if only_splits:
+        if "split" not in df.columns:
+            fail(labels_path, "has no 'split' column to choose rows by (--only-split)")
+        df = df[df["split"].isin(only_splits)]
+        if df.empty:
+            fail(labels_path, f"has no row in split {', '.join(only_splits)}")
     if limit:
         df = df.head(limit)
     # Where no filename column is given (the official layout), images sit in any sub-folder.
@@ -654,12 +663,14 @@ def import_dir(root, labels_path, out_dir, limit=None, link=False):
 def main(args):
     if not 0 <= args.val_frac < 1 or not 0 < args.test_frac < 1 or args.val_frac + args.test_frac >= 1:
         fail("--val-frac/--test-frac", "fractions must lie between 0 and 1 and leave lesions to train on")
+    if args.only_split and args.from_dir is None:
+        fail("--only-split", "chooses rows of a labels file: use it with --from-dir")
     if args.synthetic is not None:
         if args.synthetic < 20:
             fail("--synthetic", "needs at least 20 images to make three splits")
         df = make_synthetic(args.synthetic, args.out, args.image_size, args.image_size * 3 // 4, args.seed)
     elif args.from_dir is not None:
-        df = import_dir(args.from_dir, args.labels, args.out, limit=args.limit)
+        df = import_dir(args.from_dir, args.labels, args.out, limit=args.limit, only_splits=args.only_split)
     elif args.source == "isic":
         df = fetch_isic(args)
     else:

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (DX_CODES, IMAGE_SUFFIXES, ensemble_probs, fail, load_run_models, pick_device, preprocess_image,
-                    read_json, read_rgb, write_csv, write_png)
+                    preprocess_settings, read_json, read_rgb, write_csv, write_png)
 
 
 
@@ -71,6 +71,7 @@ def main(args):
     settings = [checkpoint.get("preprocess") for _, checkpoint in models]
     if None in settings:
         fail(args.run, "a model has no preprocessing settings; retrain it with this version of train.py")
+    settings = [preprocess_settings(s) for s in settings]
     if any(s != settings[0] for s in settings):
         fail(args.run, "its models were trained on differently preprocessed images; predict with each on its own")
     settings = settings[0]
@@ -86,7 +87,7 @@ def main(args):
     rows, skipped = [], 0
     for path in tqdm(files, desc="predicting"):
         try:
-            prepared = preprocess_image(path, settings["img_size"], settings["work_size"], settings["crop_margin"])
+            prepared = preprocess_image(path, **settings)
         except SystemExit as e:  # unreadable: say which and go on with the rest
             print(f"skipped {str(e).removeprefix('error: ')}")
             skipped += 1

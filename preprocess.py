@@ -3,13 +3,17 @@
 Reads data/<dataset>/metadata.csv and its images. Writes a cache folder (default
 cache/<dataset>_<img-size>) holding:
   masks/<image_id>.png   lesion masks at working resolution (open them to check the segmentation)
-  images.npy             hair-removed images, N x S x S x 3 uint8 (S = --img-size)
+  images.npy             images after hair removal, N x S x S x 3 uint8 (S = --img-size)
   crops.npy              square lesion crops with a margin, N x S x S x 3 uint8
   masks.npy              lesion masks at S x S, N x S x S uint8 (0/1), for masked input
   index.csv              image_id, lesion_id, dx, malignant, split, row (into the arrays),
                          mask_area, hair_fraction, mask_ok, crop_x0, crop_y0, crop_x1, crop_y1
   cache_key.json         every setting that changes the content; an unchanged key redoes nothing
 Images that cannot be read are reported by name and left out of index.csv.
+
+Hair removal (--hair-removal) inpaints only hair-shaped dark structures: long and thin, spanning
+rather than folding into a mesh, so pigment network, dots, globules and streaks stay as they are.
+hair_fraction in index.csv is the share of each image's pixels it repainted.
 
 --score-masks DIR scores the cached masks against ground-truth masks in DIR (named <image_id>.png
 or <image_id>_*.png) and writes segmentation_scores.csv (image_id, dice, jaccard, mask_ok),
@@ -31,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, fail, file_digest, preprocess_image, read_csv, read_json, read_rgb,
-                    save_image_grid, write_csv, write_json, write_png)
+from common import (HAIR_REMOVAL_MODES, METADATA_COLUMNS, fail, file_digest, preprocess_image, preprocess_settings,
+                    read_csv, read_json, read_rgb, save_image_grid, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -41,11 +45,15 @@ PIPELINE_VERSION = 3
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="dataset folder with metadata.csv")
-    p.add_argument("--out", type=Path, help="cache folder (default cache/<dataset>_<img-size>)")
+    p.add_argument("--out", type=Path, help="cache folder (default cache/<dataset>_<img-size>, with _hair-<mode> "
+                                            "added for a --hair-removal other than on)")
     p.add_argument("--img-size", type=int, default=224, help="side of the cached square images")
     p.add_argument("--work-size", type=int, default=384,
                    help="longest side at which hair removal and segmentation run")
     p.add_argument("--crop-margin", type=float, default=0.15, help="crop margin, fraction of the lesion box")
+    p.add_argument("--hair-removal", choices=HAIR_REMOVAL_MODES, default="on",
+                   help="on: inpaint hair-shaped structures only (default); legacy: every thin dark structure, "
+                        "as the first study did (pigment network too); off: leave the images as they are")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (1: no pool)")
     p.add_argument("--score-masks", type=Path, metavar="DIR", help="score the masks against ground truth in DIR")
     p.add_argument("--worst", type=int, default=8, help="cases on the worst-overlay sheet")
@@ -68,15 +76,15 @@ def _worker(job):
 
 def cache_key(args, metadata_path):
     return {"pipeline_version": PIPELINE_VERSION, "img_size": args.img_size,
-            "work_size": args.work_size, "crop_margin": args.crop_margin,
+            "work_size": args.work_size, "crop_margin": args.crop_margin, "hair_removal": args.hair_removal,
             "metadata_sha256": file_digest(metadata_path)}
 
 
-def preprocess_all(metadata, data_dir, out_dir, args):
+def preprocess_all(metadata, data_dir, out_dir, key, args):
     """Preprocess every image into the arrays and mask PNGs of out_dir (a fresh folder).
     Returns (index rows of the images done, error lines of those that failed)."""
     n, s = len(metadata), args.img_size
-    settings = {"img_size": s, "work_size": args.work_size, "crop_margin": args.crop_margin}
+    settings = preprocess_settings(key)
     jobs = [(row.image_id, data_dir / row.filename, settings) for row in metadata.itertuples()]
     # Arrays are written in place as results arrive, so memory stays flat for large datasets.
     images = np.lib.format.open_memmap(out_dir / "images.npy", "w+", np.uint8, (n, s, s, 3))
@@ -107,7 +115,7 @@ def write_cache(metadata, metadata_path, out_dir, key, args):
     build_dir = out_dir.with_name(f".building.{out_dir.name}")
     shutil.rmtree(build_dir, ignore_errors=True)
     (build_dir / "masks").mkdir(parents=True)
-    rows, failures = preprocess_all(metadata, args.data, build_dir, args)
+    rows, failures = preprocess_all(metadata, args.data, build_dir, key, args)
     if not rows:
         shutil.rmtree(build_dir)
         raise SystemExit(f"error: {metadata_path}: no image could be preprocessed")
@@ -220,7 +228,8 @@ def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
 def main(args):
     metadata_path = args.data / "metadata.csv"
     metadata = read_csv(metadata_path, METADATA_COLUMNS)
-    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}"
+    suffix = "" if args.hair_removal == "on" else f"_hair-{args.hair_removal}"
+    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
     key = cache_key(args, metadata_path)
     if (out_dir / "cache_key.json").is_file() and read_json(out_dir / "cache_key.json") == key:
         print(f"{out_dir} is up to date")
