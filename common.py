@@ -1,7 +1,9 @@
 """What the pipeline scripts share: labels, files and errors, image operations, segmentation,
 model, data, metrics and plots. Nothing here runs on import; every script imports what it needs."""
+import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 from contextlib import contextmanager
@@ -24,6 +26,39 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 def is_malignant(dx):
     return int(dx in MALIGNANT_DX)
+
+
+# ---------------------------------------------------------------------------------------------
+# command lines
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that fails the toolkit's way: one line naming the flag and the problem, exit
+    status 1 (argparse's own way is a usage block and status 2). --help is unchanged."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise SystemExit(f"error: {message}")
+
+
+def number_in(kind, low=None, high=None, low_open=False):
+    """An argparse type: a finite number of `kind` (int or float) in [low, high] (low excluded with
+    low_open), so that an out-of-range flag ends at parsing, before any work, naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bounds = f"{'above' if low_open else 'at least'} {low}" if high is None else \
+                f"in {'(' if low_open else '['}{low}, {high}]" if low is not None else f"at most {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,15 +380,21 @@ def preprocess_settings(cache_key):
             "crop_margin": cache_key["crop_margin"], "hair_removal": cache_key.get("hair_removal", "legacy")}
 
 
-def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on"):
-    """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
-    segmentation at a working resolution, then the cached arrays and the index values."""
+def working_image(rgb, work_size):
+    """(image scaled down to at most work_size on its longest side, the scale): hair removal and
+    segmentation run at this resolution, whatever the camera's."""
     import cv2
-    rgb = read_rgb(path)
     h, w = rgb.shape[:2]
     scale = min(1.0, work_size / max(h, w))
     if scale < 1:
         rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    return rgb, scale
+
+
+def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on"):
+    """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
+    segmentation at a working resolution, then the cached arrays and the index values."""
+    rgb, scale = working_image(read_rgb(path), work_size)
     clean, hair = remove_hair(rgb, hair_removal)
     mask, plausible = lesion_mask(clean)
     x0, y0, x1, y1 = crop_box(mask, crop_margin)

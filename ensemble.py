@@ -13,21 +13,20 @@ evaluate.py and predict.py run every member's model and average their probabilit
 
 Example: python ensemble.py --run-dir runs/ensemble runs/lite0_full runs/lite0_crop runs/lite0_masked
 """
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 
-from common import (DX_CODES, ENSEMBLE_FILE, balanced_accuracy_7, fail, ranking_metrics, read_csv, read_json,
-                    write_csv, write_json)
+from common import (ArgumentParser, DX_CODES, ENSEMBLE_FILE, balanced_accuracy_7, fail, ranking_metrics, read_csv,
+                    read_json, write_csv, write_json)
 
 KEYS = ["image_id", "lesion_id", "dx", "label"]
 CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("members", nargs="+", type=Path, help="run folders written by train.py")
     p.add_argument("--run-dir", type=Path, required=True, help="folder for the ensemble")
     return p.parse_args(argv)

@@ -20,31 +20,32 @@ the run folder):
 Examples: python evaluate.py --run runs/lite0
           python evaluate.py --run runs/lite0 --cache cache/ph2_224 --split all --out-dir runs/lite0/ph2
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common import (DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics, ensemble_probs, fail,
-                    load_cache, load_run_models, model_inputs, new_figure, output_probs, pick_device, plot_pr_curve,
-                    preprocess_settings, ranking_metrics, read_json, save_figure, save_image_grid, threshold_metrics, to_model_tensor,
-                    write_csv)
+from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
+                    ensemble_probs, fail, load_cache, load_run_models, model_inputs, new_figure, number_in,
+                    output_probs, pick_device, plot_pr_curve, preprocess_settings, ranking_metrics, read_json,
+                    save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, required=True,
                    help="run folder with model.pt (or members.json) and thresholds.json")
     p.add_argument("--cache", type=Path, help="preprocess cache to predict (default: the training cache)")
     p.add_argument("--split", default="test", choices=[*SPLITS, "all"], help="rows of the cache to predict")
     p.add_argument("--out-dir", type=Path, help="where outputs go (default: the run folder)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
+    p.add_argument("--bootstrap", type=number_in(int, 0), default=1000,
+                   help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--tta", action="store_true", help="average over flips and right-angle rotations")
-    p.add_argument("--gradcam", type=int, default=0, metavar="N", help="Grad-CAM grid of N cases per outcome")
+    p.add_argument("--gradcam", type=number_in(int, 0), default=0, metavar="N",
+                   help="Grad-CAM grid of N cases per outcome")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 

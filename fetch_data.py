@@ -19,7 +19,6 @@ HAM10000 release: an external test set, every row split=test (as --assign-split 
 
 Example: python fetch_data.py --from-dir ../shared/data/ham10000_224 --out data/ham224
 """
-import argparse
 import http.client
 import json
 import shutil
@@ -35,8 +34,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, SPLITS, atomic_path, fail, file_digest,
-                    is_malignant, read_csv, write_csv, write_png)
+from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, SPLITS, atomic_path, fail,
+                    file_digest, is_malignant, number_in, read_csv, write_csv, write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
 # its nevi (common and atypical) are nv, its melanomas mel.
@@ -89,11 +88,12 @@ HAM10000_DX_COUNTS = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec":
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--source", choices=["isic", "dataverse"], default="isic", help="download HAM10000")
     source.add_argument("--from-dir", type=Path, metavar="PATH", help="import a local copy")
-    source.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic images")
+    source.add_argument("--synthetic", type=number_in(int, 20), metavar="N",
+                        help="generate N synthetic images (20 or more, to make three splits)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write, e.g. data/ham10000")
     p.add_argument("--subset", choices=["ham10000", "isic2018_test"], default="ham10000",
                    help="downloads: the HAM10000 release, or the ISIC 2018 Task 3 test set")
@@ -102,14 +102,16 @@ def parse_args(argv=None):
     p.add_argument("--only-split", choices=SPLITS, nargs="+", metavar="SPLIT",
                    help="--from-dir: import only the rows whose 'split' column holds one of these (train, val, "
                         "test); the other images are never opened")
-    p.add_argument("--val-frac", type=float, default=0.15, help="fraction of lesions for validation")
-    p.add_argument("--test-frac", type=float, default=0.15, help="fraction of lesions for test")
+    p.add_argument("--val-frac", type=number_in(float, 0, 1), default=0.15, help="fraction of lesions for validation")
+    p.add_argument("--test-frac", type=number_in(float, 0, 1, low_open=True), default=0.15,
+                   help="fraction of lesions for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the synthetic images")
-    p.add_argument("--limit", type=int, help="download only the first N images (a quick partial fetch)")
-    p.add_argument("--retries", type=int, default=5, help="tries after the first, with exponential backoff")
+    p.add_argument("--limit", type=number_in(int, 1), help="download only the first N images (a quick partial fetch)")
+    p.add_argument("--retries", type=number_in(int, 0), default=5,
+                   help="tries after the first, with exponential backoff")
     p.add_argument("--api-url", default=ISIC_API, help="ISIC Archive API base URL")
     p.add_argument("--dataverse-url", default=DATAVERSE, help="Dataverse server")
-    p.add_argument("--image-size", type=int, default=160, help="side of synthetic images (4:3)")
+    p.add_argument("--image-size", type=number_in(int, 32), default=160, help="side of synthetic images (4:3)")
     return p.parse_args(argv)
 
 
@@ -661,13 +663,11 @@ def import_dir(root, labels_path, out_dir, limit=None, link=False, only_splits=N
 
 
 def main(args):
-    if not 0 <= args.val_frac < 1 or not 0 < args.test_frac < 1 or args.val_frac + args.test_frac >= 1:
-        fail("--val-frac/--test-frac", "fractions must lie between 0 and 1 and leave lesions to train on")
+    if args.val_frac + args.test_frac >= 1:
+        fail("--val-frac/--test-frac", "the fractions must leave lesions to train on")
     if args.only_split and args.from_dir is None:
         fail("--only-split", "chooses rows of a labels file: use it with --from-dir")
     if args.synthetic is not None:
-        if args.synthetic < 20:
-            fail("--synthetic", "needs at least 20 images to make three splits")
         df = make_synthetic(args.synthetic, args.out, args.image_size, args.image_size * 3 // 4, args.seed)
     elif args.from_dir is not None:
         df = import_dir(args.from_dir, args.labels, args.out, limit=args.limit, only_splits=args.only_split)

@@ -10,20 +10,19 @@ image with the lesion outline and the decision. Unreadable files are reported by
 
 Example: python predict.py --run runs/lite0 photos/ --operating-point recall_target --overlay overlays/
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (DX_CODES, IMAGE_SUFFIXES, ensemble_probs, fail, load_run_models, pick_device, preprocess_image,
-                    preprocess_settings, read_json, read_rgb, write_csv, write_png)
+from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, ensemble_probs, fail, load_run_models, pick_device,
+                    preprocess_image, preprocess_settings, read_json, read_rgb, write_csv, write_png)
 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
     p.add_argument("--run", type=Path, required=True,
                    help="run folder with model.pt (or members.json) and thresholds.json")

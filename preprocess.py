@@ -25,7 +25,6 @@ ground truth.
 Examples: python preprocess.py --data data/ham224 --img-size 224
           python preprocess.py --data data/ph2 --score-masks ../shared/data/ph2/masks
 """
-import argparse
 import multiprocessing
 import os
 import shutil
@@ -35,29 +34,31 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (HAIR_REMOVAL_MODES, METADATA_COLUMNS, fail, file_digest, preprocess_image, preprocess_settings,
-                    read_csv, read_json, read_rgb, save_image_grid, write_csv, write_json, write_png)
+from common import (ArgumentParser, HAIR_REMOVAL_MODES, METADATA_COLUMNS, fail, file_digest, number_in,
+                    preprocess_image, preprocess_settings, read_csv, read_json, read_rgb, save_image_grid, write_csv,
+                    write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="dataset folder with metadata.csv")
     p.add_argument("--out", type=Path, help="cache folder (default cache/<dataset>_<img-size>, with _hair-<mode> "
                                             "added for a --hair-removal other than on)")
-    p.add_argument("--img-size", type=int, default=224, help="side of the cached square images")
-    p.add_argument("--work-size", type=int, default=384,
+    p.add_argument("--img-size", type=number_in(int, 8), default=224, help="side of the cached square images")
+    p.add_argument("--work-size", type=number_in(int, 32), default=384,
                    help="longest side at which hair removal and segmentation run")
-    p.add_argument("--crop-margin", type=float, default=0.15, help="crop margin, fraction of the lesion box")
+    p.add_argument("--crop-margin", type=number_in(float, 0, 2), default=0.15,
+                   help="crop margin, fraction of the lesion box")
     p.add_argument("--hair-removal", choices=HAIR_REMOVAL_MODES, default="on",
                    help="on: inpaint hair-shaped structures only (default); legacy: every thin dark structure, "
                         "as the first study did (pigment network too); off: leave the images as they are")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (1: no pool)")
+    p.add_argument("--workers", type=number_in(int, 1), default=os.cpu_count(), help="processes (1: no pool)")
     p.add_argument("--score-masks", type=Path, metavar="DIR", help="score the masks against ground truth in DIR")
-    p.add_argument("--worst", type=int, default=8, help="cases on the worst-overlay sheet")
-    p.add_argument("--overlay-sheet", type=int, metavar="N", help="draw N random images with their masks")
+    p.add_argument("--worst", type=number_in(int, 1), default=8, help="cases on the worst-overlay sheet")
+    p.add_argument("--overlay-sheet", type=number_in(int, 1), metavar="N", help="draw N random images with their masks")
     return p.parse_args(argv)
 
 

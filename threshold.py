@@ -10,19 +10,20 @@ and <run>/pr_curve_val.png with the chosen points marked. It never opens test da
 
 Example: python threshold.py --run runs/lite0 --target-recall 0.90
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from common import binary_metrics, fail, plot_pr_curve, read_csv, write_json
+from common import ArgumentParser, binary_metrics, fail, number_in, plot_pr_curve, read_csv, write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, required=True, help="run folder with val_probs.csv")
-    p.add_argument("--target-recall", type=float, default=0.90, help="recall the screening point must reach")
-    p.add_argument("--target-specificity", type=float, help="also choose a point of at least this specificity")
+    p.add_argument("--target-recall", type=number_in(float, 0, 1, low_open=True), default=0.90,
+                   help="recall the screening point must reach, in (0, 1]")
+    p.add_argument("--target-specificity", type=number_in(float, 0, 1, low_open=True),
+                   help="also choose a point of at least this specificity, in (0, 1]")
     return p.parse_args(argv)
 
 
@@ -44,15 +45,15 @@ def recall_target_threshold(labels, probs, target):
 
 
 def specificity_target_threshold(labels, probs, target):
+    """Lowest threshold whose specificity reaches the target. Where only calling nothing malignant
+    reaches it (a benign image has the top score and the target is 1), just above the top score."""
     from sklearn.metrics import roc_curve
     fpr, _, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     keeping = (1 - fpr >= target) & np.isfinite(thresholds)
-    return float(thresholds[keeping].min())
+    return float(thresholds[keeping].min()) if keeping.any() else float(np.nextafter(probs.max(), np.inf))
 
 
 def main(args):
-    if not 0 < args.target_recall <= 1:
-        fail("--target-recall", "must lie in (0, 1]")
     val_path = args.run / "val_probs.csv"
     val = read_csv(val_path, ["label", "prob"])
     labels, probs = val["label"].to_numpy(), val["prob"].to_numpy()
@@ -64,8 +65,6 @@ def main(args):
         "recall_target": recall_target_threshold(labels, probs, args.target_recall),
     }
     if args.target_specificity is not None:
-        if not 0 < args.target_specificity <= 1:
-            fail("--target-specificity", "must lie in (0, 1]")
         thresholds["specificity_target"] = specificity_target_threshold(labels, probs, args.target_specificity)
     summary = {name: binary_metrics(labels, probs, t) for name, t in thresholds.items()}
     write_json({"thresholds": thresholds, "target_recall": args.target_recall,

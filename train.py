@@ -16,7 +16,6 @@ CPU, NCCL on CUDA); --batch-size is the total over processes and only rank 0 wri
 
 Example: python train.py --cache cache/ham224_224 --run-dir runs/lite0 --arch efficientnet_lite0
 """
-import argparse
 import copy
 import math
 import os
@@ -32,13 +31,13 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (ARCHS, DX_CODES, INPUTS, TASKS, balanced_accuracy_7, build_model, fail, git_commit, load_cache,
-                    model_inputs, pick_device, predict_probs, prepare_model, ranking_metrics, read_json,
-                    save_checkpoint, to_model_tensor, write_csv, write_json)
+from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, balanced_accuracy_7, build_model, fail,
+                    git_commit, load_cache, model_inputs, number_in, pick_device, predict_probs, prepare_model,
+                    ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--cache", type=Path, required=True, help="cache folder written by preprocess.py")
     p.add_argument("--run-dir", type=Path, required=True, help="folder for the run's outputs")
     p.add_argument("-a", "--arch", default="efficientnet_lite0", choices=ARCHS)
@@ -50,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=["ce", "bce", "wbce"],
                    help="ce: CrossEntropy; bce: BCEWithLogits; wbce: with pos_weight (default: wbce for "
                         "binary, ce for multiclass)")
-    p.add_argument("--pos-weight", type=float,
+    p.add_argument("--pos-weight", type=number_in(float, 0, low_open=True),
                    help="wbce weight of the malignant class (default: benign/malignant of train)")
     p.add_argument("--class-weights", default="none", choices=["none", "balanced"],
                    help="multiclass CE weights: balanced = inverse class frequency")
@@ -59,20 +58,22 @@ def parse_args(argv=None):
     p.add_argument("--aug", default="full", choices=["none", "basic", "full"],
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise")
     p.add_argument("--input", default="full", choices=INPUTS, help="whole image, masked, or lesion crop")
-    p.add_argument("--img-size", type=int, help="train at this size (default: the cache's)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="total over all processes")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--img-size", type=number_in(int, 32), help="train at this size (default: the cache's)")
+    p.add_argument("--epochs", type=number_in(int, 1), default=10)
+    p.add_argument("-b", "--batch-size", type=number_in(int, 1), default=32, help="total over all processes")
+    p.add_argument("--lr", type=number_in(float, 0, low_open=True), default=1e-3, help="peak learning rate")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up before the cosine decay")
-    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation score")
+    p.add_argument("--weight-decay", type=number_in(float, 0), default=0.0)
+    p.add_argument("--warmup-epochs", type=number_in(float, 0), default=0.5,
+                   help="linear warm-up before the cosine decay")
+    p.add_argument("--patience", type=number_in(int, 1),
+                   help="stop after this many epochs without a better validation score")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA (fp16 where bf16 is missing) and on CPUs with native bf16; "
                         "fp32 on MPS and other CPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: cores / processes)")
+    p.add_argument("--threads", type=number_in(int, 1), help="CPU threads for torch (default: cores / processes)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     return p.parse_args(argv)
 

@@ -159,6 +159,13 @@ def test_hair_mask_finds_long_hairs_and_leaves_pigment_network_dots_and_globules
     assert not common.remove_hair(image, "off")[1].any() and (common.remove_hair(image, "off")[0] == image).all()
 
 
+def test_cache_keys_from_before_the_hair_removal_setting_mean_the_legacy_mask():
+    old = {"pipeline_version": 3, "img_size": 224, "work_size": 384, "crop_margin": 0.15, "metadata_sha256": "x"}
+    assert common.preprocess_settings(old) == {"img_size": 224, "work_size": 384, "crop_margin": 0.15,
+                                               "hair_removal": "legacy"}
+    assert common.preprocess_settings({**old, "hair_removal": "off"})["hair_removal"] == "off"
+
+
 def test_implausible_image_is_flagged_and_uses_the_whole_image():
     flat = np.full((100, 120, 3), 180, np.uint8)
     mask, plausible = common.lesion_mask(flat)

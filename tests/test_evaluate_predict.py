@@ -9,6 +9,7 @@ import pytest
 import common
 import evaluate
 import predict
+import preprocess
 import threshold
 
 
@@ -27,6 +28,17 @@ def test_specificity_target_is_the_most_sensitive_point_that_keeps_it(trained_ru
     lower = val["prob"][val["prob"] < t]
     if len(lower):
         assert common.binary_metrics(val["label"], val["prob"], lower.max())["specificity"] < 0.8
+
+
+def test_specificity_target_of_one_is_a_legitimate_edge(trained_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    val = pd.read_csv(trained_run / "val_probs.csv")
+    val.loc[val["prob"].idxmax(), "label"] = 0  # a benign image with the top score: only calling none malignant keeps 1.0
+    val.to_csv(run / "val_probs.csv", index=False)
+    threshold.main(threshold.parse_args(["--run", str(run), "--target-specificity", "1.0"]))
+    t = json.loads((run / "thresholds.json").read_text())["thresholds"]["specificity_target"]
+    assert common.binary_metrics(val["label"], val["prob"], t)["specificity"] == 1.0
 
 
 def test_evaluate_writes_report_calibration_and_gradcam(evaluated_run, tmp_path):
@@ -85,3 +97,39 @@ def test_predict_names_a_missing_operating_point(evaluated_run, synthetic_data):
         predict.main(predict.parse_args(["--run", str(evaluated_run), str(synthetic_data / "images"),
                                          "--operating-point", "nonsense"]))
     assert "thresholds.json" in str(exc.value) and "recall_target" in str(exc.value)
+
+
+def test_evaluate_and_predict_prepare_images_as_the_model_was_trained(evaluated_run, synthetic_data,
+                                                                     synthetic_cache, tmp_path):
+    import torch
+    no_hair_removal = tmp_path / "cache_hair_off"
+    preprocess.main(preprocess.parse_args(["--data", str(synthetic_data), "--img-size", "64", "--out",
+                                           str(no_hair_removal), "--hair-removal", "off", "--workers", "2"]))
+    # a cache prepared otherwise than the model's training cache is refused, naming the setting
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--cache", str(no_hair_removal),
+                                           "--out-dir", str(tmp_path / "refused")]))
+    assert "cache_key.json" in str(exc.value) and "hair_removal off (model: on)" in str(exc.value)
+    assert not (tmp_path / "refused").exists()
+
+    # the same weights, told they were trained without hair removal: predict.py then leaves hairs
+    # in, and gives what evaluate.py gives on the cache built that way
+    run = tmp_path / "run_hair_off"
+    run.mkdir()
+    (run / "thresholds.json").write_bytes((evaluated_run / "thresholds.json").read_bytes())
+    checkpoint = torch.load(evaluated_run / "model.pt", weights_only=True)
+    checkpoint["preprocess"] = json.loads((no_hair_removal / "cache_key.json").read_text())
+    checkpoint["args"]["cache"] = str(no_hair_removal)
+    torch.save(checkpoint, run / "model.pt")
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "train", "--bootstrap", "0"]))
+    expected = pd.read_csv(run / "test_probs.csv").set_index("image_id")
+    index = pd.read_csv(synthetic_cache / "index.csv").set_index("image_id")  # built with hair removal on
+    hairy = index[index["split"] == "train"].nlargest(3, "hair_fraction").index
+    assert (index.loc[hairy, "hair_fraction"] > 0.01).all()
+    meta = pd.read_csv(synthetic_data / "metadata.csv").set_index("image_id")
+    files = [str(synthetic_data / meta.loc[i, "filename"]) for i in hairy]
+    predict.main(predict.parse_args(["--run", str(run), *files, "--out", str(tmp_path / "off.csv")]))
+    predict.main(predict.parse_args(["--run", str(evaluated_run), *files, "--out", str(tmp_path / "on.csv")]))
+    off, on = pd.read_csv(tmp_path / "off.csv"), pd.read_csv(tmp_path / "on.csv")
+    np.testing.assert_allclose(off["malignancy_prob"], expected.loc[hairy, "prob"], atol=1e-5)
+    assert not np.allclose(off["malignancy_prob"], on["malignancy_prob"], atol=1e-5)

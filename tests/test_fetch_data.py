@@ -105,3 +105,27 @@ def test_unknown_diagnosis_is_a_one_line_error(tmp_path):
     message = str(exc.value)
     assert "labels.csv" in message and "wart" in message and "\n" not in message
     assert not (tmp_path / "o" / "metadata.csv").exists()
+
+
+def test_only_split_imports_the_given_splits_and_reads_no_other(tmp_path):
+    labels = pd.read_csv(SHARED_DATA / "isic2017" / "labels.csv")
+    chosen = pd.concat([labels[labels["split"] == split].head(3) for split in ("train", "val", "test")])
+    chosen.to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "isic2017_trainval"
+    fetch_data.main(fetch_data.parse_args(["--from-dir", str(SHARED_DATA / "isic2017"), "--labels",
+                                           str(tmp_path / "labels.csv"), "--only-split", "train", "val",
+                                           "--assign-split", "val", "--out", str(out)]))
+    meta = pd.read_csv(out / "metadata.csv")
+    assert sorted(meta["image_id"]) == sorted(chosen.loc[chosen["split"] != "test", "image_id"])
+    assert set(meta["split"]) == {"val"}
+    assert len(list((out / "images").iterdir())) == 6  # the test images were not copied
+    chosen.drop(columns="split").to_csv(tmp_path / "no_split.csv", index=False)
+    with pytest.raises(SystemExit) as exc:
+        fetch_data.main(fetch_data.parse_args(["--from-dir", str(SHARED_DATA / "isic2017"), "--labels",
+                                               str(tmp_path / "no_split.csv"), "--only-split", "test",
+                                               "--out", str(tmp_path / "x")]))
+    assert "no_split.csv" in str(exc.value) and "'split'" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        fetch_data.main(fetch_data.parse_args(["--synthetic", "30", "--only-split", "val", "--out",
+                                               str(tmp_path / "y")]))
+    assert "--only-split" in str(exc.value)

@@ -42,6 +42,46 @@ def test_missing_input_is_a_one_line_error(args):
     assert out.stderr.startswith("error: no/such/") and out.stderr.count("\n") == 1, out.stderr
 
 
+BAD_FLAGS = [
+    (["train.py", "--cache", "c", "--run-dir", "r", "--epochs", "0"], "--epochs"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--lr", "-1"], "--lr"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--threads", "-1"], "--threads"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--batch-size", "0"], "--batch-size"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--pos-weight", "-3"], "--pos-weight"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--patience", "0"], "--patience"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--img-size", "-5"], "--img-size"),
+    (["train.py", "--cache", "c", "--run-dir", "r", "--lr", "nan"], "--lr"),
+    (["preprocess.py", "--data", "d", "--img-size", "-5"], "--img-size"),
+    (["preprocess.py", "--data", "d", "--workers", "0"], "--workers"),
+    (["fetch_data.py", "--synthetic", "10", "--out", "o"], "--synthetic"),
+    (["fetch_data.py", "--from-dir", "d", "--out", "o", "--limit", "-1"], "--limit"),
+    (["fetch_data.py", "--synthetic", "30", "--out", "o", "--val-frac", "1.5"], "--val-frac"),
+    (["evaluate.py", "--run", "r", "--bootstrap", "-5"], "--bootstrap"),
+    (["threshold.py", "--run", "r", "--target-recall", "0"], "--target-recall"),
+    (["predict.py", "--run", "r", "x.png", "--tta", "--nonsense"], "--nonsense"),
+]
+
+
+@pytest.mark.parametrize("args, flag", BAD_FLAGS)
+def test_a_bad_flag_is_refused_when_parsed(args, flag):
+    module = __import__(args[0].removesuffix(".py"))
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(args[1:])
+    assert str(exc.value).startswith("error: ") and flag in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_bad_flag_is_a_one_line_error_on_the_command_line(tmp_path):
+    """One bad flag per script through the real command line, all at once (imports dominate)."""
+    chosen = {args[0]: (args, flag) for args, flag in BAD_FLAGS}.values()
+    runs = [(flag, subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=tmp_path, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for args, flag in chosen]
+    for flag, process in runs:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1
+        assert stderr.startswith("error: ") and flag in stderr and stderr.count("\n") == 1, stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_preprocess_cache_holds_every_image(synthetic_data, synthetic_cache):
     meta = pd.read_csv(synthetic_data / "metadata.csv")
     index, arrays = common.load_cache(synthetic_cache)

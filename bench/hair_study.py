@@ -1,0 +1,112 @@
+"""Compare runs that differ in one setting (make hair-study: the same recipe, data and seed on
+caches with each hair removal) on validation and on external images, with paired intervals.
+
+Reads from each run folder: val_probs.csv (its validation split), thresholds.json, and the
+probabilities of every external evaluation that all runs have (isic2017_trainval/test_probs.csv,
+ph2/test_probs.csv, written by make external-val and make external). A run's own test split is
+not read.
+
+For each data set: ROC-AUC with a 95% bootstrap interval, its difference from the first run with
+a paired interval (the same resampled images for every run), and recall and specificity at the
+threshold chosen on validation for recall >= 0.90 (recall_target). Writes --out.csv and --out.md.
+
+Example: python bench/hair_study.py --runs runs/hair/legacy runs/hair/on runs/hair/off --out bench/results/hair_study
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import atomic_path, fail, ranking_metrics, read_csv, read_json, threshold_metrics, write_csv  # noqa: E402
+
+EXTERNAL = {"isic2017_trainval": "ISIC 2017 train+val (external validation)", "ph2": "PH2 (external)"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders; the first is the reference")
+    p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md are written)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def paired_probs(runs, relative):
+    """(labels, probabilities of each run (runs x images)) on the images every run scored."""
+    tables = [read_csv(run / relative, ("image_id", "label", "prob")).set_index("image_id") for run in runs]
+    common_ids = sorted(set.intersection(*(set(t.index) for t in tables)))
+    if not common_ids:
+        fail(runs[0] / relative, "shares no image with the other runs")
+    labels = tables[0].loc[common_ids, "label"].to_numpy()
+    return labels, np.stack([t.loc[common_ids, "prob"].to_numpy() for t in tables])
+
+
+def compare(labels, probs, thresholds, n_resamples, seed):
+    """One row per run: ROC-AUC, difference from run 0, recall and specificity at its threshold,
+    each with a 95% interval from resampling the images (the same resamples for all runs)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_resamples):
+        pick = rng.integers(0, len(labels), len(labels))
+        if labels[pick].min() == labels[pick].max():
+            continue
+        aucs = [ranking_metrics(labels[pick], p[pick])["roc_auc"] for p in probs]
+        points = [threshold_metrics(labels[pick], p[pick], t) for p, t in zip(probs, thresholds)]
+        samples.append([(auc, auc - aucs[0], m["recall"], m["specificity"]) for auc, m in zip(aucs, points)])
+    samples = np.array(samples)  # resamples x runs x (auc, difference, recall, specificity)
+    low, high = np.percentile(samples, [2.5, 97.5], axis=0)
+    rows = []
+    for k, (p, t) in enumerate(zip(probs, thresholds)):
+        auc = ranking_metrics(labels, p)["roc_auc"]
+        point = threshold_metrics(labels, p, t)
+        values = (auc, auc - ranking_metrics(labels, probs[0])["roc_auc"], point["recall"], point["specificity"])
+        row = {}
+        for j, name in enumerate(("roc_auc", "roc_auc_minus_first", "recall", "specificity")):
+            row.update({name: values[j], f"{name}_lo": low[k, j], f"{name}_hi": high[k, j]})
+        rows.append(row)
+    return rows
+
+
+def markdown(table, runs):
+    lines = [f"Reference for the differences: `{runs[0]}`. Intervals: 95% bootstrap over images, paired across "
+             "runs.", "",
+             "| data | images (malignant) | run | ROC-AUC | difference from reference | recall at recall_target | "
+             "specificity there |", "|---|---|---|---|---|---|---|"]
+
+    def cell(row, name):
+        return f"{row[name]:.3f} ({row[name + '_lo']:.3f} to {row[name + '_hi']:.3f})"
+    for row in table.to_dict("records"):
+        difference = "reference" if row["run"] == str(runs[0]) else cell(row, "roc_auc_minus_first")
+        lines.append(f"| {row['data']} | {row['images']} ({row['malignant']}) | {Path(row['run']).name} | "
+                     f"{cell(row, 'roc_auc')} | {difference} | {cell(row, 'recall')} | {cell(row, 'specificity')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    thresholds = [read_json(run / "thresholds.json").get("thresholds", {}).get("recall_target") for run in args.runs]
+    if None in thresholds:
+        fail(args.runs[thresholds.index(None)] / "thresholds.json", "has no recall_target threshold; run threshold.py")
+    datasets = {"val_probs.csv": "validation (HAM10000, lesion-level)"}
+    datasets.update({f"{folder}/test_probs.csv": name for folder, name in EXTERNAL.items()
+                     if all((run / folder / "test_probs.csv").is_file() for run in args.runs)})
+    rows = []
+    for relative, name in datasets.items():
+        labels, probs = paired_probs(args.runs, relative)
+        for run, row in zip(args.runs, compare(labels, probs, thresholds, args.bootstrap, args.seed)):
+            rows.append({"data": name, "images": len(labels), "malignant": int(labels.sum()), "run": str(run),
+                         "threshold": thresholds[args.runs.index(run)], **row})
+    table = pd.DataFrame(rows)
+    write_csv(table, args.out.with_suffix(".csv"))
+    text = markdown(table, args.runs)
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    print(text)
+    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
