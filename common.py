@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,9 +66,44 @@ def number_in(kind, low=None, high=None, low_open=False):
 # files and errors
 
 
+def shown(path):
+    """A path as text that can always be printed or written to a CSV: bytes that are not UTF-8
+    (a file name from another system) appear as \\xNN escapes instead of failing the write."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 def fail(path, problem):
     """End the script with one line that names the file and the problem."""
-    raise SystemExit(f"error: {path}: {problem}")
+    raise SystemExit(f"error: {shown(path)}: {problem}")
+
+
+def check_writable(folder):
+    """End at the start, not after the work, when outputs cannot be written into folder."""
+    import tempfile
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(folder, f"cannot be written ({e.strerror or e})")
+
+
+# An id read from a file or a server becomes part of a file name only when it is letters, digits,
+# '.', '_' and '-', starting with a letter or digit: never a separator, '..' or an absolute path.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_names(df, path):
+    """End naming the file and the row where an image_id could not be a file name, or a filename
+    is not a relative path that stays inside its folder: such values never become paths."""
+    for row, image_id in enumerate(df["image_id"].astype(str), start=2):  # line 1 is the header
+        if not SAFE_NAME.fullmatch(image_id):
+            fail(path, f"line {row}: image_id {image_id!r} cannot be a file name "
+                 "(letters, digits, '.', '_' and '-' only)")
+    for row, filename in enumerate(df["filename"].astype(str) if "filename" in df else [], start=2):
+        parts = filename.replace("\\", "/").split("/")
+        if filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            fail(path, f"line {row}: filename {filename!r} leaves its folder; give a path relative to it")
 
 
 @contextmanager
@@ -76,11 +112,16 @@ def atomic_path(path):
     so a crash never leaves a half-written output. The temporary name keeps the suffix so that
     writers which infer the format from it (matplotlib, numpy) still do the right thing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(path.parent, f"cannot be created ({e.strerror or e})")
     tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # a full disk or a read-only folder: one line, and the old file, if any, stays
+        fail(path, f"could not be written ({e.strerror or e})")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -145,21 +186,56 @@ def git_commit():
 # image operations (arrays in, arrays out; images are RGB uint8)
 
 
-def read_rgb(path):
+# Smaller than this on a side, or longer than MAX_ASPECT times its width, an image holds no
+# lesion to diagnose (a 1x1 pixel, a 4000x1 strip): it is reported and skipped.
+MIN_IMAGE_SIDE = 8
+MAX_ASPECT = 10
+
+
+def decode_image(path, flags):
+    """An image decoded from the file's bytes, which Python reads: OpenCV never opens the path
+    (cv2.imread crashes on names that are not UTF-8). Ends naming the file if it is none."""
     import cv2
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        fail(path, f"cannot be read ({e.strerror or e})")
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
         fail(path, "not a readable image")
+    # libjpeg decodes a cut-off JPEG with only a warning, grey where the data ends
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
+        fail(path, "a truncated JPEG (it ends before its end-of-image marker)")
+    return image
+
+
+def read_rgb(path):
+    """An RGB uint8 image, or the end naming the file when it is unreadable or too degenerate to
+    hold a lesion."""
+    import cv2
+    bgr = decode_image(path, cv2.IMREAD_COLOR)
+    h, w = bgr.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_ASPECT * min(h, w):
+        fail(path, f"{w}x{h} px holds no lesion to diagnose (needs {MIN_IMAGE_SIDE} px a side or more "
+             f"and an aspect ratio within {MAX_ASPECT}:1)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path):
+    """A mask image as a boolean array (any non-zero pixel is inside)."""
+    import cv2
+    return decode_image(path, cv2.IMREAD_GRAYSCALE) > 0
 
 
 def write_png(path, array):
     import cv2
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    encoded, png = cv2.imencode(".png", array)
+    if not encoded:
+        fail(path, "could not be encoded as PNG")
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            fail(path, "could not be written")
+        tmp.write_bytes(png.tobytes())  # Python writes any path; cv2.imwrite does not
 
 
 def resize_to(image, side):

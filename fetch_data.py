@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, SPLITS, atomic_path, fail,
-                    file_digest, is_malignant, number_in, read_csv, write_csv, write_png)
+from common import (SAFE_NAME, SPLITS, ArgumentParser, DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, atomic_path,
+                    check_names, fail, file_digest, is_malignant, number_in, read_csv, read_rgb, write_csv,
+                    write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
 # its nevi (common and atypical) are nv, its melanomas mel.
@@ -453,7 +454,10 @@ def fetch_isic(args):
     search = urllib.parse.urljoin(args.api_url, f"images/search/?collections={collection['id']}&limit=100")
     rows, unmapped = [], []
     for image in tqdm(paginate(search, args.retries), desc="listing images", unit="image"):
-        isic_id = image["isic_id"]
+        isic_id = str(image.get("isic_id"))
+        if not SAFE_NAME.fullmatch(isic_id):  # it becomes a file name below
+            print(f"skipped image {isic_id!r} of {search}: its id cannot be a file name")
+            continue
         if not in_subset(isic_id, args.subset):
             continue
         clinical = (image.get("metadata") or {}).get("clinical") or {}
@@ -597,23 +601,24 @@ def read_labels(path):
         df["lesion_id"] = np.nan
     if df["image_id"].duplicated().any():
         fail(path, f"image_id {df['image_id'][df['image_id'].duplicated()].iloc[0]} appears twice")
+    check_names(df, path)
     return df
 
 
 def check_images(df, root, listed_in):
     """Rows whose image (root / filename) is missing or cannot be decoded are reported by name
     and left out, with a count; never silently."""
-    import cv2
     problems, keep = [], []
     for filename in tqdm(df["filename"], desc="checking images", leave=False):
         path = root / filename
-        if not path.is_file():
-            problems.append(f"{path}: file not found")
-        elif cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
-            problems.append(f"{path}: not a readable image")
+        try:
+            if not path.is_file():
+                fail(path, "file not found")
+            read_rgb(path)
+        except SystemExit as e:
+            problems.append(str(e).removeprefix("error: "))
         else:
             keep.append(filename)
-            continue
     for problem in problems:
         print(f"skipped {problem}")
     if problems:

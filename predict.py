@@ -4,9 +4,12 @@ model was trained with, then the malignancy probability and the decision at an o
 Reads <run>/model.pt (for an ensemble of ensemble.py, every member's) and <run>/thresholds.json,
 and images (files or folders of them).
 Writes a CSV (default <run>/predictions.csv): file, malignancy_prob, decision (benign/malignant at
-the chosen threshold), threshold, mask_area, mask_ok (0 when no plausible lesion was found and the
-whole image was used), and for 7-class models prob_<dx> per class. With --overlay DIR, a PNG per
-image with the lesion outline and the decision. Unreadable files are reported by name and skipped.
+the chosen threshold, or "no lesion found" where no plausible lesion was found: the whole image was
+scored, and mask_ok is 0), threshold, mask_area, mask_ok, for 7-class models prob_<dx> per class,
+and with --overlay DIR the name of each image's PNG there (lesion outline and decision; numbered
+where images in different folders share a name). Unreadable files, and images too small or too
+narrow to hold a lesion, are reported by name and skipped. The output folders are checked for
+writing before any image is read.
 
 Example: python predict.py --run runs/lite0 photos/ --operating-point recall_target --overlay overlays/
 """
@@ -16,9 +19,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, ensemble_probs, fail, load_run_models, pick_device,
-                    preprocess_image, preprocess_settings, read_json, read_rgb, write_csv, write_png)
-
+from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, check_writable, ensemble_probs, fail, load_run_models,
+                    pick_device, preprocess_image, preprocess_settings, read_json, read_rgb, shown, write_csv,
+                    write_png)
 
 
 def parse_args(argv=None):
@@ -43,8 +46,19 @@ def list_images(paths):
         elif path.exists():
             files.append(path)
         else:
-            print(f"skipped {path}: file not found")
+            print(f"skipped {shown(path)}: file not found")
     return files
+
+
+def overlay_names(files):
+    """An overlay file name per image: its stem, numbered where images in different folders share
+    one, so no overlay overwrites another."""
+    names, seen = [], {}
+    for path in files:
+        stem = shown(path.stem)
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
+    return names
 
 
 def overlay(path, prepared, decision, prob, out_path):
@@ -53,10 +67,10 @@ def overlay(path, prepared, decision, prob, out_path):
     rgb = read_rgb(path)
     mask = cv2.resize(prepared["mask"], rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    colour = (220, 40, 40) if decision == "malignant" else (40, 180, 40)
+    colour = {"malignant": (220, 40, 40), "benign": (40, 180, 40)}.get(decision, (230, 200, 40))
     thickness = max(2, rgb.shape[1] // 200)
     cv2.drawContours(rgb, contours, -1, colour, thickness)
-    text = f"{decision} (p={prob:.2f})" + ("" if prepared["mask_ok"] else " [no lesion mask]")
+    text = f"{decision} (p={prob:.2f})"
     scale = rgb.shape[1] / 800
     cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
                 thickness + 2)
@@ -79,32 +93,37 @@ def main(args):
         fail(args.run / "thresholds.json", f"has no operating point '{args.operating_point}' "
              f"(it has {', '.join(thresholds) or 'none'})")
     threshold = thresholds[args.operating_point]
+    out = args.out or args.run / "predictions.csv"
+    for folder in [out.parent] + ([args.overlay] if args.overlay else []):
+        check_writable(folder)  # before the work, not after it
     files = list_images(args.images)
     if not files:
-        fail(" ".join(map(str, args.images)), "no images found")
+        fail(" ".join(map(shown, args.images)), "no images found")
 
     rows, skipped = [], 0
-    for path in tqdm(files, desc="predicting"):
+    for path, overlay_name in zip(tqdm(files, desc="predicting"), overlay_names(files)):
         try:
             prepared = preprocess_image(path, **settings)
-        except SystemExit as e:  # unreadable: say which and go on with the rest
+        except SystemExit as e:  # unreadable or degenerate: say which and go on with the rest
             print(f"skipped {str(e).removeprefix('error: ')}")
             skipped += 1
             continue
         arrays = {"full": prepared["image"][None], "crop": prepared["crop"][None], "mask": prepared["mask_small"][None]}
         probs, class_probs = ensemble_probs(models, arrays, [0], device, tta=args.tta)
         decision = "malignant" if probs[0] >= threshold else "benign"
-        row = {"file": str(path), "malignancy_prob": float(probs[0]), "decision": decision,
+        # no plausible lesion (a blank image, a photo of something else): the model's score is no diagnosis
+        row = {"file": shown(path), "malignancy_prob": float(probs[0]),
+               "decision": decision if prepared["mask_ok"] else "no lesion found",
                "threshold": threshold, "operating_point": args.operating_point,
                "mask_area": prepared["mask_area"], "mask_ok": prepared["mask_ok"]}
         if class_probs is not None:
             row.update({f"prob_{code}": float(class_probs[0, k]) for k, code in enumerate(DX_CODES)})
-        rows.append(row)
         if args.overlay:
-            overlay(path, prepared, decision, probs[0], args.overlay / f"{path.stem}.png")
+            row["overlay"] = overlay_name
+            overlay(path, prepared, row["decision"], probs[0], args.overlay / overlay_name)
+        rows.append(row)
     if not rows:
-        fail(" ".join(map(str, args.images)), "none of the images could be read")
-    out = args.out or args.run / "predictions.csv"
+        fail(" ".join(map(shown, args.images)), "none of the images could be read")
     write_csv(pd.DataFrame(rows), out)
     print(f"wrote {out}: {len(rows)} images" + (f", {skipped} skipped" if skipped else ""))
 

@@ -28,15 +28,17 @@ Examples: python preprocess.py --data data/ham224 --img-size 224
 import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common import (ArgumentParser, HAIR_REMOVAL_MODES, METADATA_COLUMNS, fail, file_digest, number_in,
-                    preprocess_image, preprocess_settings, read_csv, read_json, read_rgb, save_image_grid, write_csv,
-                    write_json, write_png)
+from common import (ArgumentParser, HAIR_REMOVAL_MODES, METADATA_COLUMNS, check_names, fail, file_digest, number_in,
+                    preprocess_image, preprocess_settings, read_csv, read_json, read_mask, read_rgb, save_image_grid,
+                    write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -81,6 +83,19 @@ def cache_key(args, metadata_path):
             "metadata_sha256": file_digest(metadata_path)}
 
 
+def allocated_array(path, shape):
+    """A uint8 array file mapped into memory, its disk space reserved first: on a full disk that
+    ends here with one line, where a sparse file would kill the process (SIGBUS) mid-way."""
+    array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            fail(path, f"could not be written ({e.strerror or e})")
+    return array
+
+
 def preprocess_all(metadata, data_dir, out_dir, key, args):
     """Preprocess every image into the arrays and mask PNGs of out_dir (a fresh folder).
     Returns (index rows of the images done, error lines of those that failed)."""
@@ -88,21 +103,27 @@ def preprocess_all(metadata, data_dir, out_dir, key, args):
     settings = preprocess_settings(key)
     jobs = [(row.image_id, data_dir / row.filename, settings) for row in metadata.itertuples()]
     # Arrays are written in place as results arrive, so memory stays flat for large datasets.
-    images = np.lib.format.open_memmap(out_dir / "images.npy", "w+", np.uint8, (n, s, s, 3))
-    crops = np.lib.format.open_memmap(out_dir / "crops.npy", "w+", np.uint8, (n, s, s, 3))
-    masks = np.lib.format.open_memmap(out_dir / "masks.npy", "w+", np.uint8, (n, s, s))
+    arrays = [allocated_array(out_dir / name, shape) for name, shape in
+              (("images.npy", (n, s, s, 3)), ("crops.npy", (n, s, s, 3)), ("masks.npy", (n, s, s)))]
+    images, crops, masks = arrays
     rows, failures = [], []
     # spawn, not fork: a forked child of a process that has started OpenMP or torch threads
-    # can deadlock. One worker runs in this process.
-    with multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else nullcontext() as pool:
-        results = pool.imap(_worker, jobs, chunksize=8) if pool else map(_worker, jobs)
-        for i, (image_id, out, error) in enumerate(tqdm(results, total=n, desc="preprocessing")):
-            if error:
-                failures.append(error)
-                continue
-            images[i], crops[i], masks[i] = out.pop("image"), out.pop("crop"), out.pop("mask_small")
-            write_png(out_dir / "masks" / f"{image_id}.png", out.pop("mask"))
-            rows.append({"position": i, **out})
+    # can deadlock. One worker runs in this process. The executor, unlike multiprocessing.Pool,
+    # notices a worker that dies (killed, out of memory) instead of waiting for it forever.
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) \
+            if args.workers > 1 else nullcontext() as pool:
+        results = pool.map(_worker, jobs, chunksize=8) if pool else map(_worker, jobs)
+        try:
+            for i, (image_id, out, error) in enumerate(tqdm(results, total=n, desc="preprocessing")):
+                if error:
+                    failures.append(error)
+                    continue
+                images[i], crops[i], masks[i] = out.pop("image"), out.pop("crop"), out.pop("mask_small")
+                write_png(out_dir / "masks" / f"{image_id}.png", out.pop("mask"))
+                rows.append({"position": i, **out})
+        except BrokenProcessPool:
+            fail(args.data / "metadata.csv", "a preprocessing worker died (killed or out of memory); nothing was "
+                 "written, run again (with fewer --workers if memory is short)")
     images.flush(), crops.flush(), masks.flush()
     for error in failures:
         print(error)
@@ -183,8 +204,8 @@ def score_masks(index, data_dir, cache_dir, truth_dir, worst):
     for row in tqdm(index.itertuples(), total=len(index), desc="scoring masks"):
         if row.image_id not in truth_paths:
             continue
-        truth = cv2.imread(str(truth_paths[row.image_id]), cv2.IMREAD_GRAYSCALE) > 0
-        ours = cv2.imread(str(cache_dir / "masks" / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        truth = read_mask(truth_paths[row.image_id])
+        ours = read_mask(cache_dir / "masks" / f"{row.image_id}.png").astype(np.uint8)
         ours = cv2.resize(ours, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         dice, jaccard = dice_jaccard(ours, truth)
         rows.append({"image_id": row.image_id, "dice": dice, "jaccard": jaccard, "mask_ok": row.mask_ok})
@@ -199,8 +220,8 @@ def score_masks(index, data_dir, cache_dir, truth_dir, worst):
     filenames = index.set_index("image_id")["filename"]
     tiles, titles = [], []
     for r in worst_rows.itertuples():
-        truth = cv2.imread(str(truth_paths[r.image_id]), cv2.IMREAD_GRAYSCALE) > 0
-        ours = cv2.imread(str(cache_dir / "masks" / f"{r.image_id}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        truth = read_mask(truth_paths[r.image_id])
+        ours = read_mask(cache_dir / "masks" / f"{r.image_id}.png")
         rgb = read_rgb(data_dir / filenames[r.image_id])
         ours = cv2.resize(ours.astype(np.uint8), truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
         tiles.append(outlined(rgb, [(truth, (0, 255, 0)), (ours, (255, 0, 0))]))
@@ -217,7 +238,7 @@ def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
     chosen = index.sample(min(n, len(index)), random_state=seed)
     tiles, titles = [], []
     for r in chosen.itertuples():
-        ours = cv2.imread(str(cache_dir / "masks" / f"{r.image_id}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        ours = read_mask(cache_dir / "masks" / f"{r.image_id}.png")
         rgb = read_rgb(data_dir / r.filename)
         ours = cv2.resize(ours.astype(np.uint8), rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
         tiles.append(outlined(rgb, [(ours, (255, 0, 0) if r.mask_ok else (255, 255, 0))]))
@@ -229,6 +250,7 @@ def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
 def main(args):
     metadata_path = args.data / "metadata.csv"
     metadata = read_csv(metadata_path, METADATA_COLUMNS)
+    check_names(metadata, metadata_path)  # image ids name the mask files; filenames are read
     suffix = "" if args.hair_removal == "on" else f"_hair-{args.hair_removal}"
     out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
     key = cache_key(args, metadata_path)

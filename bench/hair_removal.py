@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (atomic_path, hair_mask, legacy_hair_mask, lesion_mask, read_rgb, remove_hair,  # noqa: E402
+from common import (atomic_path, hair_mask, legacy_hair_mask, lesion_mask, read_mask, read_rgb, remove_hair,  # noqa: E402
                     save_image_grid, working_image, write_csv)
 
 MODES = {"on": hair_mask, "legacy": legacy_hair_mask}
@@ -67,7 +67,7 @@ def lesion_of(rgb, expert_mask):
     """(lesion mask at the image's size, its source)."""
     import cv2
     if expert_mask is not None:
-        mask = cv2.imread(str(expert_mask), cv2.IMREAD_GRAYSCALE)
+        mask = read_mask(expert_mask).astype(np.uint8)
         return cv2.resize(mask, rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0, "expert"
     return lesion_mask(rgb)[0], "classical segmentation"
 

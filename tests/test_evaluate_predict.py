@@ -34,7 +34,8 @@ def test_specificity_target_of_one_is_a_legitimate_edge(trained_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     val = pd.read_csv(trained_run / "val_probs.csv")
-    val.loc[val["prob"].idxmax(), "label"] = 0  # a benign image with the top score: only calling none malignant keeps 1.0
+    # a benign image with the top score: only calling none malignant keeps specificity 1.0
+    val.loc[val["prob"].idxmax(), "label"] = 0
     val.to_csv(run / "val_probs.csv", index=False)
     threshold.main(threshold.parse_args(["--run", str(run), "--target-specificity", "1.0"]))
     t = json.loads((run / "thresholds.json").read_text())["thresholds"]["specificity_target"]

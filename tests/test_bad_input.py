@@ -1,0 +1,128 @@
+"""Bad input, tried as a new user would, through the real command lines: each ends with one line
+naming the file or flag (exit status 1) or is reported by name and skipped, never a traceback, a
+hang, or a file written outside the output folder."""
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, SHARED_DATA
+from fake_remote import FakeRemote
+from test_download import fetch, isic_images
+
+HAM = SHARED_DATA / "ham10000_224"
+
+
+def run_script(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / args[0]), *map(str, args[1:])], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(out, *words):
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr and all(w in out.stderr for w in words), out.stderr
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def test_an_id_that_would_leave_the_folder_is_refused_by_fetch_data_and_preprocess(tmp_path):
+    source = tmp_path / "source"
+    (source / "images").mkdir(parents=True)
+    first = pd.read_csv(HAM / "labels.csv").head(3)
+    for name in first["filename"]:
+        shutil.copy(HAM / name, source / name)
+    labels = first[["image_id", "filename", "label"]].copy()
+    labels.loc[1, "image_id"] = "../../escaped"
+    labels.to_csv(source / "labels.csv", index=False)
+    out = run_script("fetch_data.py", "--from-dir", source, "--out", tmp_path / "work" / "data", cwd=tmp_path)
+    assert_one_line_error(out, "labels.csv", "line 3", "../../escaped")
+    labels.loc[1, "image_id"], labels.loc[2, "filename"] = first.loc[1, "image_id"], "../../../etc/hostname"
+    labels.to_csv(source / "labels.csv", index=False)
+    out = run_script("fetch_data.py", "--from-dir", source, "--out", tmp_path / "work" / "data", cwd=tmp_path)
+    assert_one_line_error(out, "labels.csv", "line 4", "leaves its folder")
+    # a metadata.csv edited by hand: preprocess.py would name a mask file after the id
+    data = tmp_path / "work" / "data2"
+    (data / "images").mkdir(parents=True)
+    meta = pd.DataFrame({"image_id": ["../../escaped"], "filename": ["images/a.jpg"], "lesion_id": ["L"],
+                         "dx": ["nv"], "malignant": [0], "split": ["train"]})
+    meta.to_csv(data / "metadata.csv", index=False)
+    out = run_script("preprocess.py", "--data", data, "--out", tmp_path / "work" / "cache", cwd=tmp_path)
+    assert_one_line_error(out, "metadata.csv", "../../escaped")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "escaped.png").exists()
+    assert not (tmp_path / "work" / "cache").exists()
+
+
+def test_an_isic_id_from_the_server_that_would_leave_the_folder_is_skipped(tmp_path):
+    sample = pd.read_csv(HAM / "labels.csv").groupby("label").head(1).reset_index(drop=True)
+    images = isic_images(sample)
+    images.append({**images[0], "isic_id": "../../ISIC_0024400"})
+    with FakeRemote(images) as remote:
+        meta = fetch(remote, tmp_path / "out")
+    assert len(meta) == len(sample)
+    assert files_under(tmp_path) == sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")
+                                           if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def awkward_images(tmp_path_factory):
+    """A folder of what users drop into predict.py: two real lesions with the same file name in
+    different folders, a file name that is not UTF-8, a blank image, a 1x1 and a 4000x1 image and
+    a JPEG cut short."""
+    folder = tmp_path_factory.mktemp("awkward")
+    real = HAM / pd.read_csv(HAM / "labels.csv")["filename"].iloc[0]
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    shutil.copy(real, folder / "a" / "lesion.jpg")
+    shutil.copy(real, folder / "b" / "lesion.jpg")
+    shutil.copy(real, os.fsdecode(bytes(folder / "c") + b"\xff\xfe.jpg"))
+    cv2.imwrite(str(folder / "blank.png"), np.full((150, 200, 3), 200, np.uint8))
+    cv2.imwrite(str(folder / "tiny.png"), np.zeros((1, 1, 3), np.uint8))
+    cv2.imwrite(str(folder / "strip.png"), np.zeros((1, 4000, 3), np.uint8))
+    (folder / "truncated.jpg").write_bytes(real.read_bytes()[:2000])
+    return folder
+
+
+def test_predict_skips_degenerate_images_flags_blank_ones_and_keeps_every_overlay(trained_run, awkward_images,
+                                                                                   tmp_path):
+    out = run_script("predict.py", "--run", trained_run, awkward_images, "--out", tmp_path / "pred.csv",
+                     "--overlay", tmp_path / "overlays")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    skipped = [line for line in out.stdout.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 3 and all(any(name in line for line in skipped)
+                                     for name in ("tiny.png", "strip.png", "truncated.jpg")), out.stdout
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert len(pred) == 4
+    by_name = {os.path.basename(f): row for f, row in zip(pred["file"], pred.itertuples())}
+    assert by_name["blank.png"].decision == "no lesion found" and by_name["blank.png"].mask_ok == 0
+    assert "c\\xff\\xfe.jpg" in by_name  # the name that is not UTF-8, escaped
+    lesions = pred[pred["file"].str.endswith("lesion.jpg")]
+    assert set(lesions["decision"]) <= {"benign", "malignant"}
+    assert lesions["overlay"].nunique() == 2  # same file name in two folders: two overlays
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(pred["overlay"])
+
+
+def test_predict_checks_its_output_folder_before_predicting(trained_run, awkward_images, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = run_script("predict.py", "--run", trained_run, awkward_images, "--out", tmp_path / "a_file" / "pred.csv")
+    assert_one_line_error(out, "a_file", "cannot be written")
+    assert "predicting" not in out.stderr  # no image was read
+
+
+def test_fetch_data_reports_degenerate_images_and_imports_the_rest(awkward_images, tmp_path):
+    names = ["a/lesion.jpg", "blank.png", "tiny.png", "strip.png", "truncated.jpg"]
+    pd.DataFrame({"image_id": [f"I{k}" for k in range(len(names))], "filename": names,
+                  "label": "nv"}).to_csv(tmp_path / "labels.csv", index=False)
+    out = run_script("fetch_data.py", "--from-dir", awkward_images, "--labels", tmp_path / "labels.csv",
+                     "--assign-split", "test", "--out", tmp_path / "data")
+    assert out.returncode == 0, out.stderr
+    meta = pd.read_csv(tmp_path / "data" / "metadata.csv")
+    assert sorted(meta["image_id"]) == ["I0", "I1"]
+    assert "skipped 3 of 5 images" in out.stdout
