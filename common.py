@@ -106,6 +106,32 @@ def check_names(df, path):
             fail(path, f"line {row}: filename {filename!r} leaves its folder; give a path relative to it")
 
 
+_HELD_LOCKS = []  # open lock files: a lock lasts as long as the process, and dies with it
+
+
+def lock_output(folder):
+    """Claim an output folder for this run: a second run writing to the same folder (two `make all`
+    on one dataset, two trainings into one run folder) ends at once with one line instead of
+    interleaving its files with the first's. The lock file lies beside the folder, which may be
+    replaced whole; the operating system releases it when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): runs are not guarded
+        return
+    folder = Path(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(folder.with_name(f".{folder.name}.lock"), "a+")
+    except OSError as e:
+        fail(folder, f"cannot be written ({e.strerror or e})")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        fail(folder, "is being written by another run now; wait for it to end, or write elsewhere")
+    _HELD_LOCKS.append(handle)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
@@ -162,6 +188,36 @@ def read_csv(path, required_columns=()):
     if len(df) == 0:
         fail(path, "has no rows")
     return df
+
+
+def read_probs(path, columns=("label", "prob")):
+    """A probability CSV (val_probs.csv, test_probs.csv) whose every value is checked: labels 0 or
+    1, probabilities numbers in [0, 1]; otherwise one line naming the file, column and line."""
+    df = read_csv(path, columns)
+    for column in columns:
+        if column not in ("label", "prob") and not column.startswith("prob_"):
+            continue
+        values = pd.to_numeric(df[column], errors="coerce")
+        valid = values.isin([0, 1]) if column == "label" else values.between(0, 1)
+        if not valid.all():
+            row = int(np.flatnonzero(~valid.to_numpy())[0])
+            fail(path, f"line {row + 2}: {column} {df[column].iloc[row]!r} is not "
+                 + ("0 or 1" if column == "label" else "a probability in [0, 1]"))
+        df[column] = values
+    return df
+
+
+def read_thresholds(run_dir):
+    """The operating points of thresholds.json: a dict of names to finite numbers, or one line."""
+    path = Path(run_dir) / "thresholds.json"
+    thresholds = read_json(path)
+    thresholds = thresholds.get("thresholds") if isinstance(thresholds, dict) else None
+    if not isinstance(thresholds, dict) or not thresholds:
+        fail(path, "holds no 'thresholds' object of operating points; run threshold.py")
+    for name, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(path, f"threshold '{name}' is {value!r}, not a number")
+    return thresholds
 
 
 def file_digest(path, algorithm="sha256"):
@@ -517,7 +573,7 @@ def build_model(arch, num_outputs, pretrained=True, weights_file=None):
         if pretrained and weights_file is None:
             weights_file = lite_weights_file(arch)
         if weights_file is not None:
-            model.load_state_dict(_load_state_dict(weights_file))
+            model.load_state_dict(load_torch_file(weights_file))
         model._fc = torch.nn.Linear(model._fc.in_features, num_outputs)
         # The TF port keeps TF's BatchNorm momentum (0.01 in PyTorch terms): running statistics
         # then lag far behind weights that fine-tuning moves quickly, and eval-mode predictions
@@ -539,19 +595,20 @@ def build_model(arch, num_outputs, pretrained=True, weights_file=None):
         fail(f"{arch} ImageNet weights", f"download failed ({e}); pass --weights FILE with a "
              "local state dict, --no-pretrained, or an efficientnet_lite arch (offline weights)")
     if weights_file is not None:
-        model.load_state_dict(_load_state_dict(weights_file))
+        model.load_state_dict(load_torch_file(weights_file))
     model.fc = torch.nn.Linear(model.fc.in_features, num_outputs)
     return model, {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
-def _load_state_dict(path):
+def load_torch_file(path, what="state dict"):
+    """A file of tensors (weights, a checkpoint), loaded with weights_only=True: no pickled code."""
     import torch
     if not Path(path).is_file():
-        fail(path, "weights file not found")
+        fail(path, f"{what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same here
-        fail(path, f"not a loadable state dict ({type(e).__name__})")
+        fail(path, f"not a loadable {what} ({type(e).__name__})")
 
 
 def save_checkpoint(checkpoint, path):

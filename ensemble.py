@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, DX_CODES, ENSEMBLE_FILE, balanced_accuracy_7, fail, ranking_metrics, read_csv,
-                    read_json, write_csv, write_json)
+from common import (ArgumentParser, DX_CODES, ENSEMBLE_FILE, balanced_accuracy_7, fail, lock_output, ranking_metrics,
+                    read_json, read_probs, write_csv, write_json)
 
 KEYS = ["image_id", "lesion_id", "dx", "label"]
 CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
@@ -45,7 +45,7 @@ def member_task(run):
 
 def read_val_probs(run, task):
     columns = KEYS + ["prob"] + (CLASS_COLUMNS if task == "multiclass" else [])
-    val = read_csv(run / "val_probs.csv", columns)
+    val = read_probs(run / "val_probs.csv", columns)
     return val[columns].sort_values("image_id").reset_index(drop=True)
 
 
@@ -60,6 +60,7 @@ def main(args):
         fail(" ".join(map(str, args.members)), "an ensemble needs at least two different runs")
     if os.path.abspath(args.run_dir) in map(os.path.abspath, args.members):
         fail(args.run_dir, "is one of the members; write the ensemble to a folder of its own")
+    lock_output(args.run_dir)
     tasks = [member_task(run) for run in args.members]
     task = tasks[0]
     for run, other in zip(args.members[1:], tasks[1:]):

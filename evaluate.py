@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    ensemble_probs, fail, load_cache, load_run_models, model_inputs, new_figure, number_in,
-                    output_probs, pick_device, plot_pr_curve, preprocess_settings, ranking_metrics, read_json,
-                    save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
+                    ensemble_probs, fail, load_cache, load_run_models, lock_output, model_inputs, new_figure,
+                    number_in, output_probs, pick_device, plot_pr_curve, preprocess_settings, ranking_metrics,
+                    read_json, read_thresholds, save_figure, save_image_grid, threshold_metrics, to_model_tensor,
+                    write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -270,15 +271,14 @@ def main(args):
     models = load_run_models(args.run, device)
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
-    thresholds = read_json(args.run / "thresholds.json").get("thresholds")
-    if not thresholds:
-        fail(args.run / "thresholds.json", "has no 'thresholds'; run threshold.py")
+    thresholds = read_thresholds(args.run)
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}
     if args.cache is None and len(training_caches) > 1:
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
              "name one with --cache")
     cache = args.cache or Path(training_caches.pop())
     check_preprocessing(cache, models)
+    lock_output(args.out_dir or args.run)
     index, arrays = load_cache(cache)
     rows = index if args.split == "all" else index[index["split"] == args.split]
     if rows.empty:

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (SAFE_NAME, SPLITS, ArgumentParser, DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, atomic_path,
-                    check_names, fail, file_digest, is_malignant, number_in, read_csv, read_rgb, write_csv,
-                    write_png)
+from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, SAFE_NAME, SPLITS, atomic_path,
+                    check_names, fail, file_digest, is_malignant, lock_output, number_in, read_csv, read_rgb,
+                    write_csv, write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
 # its nevi (common and atypical) are nv, its melanomas mel.
@@ -672,6 +672,7 @@ def main(args):
         fail("--val-frac/--test-frac", "the fractions must leave lesions to train on")
     if args.only_split and args.from_dir is None:
         fail("--only-split", "chooses rows of a labels file: use it with --from-dir")
+    lock_output(args.out)
     if args.synthetic is not None:
         df = make_synthetic(args.synthetic, args.out, args.image_size, args.image_size * 3 // 4, args.seed)
     elif args.from_dir is not None:

@@ -20,7 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, check_writable, ensemble_probs, fail, load_run_models,
-                    pick_device, preprocess_image, preprocess_settings, read_json, read_rgb, shown, write_csv,
+                    pick_device, preprocess_image, preprocess_settings, read_rgb, read_thresholds, shown, write_csv,
                     write_png)
 
 
@@ -88,7 +88,7 @@ def main(args):
     if any(s != settings[0] for s in settings):
         fail(args.run, "its models were trained on differently preprocessed images; predict with each on its own")
     settings = settings[0]
-    thresholds = read_json(args.run / "thresholds.json").get("thresholds", {})
+    thresholds = read_thresholds(args.run)
     if args.operating_point not in thresholds:
         fail(args.run / "thresholds.json", f"has no operating point '{args.operating_point}' "
              f"(it has {', '.join(thresholds) or 'none'})")

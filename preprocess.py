@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (ArgumentParser, HAIR_REMOVAL_MODES, METADATA_COLUMNS, check_names, fail, file_digest, number_in,
-                    preprocess_image, preprocess_settings, read_csv, read_json, read_mask, read_rgb, save_image_grid,
-                    write_csv, write_json, write_png)
+from common import (ArgumentParser, CACHE_ARRAYS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, check_names, fail,
+                    file_digest, lock_output, number_in, preprocess_image, preprocess_settings, read_csv, read_json,
+                    read_mask, read_rgb, save_image_grid, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -254,7 +254,9 @@ def main(args):
     suffix = "" if args.hair_removal == "on" else f"_hair-{args.hair_removal}"
     out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
     key = cache_key(args, metadata_path)
-    if (out_dir / "cache_key.json").is_file() and read_json(out_dir / "cache_key.json") == key:
+    lock_output(out_dir)
+    complete = all((out_dir / name).is_file() for name in ("index.csv", "cache_key.json", *CACHE_ARRAYS.values()))
+    if complete and read_json(out_dir / "cache_key.json") == key:
         print(f"{out_dir} is up to date")
     else:
         write_cache(metadata, metadata_path, out_dir, key, args)

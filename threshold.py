@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ArgumentParser, binary_metrics, fail, number_in, plot_pr_curve, read_csv, write_json
+from common import ArgumentParser, binary_metrics, fail, number_in, plot_pr_curve, read_probs, write_json
 
 
 def parse_args(argv=None):
@@ -55,7 +55,7 @@ def specificity_target_threshold(labels, probs, target):
 
 def main(args):
     val_path = args.run / "val_probs.csv"
-    val = read_csv(val_path, ["label", "prob"])
+    val = read_probs(val_path)
     labels, probs = val["label"].to_numpy(), val["prob"].to_numpy()
     if not set(np.unique(labels)) == {0, 1}:
         fail(val_path, "needs both benign (0) and malignant (1) labels to choose thresholds")

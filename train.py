@@ -32,8 +32,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, balanced_accuracy_7, build_model, fail,
-                    git_commit, load_cache, model_inputs, number_in, pick_device, predict_probs, prepare_model,
-                    ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
+                    git_commit, load_cache, load_torch_file, lock_output, model_inputs, number_in, pick_device,
+                    predict_probs, prepare_model, ranking_metrics, read_json, save_checkpoint, to_model_tensor,
+                    write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -240,6 +241,8 @@ def setup_processes(args):
 def main(args):
     rank, world, device = setup_processes(args)
     is_main = rank == 0
+    if is_main:
+        lock_output(args.run_dir)
     torch.manual_seed(args.seed + rank)  # augmentation differs between processes
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
@@ -280,17 +283,25 @@ def main(args):
     history, best_score, best_loss, start_epoch, stale = [], -math.inf, math.inf, 0, 0
     best_state = None
     if args.resume:
-        last_path = args.run_dir / "last.pt"
+        last_path, model_path = args.run_dir / "last.pt", args.run_dir / "model.pt"
         if not last_path.is_file():
             fail(last_path, "nothing to resume")
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        torch.set_rng_state(last["rng_state"])
-        start_epoch, history, stale = last["epoch"] + 1, last["history"], last["stale_epochs"]
-        best_score, best_loss = last["best_val_score"], last["best_val_loss"]
-        best_state = torch.load(args.run_dir / "model.pt", map_location="cpu", weights_only=True)["model"]
+        last = load_torch_file(last_path, "checkpoint")
+        best = load_torch_file(model_path, "checkpoint (the best epoch, needed beside last.pt to resume)")
+        try:
+            model.load_state_dict(last["model"])
+            optimizer.load_state_dict(last["optimizer"])
+            scheduler.load_state_dict(last["scheduler"])
+            torch.set_rng_state(last["rng_state"])
+            start_epoch, history, stale = last["epoch"] + 1, last["history"], last["stale_epochs"]
+            best_score, best_loss = last["best_val_score"], last["best_val_loss"]
+            best_state = best["model"]
+            model.load_state_dict(best_state)  # checked to fit as well, then the latest epoch's again
+            model.load_state_dict(last["model"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(last_path, f"does not fit this run ({args.arch}, {args.task}, {num_outputs} outputs): "
+                 f"{type(e).__name__} {str(e).splitlines()[0][:120]}; resume with the settings it was trained "
+                 "with, or train into another --run-dir")
         if is_main:
             print(f"resumed {args.run_dir} after epoch {start_epoch}")
     if is_main:

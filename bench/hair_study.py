@@ -21,7 +21,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import atomic_path, fail, ranking_metrics, read_csv, read_json, threshold_metrics, write_csv  # noqa: E402
+from common import (atomic_path, fail, ranking_metrics, read_probs, read_thresholds, threshold_metrics,  # noqa: E402
+                    write_csv)
 
 EXTERNAL = {"isic2017_trainval": "ISIC 2017 train+val (external validation)", "ph2": "PH2 (external)"}
 
@@ -37,7 +38,7 @@ def parse_args(argv=None):
 
 def paired_probs(runs, relative):
     """(labels, probabilities of each run (runs x images)) on the images every run scored."""
-    tables = [read_csv(run / relative, ("image_id", "label", "prob")).set_index("image_id") for run in runs]
+    tables = [read_probs(run / relative, ("image_id", "label", "prob")).set_index("image_id") for run in runs]
     common_ids = sorted(set.intersection(*(set(t.index) for t in tables)))
     if not common_ids:
         fail(runs[0] / relative, "shares no image with the other runs")
@@ -87,7 +88,7 @@ def markdown(table, runs):
 
 
 def main(args):
-    thresholds = [read_json(run / "thresholds.json").get("thresholds", {}).get("recall_target") for run in args.runs]
+    thresholds = [read_thresholds(run).get("recall_target") for run in args.runs]
     if None in thresholds:
         fail(args.runs[thresholds.index(None)] / "thresholds.json", "has no recall_target threshold; run threshold.py")
     datasets = {"val_probs.csv": "validation (HAM10000, lesion-level)"}

@@ -126,3 +126,60 @@ def test_fetch_data_reports_degenerate_images_and_imports_the_rest(awkward_image
     meta = pd.read_csv(tmp_path / "data" / "metadata.csv")
     assert sorted(meta["image_id"]) == ["I0", "I1"]
     assert "skipped 3 of 5 images" in out.stdout
+
+
+def test_a_second_run_on_the_same_output_folder_ends_with_one_line(synthetic_data, tmp_path):
+    import common
+    cache = tmp_path / "cache"
+    common.lock_output(cache)  # this test process is the first run, still writing
+    try:
+        out = run_script("preprocess.py", "--data", synthetic_data, "--img-size", "24", "--out", cache)
+        assert_one_line_error(out, str(cache), "another run")
+        assert not cache.exists()
+    finally:
+        common._HELD_LOCKS.pop().close()
+
+
+def test_a_cache_missing_an_array_is_rebuilt_not_taken_as_up_to_date(synthetic_data, tmp_path):
+    args = ["preprocess.py", "--data", synthetic_data, "--img-size", "24", "--out", tmp_path / "cache", "--workers", "1"]
+    assert run_script(*args).returncode == 0
+    (tmp_path / "cache" / "crops.npy").unlink()  # what an interrupted second writer used to leave
+    out = run_script(*args)
+    assert out.returncode == 0 and "up to date" not in out.stdout
+    assert (tmp_path / "cache" / "crops.npy").is_file()
+
+
+@pytest.mark.parametrize("prob, words", [("", ["line 3", "prob"]), ("nan", ["line 3", "prob"]),
+                                         ("high", ["line 3", "'high'"]), ("1.5", ["line 3", "1.5"])])
+def test_a_bad_value_in_val_probs_names_the_file_line_and_field(trained_run, tmp_path, prob, words):
+    run = tmp_path / "run"
+    run.mkdir()
+    val = pd.read_csv(trained_run / "val_probs.csv", dtype=str)
+    val.loc[1, "prob"] = prob
+    val.to_csv(run / "val_probs.csv", index=False)
+    out = run_script("threshold.py", "--run", run)
+    assert_one_line_error(out, "val_probs.csv", *words)
+    assert not (run / "thresholds.json").exists()
+
+
+@pytest.mark.parametrize("content", ['[0.5, 0.3]', '{"thresholds": {"recall_target": "0.4"}}', '{"thresholds": []}'])
+def test_a_malformed_thresholds_json_names_the_file(trained_run, synthetic_data, tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "model.pt", run / "model.pt")
+    (run / "thresholds.json").write_text(content)
+    for out in (run_script("evaluate.py", "--run", run, "--bootstrap", "0"),
+                run_script("predict.py", "--run", run, synthetic_data / "images", "--out", tmp_path / "p.csv")):
+        assert_one_line_error(out, "thresholds.json")
+    assert not (tmp_path / "p.csv").exists() and not (run / "metrics.csv").exists()
+
+
+def test_resume_with_a_missing_or_foreign_checkpoint_names_it(trained_run, synthetic_cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "last.pt", run / "last.pt")
+    args = ["train.py", "--cache", synthetic_cache, "--run-dir", run, "--epochs", "5", "--resume"]
+    assert_one_line_error(run_script(*args), "model.pt", "not found")
+    shutil.copy(trained_run / "model.pt", run / "model.pt")
+    out = run_script(*args, "--task", "multiclass")  # the checkpoint is a binary model's
+    assert_one_line_error(out, "last.pt", "does not fit this run")
