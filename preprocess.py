@@ -86,13 +86,13 @@ def cache_key(args, metadata_path):
 def allocated_array(path, shape):
     """A uint8 array file mapped into memory, its disk space reserved first: on a full disk that
     ends here with one line, where a sparse file would kill the process (SIGBUS) mid-way."""
-    array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
-    if hasattr(os, "posix_fallocate"):
-        try:
+    try:
+        array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+        if hasattr(os, "posix_fallocate"):
             with open(path, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-        except OSError as e:
-            fail(path, f"could not be written ({e.strerror or e})")
+    except OSError as e:
+        fail(path, f"could not be written ({e.strerror or e})")
     return array
 
 
@@ -137,7 +137,11 @@ def write_cache(metadata, metadata_path, out_dir, key, args):
     build_dir = out_dir.with_name(f".building.{out_dir.name}")
     shutil.rmtree(build_dir, ignore_errors=True)
     (build_dir / "masks").mkdir(parents=True)
-    rows, failures = preprocess_all(metadata, args.data, build_dir, key, args)
+    try:
+        rows, failures = preprocess_all(metadata, args.data, build_dir, key, args)
+    except SystemExit:  # a full disk, a dead worker: leave nothing half-built behind
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
     if not rows:
         shutil.rmtree(build_dir)
         raise SystemExit(f"error: {metadata_path}: no image could be preprocessed")

@@ -183,3 +183,16 @@ def test_resume_with_a_missing_or_foreign_checkpoint_names_it(trained_run, synth
     shutil.copy(trained_run / "model.pt", run / "model.pt")
     out = run_script(*args, "--task", "multiclass")  # the checkpoint is a binary model's
     assert_one_line_error(out, "last.pt", "does not fit this run")
+
+
+def test_running_out_of_disk_space_is_one_line_and_leaves_no_half_cache(synthetic_data, tmp_path):
+    """A file size limit stands in for a full disk: writes past it fail as they would on one."""
+    import resource
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    out = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--data", str(synthetic_data), "--img-size",
+                          "64", "--out", str(tmp_path / "cache"), "--workers", "1"], capture_output=True, text=True,
+                         timeout=300, preexec_fn=small_disk)
+    assert_one_line_error(out, "could not be written")
+    assert list(tmp_path.iterdir()) == [tmp_path / ".cache.lock"]  # no cache, whole or half
