@@ -164,7 +164,7 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 # recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on
 # validation, on ISIC 2017 train+val (external validation) and on PH2.
 HAIR_STUDY_MODES = legacy on off
-hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation, ISIC 2017 train+val, PH2 (about 1 h)
+hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation, ISIC 2017 train+val, PH2 (1-2 h)
 	$(foreach mode,$(HAIR_STUDY_MODES),$(call recipe_run,hair/$(mode),efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),,HAIR=$(mode) external-val) &&) true
 	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/hair/,$(HAIR_STUDY_MODES)) --out bench/results/hair_study
 
@@ -179,6 +179,7 @@ bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (minutes; result
 	$(PYTHON) preprocess.py --data data/ph2 --score-masks $(SHARED)/ph2/masks
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_224 --out data/ham224
 	$(PYTHON) preprocess.py --data data/ham224 --overlay-sheet 50
+	$(PYTHON) bench/hair_removal.py --shared $(SHARED) --out bench/results/hair_removal
 	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
 	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
 
