@@ -106,7 +106,7 @@ def check_names(df, path):
             fail(path, f"line {row}: filename {filename!r} leaves its folder; give a path relative to it")
 
 
-_HELD_LOCKS = []  # open lock files: a lock lasts as long as the process, and dies with it
+_HELD_LOCKS = {}  # lock file -> its open handle: a lock lasts as long as the process, and dies with it
 
 
 def lock_output(folder):
@@ -118,10 +118,13 @@ def lock_output(folder):
         import fcntl
     except ImportError:  # no POSIX locks (Windows): runs are not guarded
         return
-    folder = Path(folder)
+    folder = Path(folder).absolute()
+    lock_path = folder.with_name(f".{folder.name}.lock")
+    if lock_path in _HELD_LOCKS:  # this process holds it already (one step after another, as in the tests)
+        return
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(folder.with_name(f".{folder.name}.lock"), "a+")
+        handle = open(lock_path, "a+")
     except OSError as e:
         fail(folder, f"cannot be written ({e.strerror or e})")
     try:
@@ -129,7 +132,7 @@ def lock_output(folder):
     except OSError:
         handle.close()
         fail(folder, "is being written by another run now; wait for it to end, or write elsewhere")
-    _HELD_LOCKS.append(handle)
+    _HELD_LOCKS[lock_path] = handle
 
 
 @contextmanager

@@ -38,7 +38,7 @@ def trained_run(synthetic_cache, tmp_path_factory):
     chosen on validation."""
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(run), "--arch", "efficientnet_lite0",
-                                 "--epochs", "4", "--batch-size", "32", "--aug", "none",
+                                 "--epochs", "8", "--batch-size", "32", "--aug", "none",
                                  "--seed", "0"]))
     threshold.main(threshold.parse_args(["--run", str(run)]))
     return run

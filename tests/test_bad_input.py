@@ -137,7 +137,7 @@ def test_a_second_run_on_the_same_output_folder_ends_with_one_line(synthetic_dat
         assert_one_line_error(out, str(cache), "another run")
         assert not cache.exists()
     finally:
-        common._HELD_LOCKS.pop().close()
+        common._HELD_LOCKS.pop(cache.with_name(".cache.lock")).close()
 
 
 def test_a_cache_missing_an_array_is_rebuilt_not_taken_as_up_to_date(synthetic_data, tmp_path):
