@@ -141,7 +141,8 @@ def test_a_second_run_on_the_same_output_folder_ends_with_one_line(synthetic_dat
 
 
 def test_a_cache_missing_an_array_is_rebuilt_not_taken_as_up_to_date(synthetic_data, tmp_path):
-    args = ["preprocess.py", "--data", synthetic_data, "--img-size", "24", "--out", tmp_path / "cache", "--workers", "1"]
+    args = ["preprocess.py", "--data", synthetic_data, "--img-size", "24", "--out", tmp_path / "cache",
+            "--workers", "1"]
     assert run_script(*args).returncode == 0
     (tmp_path / "cache" / "crops.npy").unlink()  # what an interrupted second writer used to leave
     out = run_script(*args)
@@ -162,16 +163,23 @@ def test_a_bad_value_in_val_probs_names_the_file_line_and_field(trained_run, tmp
     assert not (run / "thresholds.json").exists()
 
 
-@pytest.mark.parametrize("content", ['[0.5, 0.3]', '{"thresholds": {"recall_target": "0.4"}}', '{"thresholds": []}'])
-def test_a_malformed_thresholds_json_names_the_file(trained_run, synthetic_data, tmp_path, content):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(trained_run / "model.pt", run / "model.pt")
-    (run / "thresholds.json").write_text(content)
-    for out in (run_script("evaluate.py", "--run", run, "--bootstrap", "0"),
-                run_script("predict.py", "--run", run, synthetic_data / "images", "--out", tmp_path / "p.csv")):
-        assert_one_line_error(out, "thresholds.json")
-    assert not (tmp_path / "p.csv").exists() and not (run / "metrics.csv").exists()
+def test_a_malformed_thresholds_json_names_the_file(trained_run, synthetic_data, tmp_path):
+    """Three malformed files, each given to evaluate.py and predict.py, all six runs at once."""
+    runs = []
+    for k, content in enumerate(['[0.5, 0.3]', '{"thresholds": {"recall_target": "0.4"}}', '{"thresholds": []}']):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        shutil.copy(trained_run / "model.pt", run / "model.pt")
+        (run / "thresholds.json").write_text(content)
+        for args in (["evaluate.py", "--run", run, "--bootstrap", "0"],
+                     ["predict.py", "--run", run, synthetic_data / "images", "--out", run / "p.csv"]):
+            runs.append((run, subprocess.Popen([sys.executable, str(ROOT / args[0]), *map(str, args[1:])], text=True,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    for run, process in runs:
+        stdout, stderr = process.communicate(timeout=300)
+        assert_one_line_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+                              "thresholds.json")
+        assert not (run / "p.csv").exists() and not (run / "metrics.csv").exists()
 
 
 def test_resume_with_a_missing_or_foreign_checkpoint_names_it(trained_run, synthetic_cache, tmp_path):
