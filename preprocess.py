@@ -103,9 +103,8 @@ def preprocess_all(metadata, data_dir, out_dir, key, args):
     settings = preprocess_settings(key)
     jobs = [(row.image_id, data_dir / row.filename, settings) for row in metadata.itertuples()]
     # Arrays are written in place as results arrive, so memory stays flat for large datasets.
-    arrays = [allocated_array(out_dir / name, shape) for name, shape in
-              (("images.npy", (n, s, s, 3)), ("crops.npy", (n, s, s, 3)), ("masks.npy", (n, s, s)))]
-    images, crops, masks = arrays
+    images, crops, masks = (allocated_array(out_dir / name, shape) for name, shape in
+                            (("images.npy", (n, s, s, 3)), ("crops.npy", (n, s, s, 3)), ("masks.npy", (n, s, s))))
     rows, failures = [], []
     # spawn, not fork: a forked child of a process that has started OpenMP or torch threads
     # can deadlock. One worker runs in this process. The executor, unlike multiprocessing.Pool,

@@ -289,15 +289,14 @@ def main(args):
         last = load_torch_file(last_path, "checkpoint")
         best = load_torch_file(model_path, "checkpoint (the best epoch, needed beside last.pt to resume)")
         try:
+            best_state = best["model"]
+            model.load_state_dict(best_state)  # only to check that it fits: the latest epoch's weights follow
             model.load_state_dict(last["model"])
             optimizer.load_state_dict(last["optimizer"])
             scheduler.load_state_dict(last["scheduler"])
             torch.set_rng_state(last["rng_state"])
             start_epoch, history, stale = last["epoch"] + 1, last["history"], last["stale_epochs"]
             best_score, best_loss = last["best_val_score"], last["best_val_loss"]
-            best_state = best["model"]
-            model.load_state_dict(best_state)  # checked to fit as well, then the latest epoch's again
-            model.load_state_dict(last["model"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(last_path, f"does not fit this run ({args.arch}, {args.task}, {num_outputs} outputs): "
                  f"{type(e).__name__} {str(e).splitlines()[0][:120]}; resume with the settings it was trained "
