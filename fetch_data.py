@@ -571,12 +571,15 @@ def find_labels_file(root):
 
 def normalise_dx(labels, path):
     """Map a labels column to HAM10000 dx codes, or end naming the values it cannot map."""
-    text = labels.astype(str).str.strip()
+    text = labels.fillna("").astype(str).str.strip()
     dx = text.str.lower().map(lambda v: v if v in DX_CODES else DX_ALIASES.get(v))
-    unknown = sorted(text[dx.isna()].unique())
-    if unknown:
-        fail(path, f"unknown diagnosis value(s) {', '.join(unknown[:5])}; expected HAM10000 "
-             f"codes ({', '.join(DX_CODES)}) or one of {', '.join(sorted(DX_ALIASES))}")
+    if dx.isna().any():
+        row = int(np.flatnonzero(dx.isna().to_numpy())[0])
+        value = text.iloc[row]
+        unknown = sorted(text[dx.isna()].unique())
+        fail(path, f"line {row + 2}: {labels.name} " + (f"{value!r} is not a known diagnosis" if value else "is empty")
+             + f" ({len(unknown)} unknown value(s) in all); expected HAM10000 codes ({', '.join(DX_CODES)}) "
+             f"or one of {', '.join(sorted(DX_ALIASES))}")
     return dx
 
 

@@ -113,13 +113,14 @@ def preprocess_all(metadata, data_dir, out_dir, key, args):
             if args.workers > 1 else nullcontext() as pool:
         results = pool.map(_worker, jobs, chunksize=8) if pool else map(_worker, jobs)
         try:
-            for i, (image_id, out, error) in enumerate(tqdm(results, total=n, desc="preprocessing")):
-                if error:
-                    failures.append(error)
-                    continue
-                images[i], crops[i], masks[i] = out.pop("image"), out.pop("crop"), out.pop("mask_small")
-                write_png(out_dir / "masks" / f"{image_id}.png", out.pop("mask"))
-                rows.append({"position": i, **out})
+            with tqdm(results, total=n, desc="preprocessing") as bar:  # its line ends before an error's
+                for i, (image_id, out, error) in enumerate(bar):
+                    if error:
+                        failures.append(error)
+                        continue
+                    images[i], crops[i], masks[i] = out.pop("image"), out.pop("crop"), out.pop("mask_small")
+                    write_png(out_dir / "masks" / f"{image_id}.png", out.pop("mask"))
+                    rows.append({"position": i, **out})
         except BrokenProcessPool:
             fail(args.data / "metadata.csv", "a preprocessing worker died (killed or out of memory); nothing was "
                  "written, run again (with fewer --workers if memory is short)")

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,9 +24,12 @@ def run_script(*args, cwd=None):
 
 
 def assert_one_line_error(out, *words):
+    """Exit status 1 and one error line, on a line of its own after any progress bars."""
     assert out.returncode == 1, out.stderr
-    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
-    assert "Traceback" not in out.stderr and all(w in out.stderr for w in words), out.stderr
+    *before, error, end = out.stderr.split("\n")
+    assert error.startswith("error: ") and end == "", out.stderr
+    assert all(line == "" or "%|" in line for line in before), repr(out.stderr)  # only progress bars came before it
+    assert "Traceback" not in out.stderr and all(w in error for w in words), out.stderr
 
 
 def files_under(folder):
@@ -204,3 +208,28 @@ def test_running_out_of_disk_space_is_one_line_and_leaves_no_half_cache(syntheti
                          timeout=300, preexec_fn=small_disk)
     assert_one_line_error(out, "could not be written")
     assert list(tmp_path.iterdir()) == [tmp_path / ".cache.lock"]  # no cache, whole or half
+
+
+def test_a_preprocessing_worker_that_dies_ends_the_run_with_one_line(synthetic_data, tmp_path):
+    """A worker killed mid-run (out of memory, a crash in native code) must not leave the pool
+    waiting for it forever: the run ends with one line and no cache."""
+    import signal
+    import time
+    process = subprocess.Popen([sys.executable, str(ROOT / "preprocess.py"), "--data", str(synthetic_data),
+                                "--img-size", "64", "--work-size", "384", "--out", str(tmp_path / "cache"),
+                                "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    worker = None
+    while worker is None and time.monotonic() < deadline and process.poll() is None:
+        for pid in children.read_text().split() if children.exists() else []:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:  # a pool worker, not multiprocessing's resource tracker
+                worker = int(pid)
+        time.sleep(0.05)
+    assert worker is not None, "no pool worker appeared"
+    os.kill(worker, signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=120)
+    assert_one_line_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+                          "metadata.csv", "worker died")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / ".building.cache").exists()

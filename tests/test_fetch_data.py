@@ -103,8 +103,12 @@ def test_unknown_diagnosis_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         fetch_data.main(fetch_data.parse_args(["--from-dir", str(tmp_path), "--out", str(tmp_path / "o")]))
     message = str(exc.value)
-    assert "labels.csv" in message and "wart" in message and "\n" not in message
+    assert "labels.csv" in message and "line 2" in message and "wart" in message and "\n" not in message
     assert not (tmp_path / "o" / "metadata.csv").exists()
+    (tmp_path / "labels.csv").write_text("image_id,label\nA,nv\nB,\n")
+    with pytest.raises(SystemExit) as exc:
+        fetch_data.main(fetch_data.parse_args(["--from-dir", str(tmp_path), "--out", str(tmp_path / "o")]))
+    assert "labels.csv: line 3: label is empty" in str(exc.value)
 
 
 def test_only_split_imports_the_given_splits_and_reads_no_other(tmp_path):
