@@ -1,6 +1,7 @@
 # Skin lesion classification: `make all` runs the pipeline on real data, `make demo` on synthetic
 # data, `make test` the tests. Each step is a file target, so a second run redoes nothing.
-# Override any variable on the command line: make all DATA=ham224 FROM_DIR=../shared/data/ham10000_224
+# Override any variable on the command line: make all DATA=hamfull FROM_DIR=../shared/data/ham10000_full
+# Several sources make one dataset: make all DATA=ham+isic2017 FROM_DIR="../shared/data/ham10000_full ../shared/data/isic2017"
 
 DATA          ?= ham10000
 SOURCE        ?= isic
@@ -17,6 +18,7 @@ INPUT         ?= full
 HAIR          ?= on
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
+TEST_SOURCE   ?=
 MEMBERS       ?=
 SHARED        ?= ../shared/data
 RUN           ?= $(DATA)_$(ARCH)
@@ -43,7 +45,8 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess train threshold evaluate external external-val study hair-study demo test bench clean distclean help
+.PHONY: all data preprocess train threshold validate evaluate source-test external external-val study hair-study demo test \
+	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
 
@@ -51,7 +54,8 @@ data: $(DATA_DIR)/metadata.csv  ## fetch or import DATA into data/DATA
 preprocess: $(CACHE)/index.csv  ## hair removal, segmentation, crops into cache/DATA_IMG_SIZE
 train: $(RUN_DIR)/val_probs.csv  ## train ARCH into runs/RUN (with MEMBERS: their ensemble)
 threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
-evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots
+validate: $(RUN_DIR)/val/metrics.csv  ## validation metrics and plots into runs/RUN/val (reads no test image)
+evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots (per source too, for a dataset of several)
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -83,6 +87,16 @@ $(RUN_DIR)/thresholds.json: $(RUN_DIR)/val_probs.csv | $(PY_DEPS)
 
 $(RUN_DIR)/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
 	$(PYTHON) evaluate.py --run $(RUN_DIR)
+
+$(RUN_DIR)/val/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --split val --out-dir $(RUN_DIR)/val
+
+source-test:  ## one source's test split alone (TEST_SOURCE=name) into runs/RUN/source_NAME
+	$(if $(TEST_SOURCE),,$(error source-test needs TEST_SOURCE=name, a value of the dataset's source column))
+	$(MAKE) $(RUN_DIR)/source_$(TEST_SOURCE)/metrics.csv
+
+$(RUN_DIR)/source_%/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --source $* --out-dir $(RUN_DIR)/source_$*
 
 # An external test set from another hospital and dermatoscope: every PH2 image is a test image.
 external: $(RUN_DIR)/ph2/metrics.csv  ## evaluate RUN on PH2 (melanoma vs nevus) into runs/RUN/ph2
@@ -175,6 +189,8 @@ test: | $(PY_DEPS)  ## run the test suite
 	$(PYTHON) -m pytest -q tests
 
 bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (minutes; results under cache/ and bench/results/)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --out data/hamfull
+	$(PYTHON) preprocess.py --data data/hamfull --img-size 224
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
 	$(PYTHON) preprocess.py --data data/ph2 --score-masks $(SHARED)/ph2/masks
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_224 --out data/ham224
@@ -194,4 +210,4 @@ help:  ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		HAIR TARGET_RECALL TRAIN_FLAGS MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		HAIR TARGET_RECALL TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

@@ -95,15 +95,18 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 def check_names(df, path):
     """End naming the file and the row where an image_id could not be a file name, or a filename
-    is not a relative path that stays inside its folder: such values never become paths."""
+    or mask is not a relative path that stays inside its folder: such values never become paths."""
     for row, image_id in enumerate(df["image_id"].astype(str), start=2):  # line 1 is the header
         if not SAFE_NAME.fullmatch(image_id):
             fail(path, f"line {row}: image_id {image_id!r} cannot be a file name "
                  "(letters, digits, '.', '_' and '-' only)")
-    for row, filename in enumerate(df["filename"].astype(str) if "filename" in df else [], start=2):
-        parts = filename.replace("\\", "/").split("/")
-        if filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-            fail(path, f"line {row}: filename {filename!r} leaves its folder; give a path relative to it")
+    for column in ("filename", "mask"):
+        for row, filename in enumerate(df[column] if column in df else [], start=2):
+            if not isinstance(filename, str):  # an empty mask cell: no mask
+                continue
+            parts = filename.replace("\\", "/").split("/")
+            if filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                fail(path, f"line {row}: {column} {filename!r} leaves its folder; give a path relative to it")
 
 
 _HELD_LOCKS = {}  # lock file -> its open handle: a lock lasts as long as the process, and dies with it
@@ -221,6 +224,26 @@ def read_thresholds(run_dir):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail(path, f"threshold '{name}' is {value!r}, not a number")
     return thresholds
+
+
+def files_by_stem(root):
+    """Every image file below root, at any depth, by its name without the suffix: paths relative to root."""
+    return {p.stem: p.relative_to(root).as_posix() for p in sorted(Path(root).rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+
+
+def masks_by_image_id(folder, image_ids):
+    """The mask file below folder of each image id that has one, relative to folder: named <id> or
+    <id>_<anything> (ISIC's _segmentation, PH2's _lesion), the longest id a name starts with."""
+    ids = set(image_ids)
+    found = {}
+    for stem, path in files_by_stem(folder).items():
+        pieces = stem.split("_")
+        for k in range(len(pieces), 0, -1):
+            if "_".join(pieces[:k]) in ids:
+                found.setdefault("_".join(pieces[:k]), path)
+                break
+    return found
 
 
 def file_digest(path, algorithm="sha256"):

@@ -13,12 +13,14 @@ the run folder):
   calibration.png        reliability diagram: predicted probability against observed frequency
   gradcam.png            with --gradcam N: Grad-CAM heat maps of the N most confident true
                          positives, false positives and false negatives (at recall_target)
+  metrics_by_source.csv  where the rows come from several sources: metrics.csv's columns per source
   multiclass_metrics.csv, confusion_matrix_7class.png   for 7-class models: balanced accuracy,
                          macro ROC-AUC, per-class precision and recall, the 7x7 confusion matrix
   report.md              the metrics table, the plots and the data they were computed on
 
 Examples: python evaluate.py --run runs/lite0
           python evaluate.py --run runs/lite0 --cache cache/ph2_224 --split all --out-dir runs/lite0/ph2
+          python evaluate.py --run runs/ham+isic --source isic2017 --out-dir runs/ham+isic/source_isic2017
 """
 from pathlib import Path
 
@@ -40,6 +42,8 @@ def parse_args(argv=None):
                    help="run folder with model.pt (or members.json) and thresholds.json")
     p.add_argument("--cache", type=Path, help="preprocess cache to predict (default: the training cache)")
     p.add_argument("--split", default="test", choices=[*SPLITS, "all"], help="rows of the cache to predict")
+    p.add_argument("--source", metavar="NAME",
+                   help="score only this source's rows (a dataset of several: fetch_data.py --from-dir A B)")
     p.add_argument("--out-dir", type=Path, help="where outputs go (default: the run folder)")
     p.add_argument("--bootstrap", type=number_in(int, 0), default=1000,
                    help="resamples for the 95%% intervals (0: none)")
@@ -84,6 +88,23 @@ def metrics_table(labels, probs, thresholds, n_resamples, seed):
         row.update({k: m[k] for k in ("tp", "fp", "tn", "fn")})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def metrics_by_source(rows, labels, probs, thresholds, args):
+    """The metrics of each source's rows on their own, where the rows come from several sources:
+    a model trained on two clinics is judged on each. None for a single source."""
+    if "source" not in rows.columns or rows["source"].nunique() < 2:
+        return None
+    tables = []
+    for name in sorted(rows["source"].unique()):
+        mine = (rows["source"] == name).to_numpy()
+        if labels[mine].min() == labels[mine].max():
+            print(f"source {name}: one class only in split '{args.split}', no ROC-AUC; not in metrics_by_source.csv")
+            continue
+        tables.append(metrics_table(labels[mine], probs[mine], thresholds, args.bootstrap, args.seed)
+                      .assign(source=name))
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["source"])
+    return table[["source", *[c for c in table.columns if c != "source"]]]
 
 
 def plot_confusion_matrices(table, path):
@@ -230,10 +251,11 @@ def describe_models(models):
     return parts[0] if len(parts) == 1 else f"mean probability of {len(parts)} models: " + "; ".join(parts)
 
 
-def write_report(out_dir, table, summary, args, models, cache, n_images, plots):
+def write_report(out_dir, table, summary, args, models, cache, n_images, plots, by_source=None):
     lines = [f"# Evaluation of {args.run}", "",
              f"- model: {describe_models(models)}",
-             f"- data: {n_images} images of `{cache}`, split `{args.split}`; thresholds chosen on validation "
+             f"- data: {n_images} images of `{cache}`, split `{args.split}`"
+             + (f", source `{args.source}`" if args.source else "") + "; thresholds chosen on validation "
              f"(`{args.run / 'thresholds.json'}`)",
              f"- intervals: 95% bootstrap over images ({args.bootstrap} resamples)" + (", test-time augmentation"
                                                                                         if args.tta else ""), "",
@@ -245,6 +267,12 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots):
         lines.append(f"| {row['operating_point']} | {row['threshold']:.4f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("ROC-AUC and PR-AUC come from the probabilities alone, so they are the same at every operating point.")
+    if by_source is not None:
+        lines += ["", "Each source on its own (every operating point: `metrics_by_source.csv`):", "",
+                  "| source | images | malignant | ROC-AUC |", "|---|---|---|---|"]
+        for row in by_source.drop_duplicates("source").to_dict("records"):
+            interval = f" [{row['roc_auc_lo']:.3f}, {row['roc_auc_hi']:.3f}]" if "roc_auc_lo" in row else ""
+            lines.append(f"| {row['source']} | {row['n']} | {row['n_malignant']} | {row['roc_auc']:.3f}{interval} |")
     if summary:
         lines += ["", f"7 classes: balanced accuracy {multiclass_line(summary)} (per class: "
                       "`multiclass_metrics.csv`)."]
@@ -281,8 +309,14 @@ def main(args):
     lock_output(args.out_dir or args.run)
     index, arrays = load_cache(cache)
     rows = index if args.split == "all" else index[index["split"] == args.split]
+    if args.source:
+        sources = sorted(index["source"].dropna().unique()) if "source" in index.columns else []
+        if args.source not in sources:
+            fail(cache / "index.csv", f"has no source '{args.source}' (its sources: {', '.join(sources) or 'none'})")
+        rows = rows[rows["source"] == args.source]
     if rows.empty:
-        fail(cache / "index.csv", f"has no rows in split '{args.split}'")
+        fail(cache / "index.csv", f"has no rows in split '{args.split}'" + (f" of source '{args.source}'"
+                                                                            if args.source else ""))
 
     probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta)
     labels = rows["malignant"].to_numpy()
@@ -299,6 +333,9 @@ def main(args):
 
     table = metrics_table(labels, probs, thresholds, args.bootstrap, args.seed)
     write_csv(table, out_dir / "metrics.csv")
+    by_source = metrics_by_source(rows, labels, probs, thresholds, args)
+    if by_source is not None:
+        write_csv(by_source, out_dir / "metrics_by_source.csv")
     plots = ["confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png"]
     plot_confusion_matrices(table, out_dir / "confusion_matrix.png")
     plot_roc_curve(labels, probs, table, out_dir / "roc_curve.png")
@@ -314,9 +351,12 @@ def main(args):
         threshold = thresholds.get("recall_target", thresholds.get("default", 0.5))
         plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")
         plots.append("gradcam.png")
-    write_report(out_dir, table, summary, args, models, cache, len(rows), plots)
+    write_report(out_dir, table, summary, args, models, cache, len(rows), plots, by_source)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table[["operating_point", "threshold", *METRICS]].to_string(index=False))
+        if by_source is not None:
+            print("per source:")
+            print(by_source[["source", "operating_point", "threshold", "n", *METRICS]].to_string(index=False))
     if summary:
         print(f"7 classes: balanced accuracy {multiclass_line(summary)}")
     print(f"wrote {out_dir / 'metrics.csv'}, {out_dir / 'report.md'} and plots "

@@ -2,25 +2,36 @@
 
 Writes data/<dataset>/images/* and data/<dataset>/metadata.csv with the columns
 image_id, filename (relative to the dataset folder), lesion_id, dx, malignant (0/1), split,
-plus whatever clinical columns the source had (age, sex, localization, dx_type...).
-The split is grouped by lesion_id (a lesion never sits in two splits) and stratified by dx.
+source, plus mask (masks/<image_id>.png, ground truth at the image's size) where the source has
+lesion masks, and whatever clinical columns it had (age, sex, localization, dx_type...).
+Splits are grouped by lesion_id (a lesion never sits in two splits) and stratified by dx.
 
 Sources:
-  --source isic        the ISIC Archive API (default): the HAM10000 collection, image by image
-  --source dataverse   the official release on Harvard Dataverse: zips checked against their MD5
+  --source isic        the ISIC Archive API (default): the HAM10000 collection, image by image;
+                       --collection NAME any other collection (the ISIC 2017 challenge sets, say)
+  --source dataverse   the official release on Harvard Dataverse, with its lesion masks: zips
+                       checked against their MD5
   --from-dir PATH      a copy you already have: a labels CSV (metadata.csv, labels.csv,
                        HAM10000_metadata.csv, an ISIC one-hot ground truth, or --labels) with an
                        image id and a diagnosis (dx or label); images at its filename column
-                       (relative to PATH) or anywhere below PATH
+                       (relative to PATH) or anywhere below PATH; optional columns lesion_id,
+                       split (train/val/test, kept) and mask (a ground-truth mask, any size).
+                       Several folders (--from-dir A B) make one dataset: each row's source is its
+                       folder's name, lesion ids are kept apart per source.
   --synthetic N        N synthetic dermoscopy images with ground-truth masks (demo and tests)
+Splits a source gives (a split column, an ISIC collection named for a split) are kept; its other
+rows are split lesion-level: into train and val when it gives a test split, else into train, val
+and test. --assign-split puts every row in one split (an external test set).
 --subset isic2018_test takes the 1,512 ISIC 2018 Task 3 test images instead of the 10,015 of the
-HAM10000 release: an external test set, every row split=test (as --assign-split test does for
---from-dir). A second run downloads nothing that is complete; an interrupted one resumes.
+HAM10000 release, every row split=test. A second run downloads nothing that is complete; an
+interrupted one resumes.
 
-Example: python fetch_data.py --from-dir ../shared/data/ham10000_224 --out data/ham224
+Examples: python fetch_data.py --from-dir ../shared/data/ham10000_full --out data/hamfull
+          python fetch_data.py --from-dir ../shared/data/ham10000_full ../shared/data/isic2017 --out data/ham+isic2017
 """
 import http.client
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -34,9 +45,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, METADATA_COLUMNS, SAFE_NAME, SPLITS, atomic_path,
-                    check_names, fail, file_digest, is_malignant, lock_output, number_in, read_csv, read_rgb,
-                    write_csv, write_png)
+from common import (ArgumentParser, DX_CODES, METADATA_COLUMNS, SAFE_NAME, SPLITS, atomic_path, check_names, fail,
+                    file_digest, files_by_stem, is_malignant, lock_output, masks_by_image_id, number_in, read_csv,
+                    read_mask, read_rgb, write_csv, write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
 # its nevi (common and atypical) are nv, its melanomas mel.
@@ -92,22 +103,28 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--source", choices=["isic", "dataverse"], default="isic", help="download HAM10000")
-    source.add_argument("--from-dir", type=Path, metavar="PATH", help="import a local copy")
+    source.add_argument("--from-dir", type=Path, nargs="+", action="extend", metavar="PATH",
+                        help="import a local copy; several folders (--from-dir A B) make one dataset with a "
+                             "'source' column")
     source.add_argument("--synthetic", type=number_in(int, 20), metavar="N",
                         help="generate N synthetic images (20 or more, to make three splits)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write, e.g. data/ham10000")
     p.add_argument("--subset", choices=["ham10000", "isic2018_test"], default="ham10000",
                    help="downloads: the HAM10000 release, or the ISIC 2018 Task 3 test set")
+    p.add_argument("--collection", action="append", metavar="NAME",
+                   help="--source isic: download this ISIC Archive collection instead of HAM10000 (repeat for "
+                        "several); a collection named for a split ('Challenge 2017: Test') gives its images that split")
     p.add_argument("--labels", type=Path, help="labels CSV for --from-dir (default: found by name)")
     p.add_argument("--assign-split", choices=SPLITS, help="put every row in this split (an external test set)")
     p.add_argument("--only-split", choices=SPLITS, nargs="+", metavar="SPLIT",
-                   help="--from-dir: import only the rows whose 'split' column holds one of these (train, val, "
-                        "test); the other images are never opened")
+                   help="--from-dir: import only the rows that fall in these splits (train, val, test; given in "
+                        "the labels or assigned); the other images are never opened")
     p.add_argument("--val-frac", type=number_in(float, 0, 1), default=0.15, help="fraction of lesions for validation")
     p.add_argument("--test-frac", type=number_in(float, 0, 1, low_open=True), default=0.15,
                    help="fraction of lesions for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the synthetic images")
-    p.add_argument("--limit", type=number_in(int, 1), help="download only the first N images (a quick partial fetch)")
+    p.add_argument("--limit", type=number_in(int, 1),
+                   help="only the first N images (of each --from-dir source): a quick partial fetch")
     p.add_argument("--retries", type=number_in(int, 0), default=5,
                    help="tries after the first, with exponential backoff")
     p.add_argument("--api-url", default=ISIC_API, help="ISIC Archive API base URL")
@@ -146,16 +163,24 @@ def lesion_splits(df, val_frac, test_frac, seed):
     return split
 
 
-def finish_metadata(df, args):
-    """Fill lesion ids, malignancy and splits, check the dx codes, and order the columns."""
+def finish_metadata(df, args, assign=True):
+    """Fill lesion ids, malignancy and splits, and order the columns. Splits a source gives are
+    kept; its other rows are split lesion-level, into train and val only when it gives a test split
+    of its own (ham10000_full's untouched lesions, say), else into train, val and test.
+    --assign-split (with assign) puts every row in one split."""
     df = df.copy()
-    # An image without a lesion id is a lesion of its own.
-    df["lesion_id"] = df["lesion_id"].where(df["lesion_id"].notna() & (df["lesion_id"] != ""), df["image_id"])
+    if "split" not in df.columns:
+        df = given_splits(df, "metadata")  # synthetic data or a download that gives no split
+    if "source" not in df.columns:
+        df.insert(0, "source", "synthetic" if args.synthetic is not None else args.source)
     df["malignant"] = df["dx"].map(is_malignant)
-    if args.assign_split:
+    df["split"] = df["split"].astype(object)
+    if args.assign_split and assign:
         df["split"] = args.assign_split
-    else:
-        df["split"] = lesion_splits(df, args.val_frac, args.test_frac, args.seed)
+    for _, rows in df[df["split"].isna()].groupby("source", sort=False):
+        test_given = (df.loc[df["source"] == rows["source"].iloc[0], "split"] == "test").any()
+        df.loc[rows.index, "split"] = lesion_splits(rows.reset_index(drop=True), args.val_frac,
+                                                    0.0 if test_given else args.test_frac, args.seed)
     rest = [c for c in df.columns if c not in METADATA_COLUMNS]
     return df[list(METADATA_COLUMNS) + rest]
 
@@ -165,6 +190,9 @@ def write_dataset(df, out_dir):
     counts = df.groupby(["split", "dx"]).size().unstack(fill_value=0)
     print(f"wrote {out_dir / 'metadata.csv'}: {len(df)} images, {df['lesion_id'].nunique()} lesions")
     print(counts.reindex(index=[s for s in SPLITS if s in counts.index]).to_string())
+    if df["source"].nunique() > 1:
+        print(df.groupby(["source", "split"]).size().unstack(fill_value=0).reindex(columns=SPLITS, fill_value=0)
+              .to_string())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,48 +466,88 @@ def isic_dx(clinical):
     return None
 
 
-def find_isic_collection(api, retries):
-    collections = [c for c in paginate(urllib.parse.urljoin(api, "collections/?limit=100"), retries)
-                   if "ham10000" in str(c.get("name", "")).lower()]
-    if not collections:
-        fail(urllib.parse.urljoin(api, "collections/"), "no collection named HAM10000 found")
-    # the collection named exactly HAM10000 rather than one that only mentions it
-    collections.sort(key=lambda c: (c["name"].strip().lower() != "ham10000", c["id"]))
-    return collections[0]
+def find_isic_collections(api, retries, names):
+    """The Archive's collections of these names (exact, any case); without names, HAM10000's."""
+    url = urllib.parse.urljoin(api, "collections/?limit=100")
+    listing = [c for c in paginate(url, retries) if isinstance(c, dict) and "id" in c and "name" in c]
+    if not names:
+        named = [c for c in listing if "ham10000" in str(c.get("name", "")).lower()]
+        if not named:
+            fail(url, "no collection named HAM10000 found")
+        # the collection named exactly HAM10000 rather than one that only mentions it
+        named.sort(key=lambda c: (str(c["name"]).strip().lower() != "ham10000", c["id"]))
+        return named[:1]
+    by_name = {str(c.get("name", "")).strip().lower(): c for c in listing}
+    chosen = []
+    for name in names:
+        if name.strip().lower() not in by_name:
+            words = re.findall(r"\w+", name.lower())
+            similar = [str(c["name"]) for c in listing if any(w in str(c["name"]).lower() for w in words)]
+            fail(url, f"lists no collection named {name!r}" + (f"; similar: {'; '.join(similar[:6])}" if similar
+                                                                 else ""))
+        chosen.append(by_name[name.strip().lower()])
+    return chosen
 
 
-def fetch_isic(args):
-    collection = find_isic_collection(args.api_url, args.retries)
-    print(f"ISIC Archive collection {collection['id']}: {collection['name']}")
-    search = urllib.parse.urljoin(args.api_url, f"images/search/?collections={collection['id']}&limit=100")
+def collection_split(name):
+    """The split a collection's name gives its images ('Challenge 2017: Training' is train), or None."""
+    for word in re.findall(r"[a-z]+", str(name).lower()):
+        if word in SPLIT_ALIASES:
+            return SPLIT_ALIASES[word]
+    return None
+
+
+def isic_rows(args, collection, search, seen):
+    """The rows of one collection's images that have a HAM10000 diagnosis; ids already in `seen`
+    (an earlier collection) are left out, unless that collection gave them another split."""
+    split = collection_split(collection["name"]) if args.collection else None
     rows, unmapped = [], []
     for image in tqdm(paginate(search, args.retries), desc="listing images", unit="image"):
         isic_id = str(image.get("isic_id"))
         if not SAFE_NAME.fullmatch(isic_id):  # it becomes a file name below
             print(f"skipped image {isic_id!r} of {search}: its id cannot be a file name")
             continue
-        if not in_subset(isic_id, args.subset):
+        if not args.collection and not in_subset(isic_id, args.subset):
+            continue
+        if isic_id in seen:
+            if seen[isic_id] != split:
+                fail(search, f"image {isic_id} is also in a collection of split {seen[isic_id]}, not {split}")
             continue
         clinical = (image.get("metadata") or {}).get("clinical") or {}
         dx = isic_dx(clinical)
         if dx is None:
             unmapped.append(f"{isic_id} ({clinical.get('diagnosis_3') or clinical.get('diagnosis_2')})")
             continue
+        seen[isic_id] = split
         full = image["files"]["full"]
         rows.append({"image_id": isic_id, "filename": f"images/{isic_id}.jpg",
-                     "lesion_id": clinical.get("lesion_id"), "dx": dx,
+                     "lesion_id": clinical.get("lesion_id"), "dx": dx, "split": split,
                      "dx_type": clinical.get("diagnosis_confirm_type"), "age": clinical.get("age_approx"),
                      "sex": clinical.get("sex"), "localization": clinical.get("anatom_site_general"),
-                     "copyright_license": image.get("copyright_license"),
+                     "collection": collection["name"], "copyright_license": image.get("copyright_license"),
                      "attribution": image.get("attribution"), "url": full["url"], "size": full.get("size")})
-        if args.limit and len(rows) >= args.limit:
+        if args.limit and len(seen) >= args.limit:
             break
     for item in unmapped:
         print(f"skipped {item}: diagnosis has no HAM10000 code")
     if unmapped:
-        print(f"skipped {len(unmapped)} images whose diagnosis has no HAM10000 code")
+        print(f"skipped {len(unmapped)} images of {collection['name']} whose diagnosis has no HAM10000 code")
+    return rows
+
+
+def fetch_isic(args):
+    rows, seen = [], {}
+    for collection in find_isic_collections(args.api_url, args.retries, args.collection):
+        split = collection_split(collection["name"]) if args.collection else None
+        print(f"ISIC Archive collection {collection['id']}: {collection['name']}"
+              + (f" (split {split})" if split else ""))
+        search = urllib.parse.urljoin(args.api_url, f"images/search/?collections={collection['id']}&limit=100")
+        rows += isic_rows(args, collection, search, seen)
+        if args.limit and len(seen) >= args.limit:
+            break
     if not rows:
-        fail(search, f"no {args.subset} images found in the collection")
+        fail(search, "no " + ("images with a HAM10000 diagnosis" if args.collection else f"{args.subset} images")
+             + " found in the collection")
 
     todo = [r for r in rows if not is_complete(args.out / r["filename"], r["size"])]
     print(f"{len(rows)} images, {len(rows) - len(todo)} already complete, {len(todo)} to download")
@@ -489,10 +557,13 @@ def fetch_isic(args):
             # the signed URLs expire, so they come from this run's listing, never from a file
             download(r["url"], args.out / r["filename"], args.retries, size=r["size"], bar=bar)
     df = pd.DataFrame(rows).drop(columns=["url", "size"])
+    if not args.collection:
+        df = df.drop(columns=["split", "collection"])
     attribution = df.groupby(["attribution", "copyright_license"], dropna=False).size()
     with atomic_path(args.out / "attribution.txt") as tmp:
         tmp.write_text("".join(f"{n} images: {a} ({lic})\n" for (a, lic), n in attribution.items()))
-    readable = check_images(df, args.out, search)
+    df.insert(0, "source", "isic")
+    readable = import_rows(given_splits(df, search), {"isic": args.out}, args.out)
     for filename in set(df["filename"]) - set(readable["filename"]):
         (args.out / filename).unlink(missing_ok=True)  # corrupt: fetched again on the next run
     return readable
@@ -527,8 +598,11 @@ def pick_file(listing, prefix, url):
 
 def fetch_dataverse(args):
     listing, url = dataverse_files(args)
+    masks = None
     if args.subset == "ham10000":
-        names = [pick_file(listing, "HAM10000_images_part_1", url), pick_file(listing, "HAM10000_images_part_2", url)]
+        masks = pick_file(listing, "HAM10000_segmentations_lesion_tschandl", url)
+        names = [pick_file(listing, "HAM10000_images_part_1", url), pick_file(listing, "HAM10000_images_part_2", url),
+                 masks]
         labels = pick_file(listing, "HAM10000_metadata", url)
     else:
         names = [pick_file(listing, "ISIC2018_Task3_Test_Images", url)]
@@ -555,7 +629,9 @@ def fetch_dataverse(args):
             print(f"extracting {name}")
             safe_extract(raw / name, raw / Path(name).stem)
             done.touch()
-    return import_dir(raw, raw / labels, args.out, limit=args.limit, link=True)
+    df = read_source(raw, raw / labels, args.limit, masks_dir=raw / Path(masks).stem if masks else None)
+    df["source"] = "dataverse"
+    return import_rows(df, {"dataverse": raw}, args.out, link=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +647,7 @@ def find_labels_file(root):
 
 def normalise_dx(labels, path):
     """Map a labels column to HAM10000 dx codes, or end naming the values it cannot map."""
-    text = labels.fillna("").astype(str).str.strip()
+    text = labels.astype(object).fillna("").astype(str).str.strip()
     dx = text.str.lower().map(lambda v: v if v in DX_CODES else DX_ALIASES.get(v))
     if dx.isna().any():
         row = int(np.flatnonzero(dx.isna().to_numpy())[0])
@@ -586,7 +662,8 @@ def normalise_dx(labels, path):
 def read_labels(path):
     """A labels table with image_id and dx, whichever of the usual layouts it comes in: HAM10000
     metadata (image_id, dx), a plain labels file (image_id, label) or an ISIC challenge ground
-    truth (image, then one-hot MEL, NV, BCC, AKIEC, BKL, DF, VASC columns)."""
+    truth (image, then one-hot MEL, NV, BCC, AKIEC, BKL, DF, VASC columns). A split column, where
+    there is one, is checked (given_splits)."""
     df = read_csv(path)
     df = df.rename(columns={c: "image_id" for c in ("image", "isic_id") if c in df.columns and "image_id" not in df})
     if "image_id" not in df.columns:
@@ -600,62 +677,118 @@ def read_labels(path):
         df = df.drop(columns=one_hot)
     else:
         fail(path, "needs a diagnosis: a 'dx' or 'label' column, or one-hot columns " + ", ".join(DX_CODES).upper())
-    if "lesion_id" not in df.columns:
-        df["lesion_id"] = np.nan
     if df["image_id"].duplicated().any():
         fail(path, f"image_id {df['image_id'][df['image_id'].duplicated()].iloc[0]} appears twice")
     check_names(df, path)
+    return given_splits(df.drop(columns=[c for c in ("label", "binary") if c in df.columns]), path)
+
+
+# How a split column may spell a split; an empty cell means "not given": split lesion-level.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def given_splits(df, path):
+    """Fill lesion ids (an image without one is a lesion of its own) and check the split column:
+    every value a split, one split per lesion; a lesion's images without a split take its given
+    one. Rows without any given split keep NaN, for finish_metadata to split."""
+    df = df.copy()
+    lesion = df["lesion_id"] if "lesion_id" in df.columns else pd.Series(np.nan, index=df.index)
+    df["lesion_id"] = lesion.where(lesion.notna() & (lesion.astype(str) != ""), df["image_id"]).astype(str)
+    if "split" not in df.columns:
+        df["split"] = np.nan
+        return df
+    text = df["split"].astype(object).fillna("").astype(str).str.strip().str.lower()
+    split = text.map(SPLIT_ALIASES)
+    bad = (text != "") & split.isna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        fail(path, f"line {row + 2}: split {df['split'].iloc[row]!r} is not train, val or test (or empty: split "
+             "lesion-level)")
+    per_lesion = split.groupby(df["lesion_id"]).nunique()
+    if (per_lesion > 1).any():
+        lesion_id = per_lesion.index[per_lesion > 1][0]
+        found = sorted(split[df["lesion_id"] == lesion_id].dropna().unique())
+        fail(path, f"lesion {lesion_id} has images in more than one split ({', '.join(found)}); a lesion "
+             "belongs to one split")
+    df["split"] = split.fillna(df["lesion_id"].map(split.groupby(df["lesion_id"]).first()))
     return df
 
 
-def check_images(df, root, listed_in):
-    """Rows whose image (root / filename) is missing or cannot be decoded are reported by name
-    and left out, with a count; never silently."""
-    problems, keep = [], []
-    for filename in tqdm(df["filename"], desc="checking images", leave=False):
-        path = root / filename
-        try:
-            if not path.is_file():
-                fail(path, "file not found")
-            read_rgb(path)
-        except SystemExit as e:
-            problems.append(str(e).removeprefix("error: "))
-        else:
-            keep.append(filename)
-    for problem in problems:
-        print(f"skipped {problem}")
-    if problems:
-        print(f"skipped {len(problems)} of {len(df)} images listed in {listed_in}")
-    if not keep:
-        fail(listed_in, "none of its images could be read")
-    return df[df["filename"].isin(keep)].copy()
+def source_name(root):
+    """A source's name, from its folder: it labels the rows and keeps ids of sources apart."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "source"
 
 
-def import_dir(root, labels_path, out_dir, limit=None, link=False, only_splits=None):
-    """Copy (or hard-link, for our own downloads) the readable images a labels CSV lists into
-    out_dir/images."""
+def read_source(root, labels_path=None, limit=None, masks_dir=None):
+    """One local source's rows: labels, image filename and mask (both relative to root, masks found
+    in masks_dir where the labels have no mask column) and the given splits. Reads no image."""
     if not root.is_dir():
         fail(root, "not a folder")
     labels_path = labels_path or find_labels_file(root)
     df = read_labels(labels_path)
-    if only_splits:
-        if "split" not in df.columns:
-            fail(labels_path, "has no 'split' column to choose rows by (--only-split)")
-        df = df[df["split"].isin(only_splits)]
-        if df.empty:
-            fail(labels_path, f"has no row in split {', '.join(only_splits)}")
     if limit:
-        df = df.head(limit)
+        df = df.head(limit).copy()
     # Where no filename column is given (the official layout), images sit in any sub-folder.
     if "filename" not in df.columns:
-        found = {p.stem: p.relative_to(root).as_posix() for p in root.rglob("*")
-                 if p.suffix.lower() in IMAGE_SUFFIXES}
+        found = files_by_stem(root)
         df["filename"] = [found.get(i, f"{i}.jpg") for i in df["image_id"]]
-    df = check_images(df, root, labels_path)
+    if "mask" not in df.columns and masks_dir is not None:
+        masks = masks_by_image_id(masks_dir, df["image_id"])
+        df["mask"] = [(masks_dir / masks[i]).relative_to(root).as_posix() if i in masks else np.nan
+                      for i in df["image_id"]]
+    df.insert(0, "source", source_name(root))
+    df.attrs["labels"] = labels_path
+    return df
 
-    targets = []
+
+def combine_sources(tables):
+    """One table of several sources: an image id in two of them ends the run (most likely the same
+    image twice, as with two copies of HAM10000), lesion ids are kept apart by their source's name."""
+    if len(tables) == 1:
+        return tables[0]
+    names = [t["source"].iloc[0] for t in tables]
+    if len(set(names)) < len(names):
+        fail("--from-dir", f"two sources are named {max(names, key=names.count)}; give folders of different names")
+    seen = {}
+    for table in tables:
+        for image_id in table["image_id"]:
+            if image_id in seen:
+                fail(table.attrs["labels"], f"image_id {image_id} is in source {seen[image_id]} too: the same image "
+                     "twice? Import one copy")
+            seen[image_id] = table["source"].iloc[0]
+    combined = pd.concat(tables, ignore_index=True)
+    combined["lesion_id"] = combined["source"] + ":" + combined["lesion_id"]
+    return combined
+
+
+def imported_mask(mask_path, shape, target):
+    """Write a ground-truth mask, any size, as a 0/255 PNG of the image's shape."""
+    import cv2
+    mask = read_mask(mask_path).astype(np.float32)
+    if mask.shape != shape:
+        mask = cv2.resize(mask, shape[::-1], interpolation=cv2.INTER_AREA)
+    write_png(target, (mask >= 0.5).astype(np.uint8) * 255)
+
+
+def import_rows(df, roots, out_dir, link=False):
+    """Check, then copy (or hard-link, for our own downloads) each row's image into out_dir/images
+    and its mask, resized to the image, into out_dir/masks. Unreadable images are reported and
+    left out; an unreadable mask is reported and its image imported without one."""
+    images, masks, problems = [], [], []
+    has_masks = "mask" in df.columns
     for row in tqdm(df.itertuples(), total=len(df), desc="importing images"):
+        root = roots[row.source]
         source = root / row.filename
+        try:
+            if not source.is_file():
+                fail(source, "file not found")
+            shape = read_rgb(source).shape[:2]
+        except SystemExit as e:
+            problems.append(str(e).removeprefix("error: "))
+            images.append(None)
+            masks.append(None)
+            continue
         target = out_dir / "images" / f"{row.image_id}{source.suffix.lower()}"
         if not (target.is_file() and target.stat().st_size == source.stat().st_size):
             with atomic_path(target) as tmp:
@@ -665,9 +798,26 @@ def import_dir(root, labels_path, out_dir, limit=None, link=False, only_splits=N
                     tmp.hardlink_to(source)  # no second copy of a multi-GB download
                 except OSError:
                     shutil.copyfile(source, tmp)
-        targets.append(target.relative_to(out_dir).as_posix())
-    df["filename"] = targets
-    return df.drop(columns=[c for c in ("label", "mask", "split", "binary") if c in df.columns])
+        images.append(target.relative_to(out_dir).as_posix())
+        mask_target = out_dir / "masks" / f"{row.image_id}.png"
+        if has_masks and isinstance(row.mask, str) and row.mask:
+            try:
+                if not mask_target.is_file():  # written whole or not at all
+                    imported_mask(root / row.mask, shape, mask_target)
+                masks.append(mask_target.relative_to(out_dir).as_posix())
+            except SystemExit as e:
+                print(f"imported {row.image_id} without its mask: {str(e).removeprefix('error: ')}")
+                masks.append(None)
+        else:
+            masks.append(None)
+    for problem in problems:
+        print(f"skipped {problem}")
+    if problems:
+        print(f"skipped {len(problems)} of {len(df)} images")
+    df = df.assign(filename=images, **({"mask": masks} if has_masks else {}))
+    if df["filename"].isna().all():
+        fail(out_dir, "none of the images could be read")
+    return df[df["filename"].notna()].copy()
 
 
 def main(args):
@@ -675,11 +825,24 @@ def main(args):
         fail("--val-frac/--test-frac", "the fractions must leave lesions to train on")
     if args.only_split and args.from_dir is None:
         fail("--only-split", "chooses rows of a labels file: use it with --from-dir")
+    if args.labels and args.from_dir and len(args.from_dir) > 1:
+        fail("--labels", "names the labels file of one --from-dir folder; give each folder its own labels file")
+    if args.collection and (args.source != "isic" or args.from_dir or args.synthetic is not None):
+        fail("--collection", "chooses ISIC Archive collections: use it with --source isic")
+    if args.collection and args.subset != "ham10000":
+        fail("--subset", "chooses images of the HAM10000 collection; with --collection every image is kept")
     lock_output(args.out)
     if args.synthetic is not None:
         df = make_synthetic(args.synthetic, args.out, args.image_size, args.image_size * 3 // 4, args.seed)
     elif args.from_dir is not None:
-        df = import_dir(args.from_dir, args.labels, args.out, limit=args.limit, only_splits=args.only_split)
+        roots = {source_name(root): root for root in args.from_dir}
+        df = combine_sources([read_source(root, args.labels, args.limit) for root in args.from_dir])
+        df = finish_metadata(df, args, assign=False)
+        if args.only_split:  # chosen from labels alone: the other images are never opened
+            df = df[df["split"].isin(args.only_split)]
+            if df.empty:
+                fail(args.from_dir[0], f"has no row in split {', '.join(args.only_split)}")
+        df = import_rows(df, roots, args.out)
     elif args.source == "isic":
         df = fetch_isic(args)
     else:

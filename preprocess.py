@@ -15,14 +15,16 @@ Hair removal (--hair-removal) inpaints only hair-shaped dark structures: long an
 rather than folding into a mesh, so pigment network, dots, globules and streaks stay as they are.
 hair_fraction in index.csv is the share of each image's pixels it repainted.
 
---score-masks DIR scores the cached masks against ground-truth masks in DIR (named <image_id>.png
-or <image_id>_*.png) and writes segmentation_scores.csv (image_id, dice, jaccard, mask_ok),
-segmentation_summary.json (mean Dice, mean Jaccard, share of images with Jaccard < 0.65) and
-worst_overlays.png (the worst cases: ground truth green, ours red) into the cache folder.
+Where the dataset has ground-truth masks (metadata.csv's mask column, which fetch_data.py fills
+from a source's masks), or --score-masks DIR names a folder of them (<image_id>.png or
+<image_id>_*.png), the cached masks are scored against them: segmentation_scores.csv (image_id,
+dx, split, dice, jaccard, mask_ok), segmentation_summary.json (mean Dice, mean Jaccard, share of
+images with Jaccard < 0.65, overall, per class and per split) and worst_overlays.png (the worst
+cases: ground truth green, ours red) go into the cache folder.
 --overlay-sheet N draws N random images with their masks into overlays.png, for data without
 ground truth.
 
-Examples: python preprocess.py --data data/ham224 --img-size 224
+Examples: python preprocess.py --data data/hamfull --img-size 224
           python preprocess.py --data data/ph2 --score-masks ../shared/data/ph2/masks
 """
 import multiprocessing
@@ -37,8 +39,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (ArgumentParser, CACHE_ARRAYS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, check_names, fail,
-                    file_digest, lock_output, number_in, preprocess_image, preprocess_settings, read_csv, read_json,
-                    read_mask, read_rgb, save_image_grid, write_csv, write_json, write_png)
+                    file_digest, lock_output, masks_by_image_id, number_in, preprocess_image, preprocess_settings,
+                    read_csv, read_json, read_mask, read_rgb, save_image_grid, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -58,7 +60,8 @@ def parse_args(argv=None):
                    help="on: inpaint hair-shaped structures only (default); legacy: every thin dark structure, "
                         "as the first study did (pigment network too); off: leave the images as they are")
     p.add_argument("--workers", type=number_in(int, 1), default=os.cpu_count(), help="processes (1: no pool)")
-    p.add_argument("--score-masks", type=Path, metavar="DIR", help="score the masks against ground truth in DIR")
+    p.add_argument("--score-masks", type=Path, metavar="DIR",
+                   help="score the masks against ground truth in DIR (default: the dataset's mask column)")
     p.add_argument("--worst", type=number_in(int, 1), default=8, help="cases on the worst-overlay sheet")
     p.add_argument("--overlay-sheet", type=number_in(int, 1), metavar="N", help="draw N random images with their masks")
     return p.parse_args(argv)
@@ -171,19 +174,20 @@ def dice_jaccard(predicted, truth):
     return (2 * intersection / total if total else 1.0), (intersection / union if union else 1.0)
 
 
-def find_truth_masks(truth_dir, image_ids):
-    """Ground-truth mask path per image id: <id>.png or <id>_<anything>.png (PH2: _lesion)."""
-    if not truth_dir.is_dir():
-        fail(truth_dir, "not a folder")
-    by_stem = {p.stem: p for p in truth_dir.iterdir() if p.suffix.lower() in (".png", ".bmp", ".jpg")}
-    found = {}
-    for image_id in image_ids:
-        matches = [p for stem, p in by_stem.items() if stem == image_id or stem.startswith(image_id + "_")]
-        if matches:
-            found[image_id] = sorted(matches)[0]
-    if not found:
-        fail(truth_dir, "holds no mask named after an image id of this dataset")
-    return found
+def truth_masks(args, metadata):
+    """Ground-truth mask path per image id: from --score-masks DIR, else the dataset's own mask
+    column (fetch_data.py imports them); empty where there are none."""
+    if args.score_masks:
+        if not args.score_masks.is_dir():
+            fail(args.score_masks, "not a folder")
+        found = masks_by_image_id(args.score_masks, metadata["image_id"])
+        if not found:
+            fail(args.score_masks, "holds no mask named after an image id of this dataset")
+        return {image_id: args.score_masks / path for image_id, path in found.items()}
+    if "mask" not in metadata.columns:
+        return {}
+    given = metadata[metadata["mask"].notna()]
+    return {row.image_id: args.data / row.mask for row in given.itertuples()}
 
 
 def outlined(rgb, masks_and_colours, side=300):
@@ -199,24 +203,30 @@ def outlined(rgb, masks_and_colours, side=300):
     return tile
 
 
-def score_masks(index, data_dir, cache_dir, truth_dir, worst):
-    """Dice and Jaccard of every cached mask against its ground truth; the worst on a sheet."""
+def segmentation_summary(scores):
+    return {"images": len(scores), "mean_dice": scores["dice"].mean(), "mean_jaccard": scores["jaccard"].mean(),
+            "share_jaccard_below_0.65": (scores["jaccard"] < 0.65).mean(),
+            "flagged_mask_ok_0": int((scores["mask_ok"] == 0).sum())}
+
+
+def score_masks(index, data_dir, cache_dir, truth_paths, worst, truth_name):
+    """Dice and Jaccard of every cached mask against its ground truth, at the truth's size, overall,
+    per class and per split; the worst cases on a sheet."""
     import cv2
     import pandas as pd
-    truth_paths = find_truth_masks(truth_dir, index["image_id"])
     rows = []
-    for row in tqdm(index.itertuples(), total=len(index), desc="scoring masks"):
-        if row.image_id not in truth_paths:
-            continue
+    scored = index[index["image_id"].isin(truth_paths)]
+    for row in tqdm(scored.itertuples(), total=len(scored), desc="scoring masks"):
         truth = read_mask(truth_paths[row.image_id])
         ours = read_mask(cache_dir / "masks" / f"{row.image_id}.png").astype(np.uint8)
         ours = cv2.resize(ours, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         dice, jaccard = dice_jaccard(ours, truth)
-        rows.append({"image_id": row.image_id, "dice": dice, "jaccard": jaccard, "mask_ok": row.mask_ok})
+        rows.append({"image_id": row.image_id, "dx": row.dx, "split": row.split, "dice": dice, "jaccard": jaccard,
+                     "mask_ok": row.mask_ok})
     scores = pd.DataFrame(rows)
-    summary = {"images": len(scores), "mean_dice": scores["dice"].mean(), "mean_jaccard": scores["jaccard"].mean(),
-               "share_jaccard_below_0.65": (scores["jaccard"] < 0.65).mean(),
-               "flagged_mask_ok_0": int((scores["mask_ok"] == 0).sum()), "truth": str(truth_dir)}
+    summary = {**segmentation_summary(scores), "truth": truth_name,
+               "by_dx": {dx: segmentation_summary(group) for dx, group in scores.groupby("dx")},
+               "by_split": {split: segmentation_summary(group) for split, group in scores.groupby("split")}}
     write_csv(scores, cache_dir / "segmentation_scores.csv")
     write_json(summary, cache_dir / "segmentation_summary.json")
 
@@ -229,11 +239,11 @@ def score_masks(index, data_dir, cache_dir, truth_dir, worst):
         rgb = read_rgb(data_dir / filenames[r.image_id])
         ours = cv2.resize(ours.astype(np.uint8), truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
         tiles.append(outlined(rgb, [(truth, (0, 255, 0)), (ours, (255, 0, 0))]))
-        titles.append(f"{r.image_id}  Dice {r.dice:.2f}  Jaccard {r.jaccard:.2f}")
+        titles.append(f"{r.image_id} {r.dx}  Dice {r.dice:.2f}  Jaccard {r.jaccard:.2f}")
     save_image_grid(tiles, titles, cache_dir / "worst_overlays.png", columns=4)
-    print(f"{summary['images']} masks against {truth_dir}: mean Dice {summary['mean_dice']:.3f}, mean Jaccard "
+    print(f"{summary['images']} masks against {truth_name}: mean Dice {summary['mean_dice']:.3f}, mean Jaccard "
           f"{summary['mean_jaccard']:.3f}, Jaccard < 0.65 for {summary['share_jaccard_below_0.65']:.1%}; "
-          f"wrote {cache_dir / 'segmentation_scores.csv'} and {cache_dir / 'worst_overlays.png'}")
+          f"wrote {cache_dir / 'segmentation_summary.json'} and {cache_dir / 'worst_overlays.png'}")
     return summary
 
 
@@ -260,16 +270,20 @@ def main(args):
     key = cache_key(args, metadata_path)
     lock_output(out_dir)
     complete = all((out_dir / name).is_file() for name in ("index.csv", "cache_key.json", *CACHE_ARRAYS.values()))
-    if complete and read_json(out_dir / "cache_key.json") == key:
-        print(f"{out_dir} is up to date")
-    else:
+    rebuilt = not (complete and read_json(out_dir / "cache_key.json") == key)
+    if rebuilt:
         write_cache(metadata, metadata_path, out_dir, key, args)
-    if args.score_masks or args.overlay_sheet:
+    else:
+        print(f"{out_dir} is up to date")
+    truth = truth_masks(args, metadata)
+    # the dataset's own masks are scored once per cache; --score-masks DIR every time it is given
+    if truth and (args.score_masks or rebuilt or not (out_dir / "segmentation_summary.json").is_file()):
+        index = read_csv(out_dir / "index.csv", ("image_id", "filename", "dx", "split", "mask_ok"))
+        score_masks(index, args.data, out_dir, truth, args.worst,
+                    str(args.score_masks) if args.score_masks else f"the mask column of {metadata_path}")
+    if args.overlay_sheet:
         index = read_csv(out_dir / "index.csv", ("image_id", "filename", "mask_ok"))
-        if args.score_masks:
-            score_masks(index, args.data, out_dir, args.score_masks, args.worst)
-        if args.overlay_sheet:
-            overlay_sheet(index, args.data, out_dir, args.overlay_sheet)
+        overlay_sheet(index, args.data, out_dir, args.overlay_sheet)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from urllib.parse import parse_qs, urlparse
 
 
 class FakeRemote:
-    def __init__(self, isic_images=(), dataverse_files=(), page_size=4):
-        """isic_images: dicts with isic_id, clinical (dict) and body (bytes).
+    def __init__(self, isic_images=(), dataverse_files=(), page_size=4, challenge_images=None):
+        """isic_images: dicts with isic_id, clinical (dict) and body (bytes), the HAM10000 collection.
+        challenge_images: {collection name: such dicts}, more collections.
         dataverse_files: dicts with id, name, body, md5, and tabular (bool)."""
         self.isic_images = list(isic_images)
+        self.collection_images = {"212": self.isic_images}
         self.dataverse_files = list(dataverse_files)
         self.page_size = page_size
         self.faults = {}  # path -> list of faults, consumed one per request
@@ -19,6 +21,9 @@ class FakeRemote:
         self.collections = [{"id": 5, "name": "ISIC 2019: Training"},
                             {"id": 99, "name": "HAM10000 lesion segmentations"},
                             {"id": 212, "name": "HAM10000"}]
+        for k, (name, images) in enumerate((challenge_images or {}).items()):
+            self.collections.append({"id": 300 + k, "name": name})
+            self.collection_images[str(300 + k)] = list(images)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -58,10 +63,10 @@ class FakeRemote:
                         "attribution": "ViDIR Group, Medical University of Vienna",
                         "files": {"full": {"url": f"{self.url}/files/{im['isic_id']}.jpg", "size": len(im["body"])}},
                         "metadata": {"acquisition": {}, "clinical": im["clinical"]}}
-                       for im in self.isic_images] if chosen == "212" else []
+                       for im in self.collection_images.get(chosen, [])]
             return 200, "application/json", json.dumps(self._page(results, query, path)).encode()
         if path.startswith("/files/"):
-            for im in self.isic_images:
+            for im in (im for images in self.collection_images.values() for im in images):
                 if path == f"/files/{im['isic_id']}.jpg":
                     return 200, "image/jpeg", im["body"]
         if path == "/api/datasets/:persistentId/":

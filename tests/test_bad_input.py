@@ -51,6 +51,10 @@ def test_an_id_that_would_leave_the_folder_is_refused_by_fetch_data_and_preproce
     labels.to_csv(source / "labels.csv", index=False)
     out = run_script("fetch_data.py", "--from-dir", source, "--out", tmp_path / "work" / "data", cwd=tmp_path)
     assert_one_line_error(out, "labels.csv", "line 4", "leaves its folder")
+    labels.loc[2, "filename"], labels["mask"] = first.loc[2, "filename"], ["", "", "../../secret.png"]
+    labels.to_csv(source / "labels.csv", index=False)
+    out = run_script("fetch_data.py", "--from-dir", source, "--out", tmp_path / "work" / "data", cwd=tmp_path)
+    assert_one_line_error(out, "labels.csv", "line 4: mask '../../secret.png' leaves its folder")
     # a metadata.csv edited by hand: preprocess.py would name a mask file after the id
     data = tmp_path / "work" / "data2"
     (data / "images").mkdir(parents=True)

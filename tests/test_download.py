@@ -4,6 +4,7 @@ import io
 import socket
 import zipfile
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import SHARED_DATA
@@ -12,6 +13,8 @@ from fake_remote import FakeRemote
 import fetch_data
 
 HAM = SHARED_DATA / "ham10000_224"
+HAM_FULL = SHARED_DATA / "ham10000_full"
+ISIC2017 = SHARED_DATA / "isic2017"
 # One Archive diagnosis (2024 taxonomy) per HAM10000 code, as the Archive spells them.
 DIAGNOSIS_3 = {"nv": "Nevus", "mel": "Melanoma Invasive", "bkl": "Seborrheic keratosis",
                "bcc": "Basal cell carcinoma", "akiec": "Solar or actinic keratosis",
@@ -118,6 +121,29 @@ def test_isic2018_test_subset_is_all_test(ham_sample, tmp_path):
     assert meta.set_index("image_id")["dx"].to_dict() == {"ISIC_0034600": "mel", "ISIC_0035000": "bkl"}
 
 
+def test_collections_by_name_keep_the_split_their_name_gives(tmp_path):
+    """ISIC 2017's challenge sets as the Archive holds them: one collection per split."""
+    labels = pd.read_csv(ISIC2017 / "labels.csv")
+    chosen = pd.concat([labels[labels["split"] == split].head(3) for split in ("train", "val", "test")])
+    names = {"train": "Challenge 2017: Training", "val": "Challenge 2017: Validation", "test": "Challenge 2017: Test"}
+    spelled = {"nv": "Nevus", "mel": "Melanoma Invasive", "bkl": "Seborrheic keratosis"}
+    collections = {names[split]: [{"isic_id": r.image_id, "body": (ISIC2017 / r.filename).read_bytes(),
+                                   "clinical": {"diagnosis_3": spelled[r.label]}}
+                                  for r in chosen[chosen["split"] == split].itertuples()] for split in names}
+    with FakeRemote(challenge_images=collections) as remote:
+        meta = fetch(remote, tmp_path / "out", *[f"--collection={n}" for n in names.values()])
+        with pytest.raises(SystemExit) as exc:
+            fetch(remote, tmp_path / "other", "--collection", "Challenge 2017: Trianing")
+    assert (meta.set_index("image_id")["split"] == chosen.set_index("image_id").loc[meta["image_id"], "split"]
+            .to_numpy()).all() and len(meta) == 9
+    assert (meta.set_index("image_id")["dx"] == chosen.set_index("image_id").loc[meta["image_id"], "label"]
+            .to_numpy()).all()
+    assert "no collection named 'Challenge 2017: Trianing'" in str(exc.value)
+    assert "similar: " in str(exc.value) and "Challenge 2017: Training" in str(exc.value)
+    assert fetch_data.collection_split("ISIC 2019: Training") == "train"
+    assert fetch_data.collection_split("HAM10000") is None
+
+
 @pytest.mark.parametrize("fault, words", [("404", "HTTP 404"), ("401", "access denied"), ("403", "access denied"),
                                           ("503", "HTTP 503")])
 def test_http_errors_end_with_one_line(ham_sample, tmp_path, fault, words):
@@ -172,15 +198,20 @@ def md5(body):
 
 
 def dataverse_release(sample):
-    """The official layout: two image zips and a metadata table (HAM10000 columns)."""
+    """The official layout: two image zips, the lesion masks' zip (600x450 PNGs in a folder, from
+    ham10000_full) and a metadata table (HAM10000 columns)."""
     half = len(sample) // 2
     parts = [zip_bytes({f"{r.image_id}.jpg": (HAM / r.filename).read_bytes() for r in rows.itertuples()})
              for rows in (sample[:half], sample[half:])]
+    masks = zip_bytes({f"HAM10000_segmentations_lesion_tschandl/{i}_segmentation.png":
+                       (HAM_FULL / "masks" / f"{i}_segmentation.png").read_bytes() for i in sample["image_id"]})
     metadata = sample.rename(columns={"label": "dx"})[["lesion_id", "image_id", "dx", "dx_type", "age", "sex",
                                                       "localization"]].to_csv(index=False).encode()
     return [{"id": 11, "name": "HAM10000_images_part_1.zip", "body": parts[0], "md5": md5(parts[0]), "tabular": False},
             {"id": 12, "name": "HAM10000_images_part_2.zip", "body": parts[1], "md5": md5(parts[1]), "tabular": False},
-            {"id": 13, "name": "HAM10000_metadata.csv", "body": metadata, "md5": md5(metadata), "tabular": True}]
+            {"id": 13, "name": "HAM10000_metadata.csv", "body": metadata, "md5": md5(metadata), "tabular": True},
+            {"id": 14, "name": "HAM10000_segmentations_lesion_tschandl.zip", "body": masks, "md5": md5(masks),
+             "tabular": False}]
 
 
 def fetch_dataverse(remote, out):
@@ -205,6 +236,12 @@ def test_dataverse_release_is_verified_unpacked_and_imported(ham_sample, tmp_pat
     by_id = ham_sample.set_index("image_id")
     assert (meta.set_index("image_id")["dx"] == by_id.loc[meta["image_id"], "label"].values).all()
     assert (meta.groupby("lesion_id")["split"].nunique() == 1).all()
+    # the lesion masks came too: one per image, at the image's size, 0 or 255
+    import cv2
+    for row in meta.itertuples():
+        mask = cv2.imread(str(tmp_path / row.mask), cv2.IMREAD_GRAYSCALE)
+        image = cv2.imread(str(tmp_path / row.filename))
+        assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 255}
 
 
 def test_dataverse_listing_must_agree_with_the_published_md5(ham_sample, tmp_path):

@@ -134,3 +134,34 @@ def test_evaluate_and_predict_prepare_images_as_the_model_was_trained(evaluated_
     off, on = pd.read_csv(tmp_path / "off.csv"), pd.read_csv(tmp_path / "on.csv")
     np.testing.assert_allclose(off["malignancy_prob"], expected.loc[hairy, "prob"], atol=1e-5)
     assert not np.allclose(off["malignancy_prob"], on["malignancy_prob"], atol=1e-5)
+
+
+def test_a_dataset_of_two_sources_is_scored_per_source_too(evaluated_run, synthetic_cache, tmp_path):
+    """The synthetic cache relabelled as two sources: metrics_by_source.csv holds each source's
+    metrics, the same as scoring that source alone with --source."""
+    import shutil
+    from sklearn.metrics import roc_auc_score
+    cache = tmp_path / "two_sources"
+    shutil.copytree(synthetic_cache, cache)
+    index = pd.read_csv(cache / "index.csv")
+    index["source"] = np.where(np.arange(len(index)) % 3 == 0, "clinic_a", "clinic_b")
+    index.to_csv(cache / "index.csv", index=False)
+    evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--cache", str(cache), "--out-dir",
+                                       str(tmp_path / "both"), "--bootstrap", "50"]))
+    by_source = pd.read_csv(tmp_path / "both" / "metrics_by_source.csv")
+    probs = pd.read_csv(tmp_path / "both" / "test_probs.csv").merge(index[["image_id", "source"]], on="image_id")
+    assert sorted(by_source["source"].unique()) == ["clinic_a", "clinic_b"]
+    for name, rows in probs.groupby("source"):
+        mine = by_source[by_source["source"] == name]
+        assert (mine["n"] == len(rows)).all()
+        assert mine["roc_auc"].iloc[0] == pytest.approx(roc_auc_score(rows["label"], rows["prob"]))
+    evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--cache", str(cache), "--source", "clinic_a",
+                                       "--out-dir", str(tmp_path / "a"), "--bootstrap", "50"]))
+    alone = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    pd.testing.assert_frame_equal(alone, by_source[by_source["source"] == "clinic_a"].drop(columns="source")
+                                  .reset_index(drop=True))
+    assert not (tmp_path / "a" / "metrics_by_source.csv").exists()
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--cache", str(cache), "--source", "clinic_c",
+                                           "--out-dir", str(tmp_path / "c")]))
+    assert "has no source 'clinic_c' (its sources: clinic_a, clinic_b)" in str(exc.value)

@@ -123,13 +123,97 @@ def test_only_split_imports_the_given_splits_and_reads_no_other(tmp_path):
     assert sorted(meta["image_id"]) == sorted(chosen.loc[chosen["split"] != "test", "image_id"])
     assert set(meta["split"]) == {"val"}
     assert len(list((out / "images").iterdir())) == 6  # the test images were not copied
-    chosen.drop(columns="split").to_csv(tmp_path / "no_split.csv", index=False)
-    with pytest.raises(SystemExit) as exc:
-        fetch_data.main(fetch_data.parse_args(["--from-dir", str(SHARED_DATA / "isic2017"), "--labels",
-                                               str(tmp_path / "no_split.csv"), "--only-split", "test",
-                                               "--out", str(tmp_path / "x")]))
-    assert "no_split.csv" in str(exc.value) and "'split'" in str(exc.value)
     with pytest.raises(SystemExit) as exc:
         fetch_data.main(fetch_data.parse_args(["--synthetic", "30", "--only-split", "val", "--out",
                                                str(tmp_path / "y")]))
     assert "--only-split" in str(exc.value)
+
+
+HAM_FULL = SHARED_DATA / "ham10000_full"
+
+
+def import_from(*args):
+    fetch_data.main(fetch_data.parse_args([str(a) for a in args]))
+
+
+def test_given_test_split_is_kept_and_the_rest_split_into_train_and_val_with_masks(tmp_path):
+    """A slice of ham10000_full: its given test lesions stay test, the others go to train and val
+    only; every expert mask (600x450) arrives at its image's size."""
+    import cv2
+    import preprocess
+    out = tmp_path / "hamfull"
+    import_from("--from-dir", HAM_FULL, "--limit", "150", "--out", out)
+    meta = pd.read_csv(out / "metadata.csv")
+    labels = pd.read_csv(HAM_FULL / "labels.csv").head(150).set_index("image_id").loc[meta["image_id"]]
+    given_test = labels["split"].eq("test").to_numpy()
+    assert given_test.sum() > 10 and (meta["split"].to_numpy()[given_test] == "test").all()
+    assert set(meta["split"][~given_test]) == {"train", "val"}
+    assert (meta.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert set(meta["source"]) == {"ham10000_full"} and (meta["lesion_id"] == labels["lesion_id"].to_numpy()).all()
+    for row in meta.head(20).itertuples():
+        mask = cv2.imread(str(out / row.mask), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == cv2.imread(str(out / row.filename)).shape[:2] == (150, 200)
+        expert = cv2.imread(str(HAM_FULL / labels.loc[row.image_id, "mask"]), cv2.IMREAD_GRAYSCALE)
+        expert = cv2.resize(expert, (200, 150), interpolation=cv2.INTER_AREA) >= 128
+        assert preprocess.dice_jaccard(mask > 0, expert)[0] > 0.99
+
+
+def write_labels(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder / "labels.csv"
+
+
+def test_a_split_that_is_none_or_a_lesion_in_two_splits_names_the_file_and_row(tmp_path):
+    labels = write_labels(tmp_path / "a", {"image_id": ["A", "B", "C"], "label": "nv", "lesion_id": ["L1", "L1", "L2"],
+                                           "split": ["train", "", "holdout"]})
+    with pytest.raises(SystemExit) as exc:
+        import_from("--from-dir", tmp_path / "a", "--out", tmp_path / "o")
+    assert str(exc.value) == (f"error: {labels}: line 4: split 'holdout' is not train, val or test (or empty: "
+                              "split lesion-level)")
+    write_labels(tmp_path / "a", {"image_id": ["A", "B", "C"], "label": "nv", "lesion_id": ["L1", "L1", "L2"],
+                                  "split": ["train", "test", ""]})
+    with pytest.raises(SystemExit) as exc:
+        import_from("--from-dir", tmp_path / "a", "--out", tmp_path / "o")
+    assert str(labels) in str(exc.value)
+    assert "lesion L1 has images in more than one split (test, train)" in str(exc.value)
+    assert not (tmp_path / "o" / "metadata.csv").exists()
+
+
+def test_an_image_of_a_lesion_without_a_split_follows_its_lesion():
+    df = pd.DataFrame({"image_id": ["A", "B", "C"], "dx": "nv", "lesion_id": ["L1", "L1", None],
+                       "split": ["test", None, ""]})
+    out = fetch_data.given_splits(df, "labels.csv")
+    assert out["split"].tolist()[:2] == ["test", "test"] and pd.isna(out["split"].iloc[2])
+    assert out["lesion_id"].tolist() == ["L1", "L1", "C"]
+
+
+def test_two_sources_make_one_dataset_with_their_ids_kept_apart(tmp_path):
+    out = tmp_path / "ham+isic2017"
+    import_from("--from-dir", HAM_FULL, SHARED_DATA / "isic2017", "--limit", "40", "--out", out)
+    meta = pd.read_csv(out / "metadata.csv")
+    assert meta["source"].value_counts().to_dict() == {"ham10000_full": 40, "isic2017": 40}
+    isic = meta[meta["source"] == "isic2017"].set_index("image_id")
+    given = pd.read_csv(SHARED_DATA / "isic2017" / "labels.csv").set_index("image_id").loc[isic.index]
+    assert (isic["split"] == given["split"]).all()  # ISIC 2017's official splits, as given
+    assert meta["lesion_id"].str.startswith(tuple(f"{s}:" for s in meta["source"].unique())).all()
+    assert meta["mask"].notna().sum() == 40  # only HAM10000 brings masks
+    # two copies of one image (the same HAM10000 image in two folders) end the import
+    write_labels(tmp_path / "one", {"image_id": ["ISIC_1", "ISIC_2"], "label": "nv"})
+    second = write_labels(tmp_path / "two", {"image_id": ["ISIC_3", "ISIC_1"], "label": "mel"})
+    with pytest.raises(SystemExit) as exc:
+        import_from("--from-dir", tmp_path / "one", tmp_path / "two", "--out", tmp_path / "o")
+    assert str(exc.value) == (f"error: {second}: image_id ISIC_1 is in source one too: the same image twice? "
+                              "Import one copy")
+
+
+def test_only_split_chooses_assigned_splits_too(tmp_path):
+    """ham10000_full's train and val without reading a test image: the split is drawn from the
+    labels alone, so it is the same with --only-split as without."""
+    import_from("--from-dir", HAM_FULL, "--limit", "150", "--out", tmp_path / "all")
+    import_from("--from-dir", HAM_FULL, "--limit", "150", "--only-split", "train", "val",
+                "--out", tmp_path / "trainval")
+    whole = pd.read_csv(tmp_path / "all" / "metadata.csv")
+    part = pd.read_csv(tmp_path / "trainval" / "metadata.csv")
+    assert part.equals(whole[whole["split"] != "test"].reset_index(drop=True))
+    assert len(list((tmp_path / "trainval" / "images").iterdir())) == len(part)

@@ -221,6 +221,9 @@ def test_score_masks_on_synthetic_ground_truth(synthetic_data, synthetic_cache, 
     scores = pd.read_csv(synthetic_cache / "segmentation_scores.csv")
     assert summary["images"] == len(scores) == 240
     assert summary["mean_dice"] == pytest.approx(scores["dice"].mean())
+    for dx, group in scores.groupby("dx"):
+        assert summary["by_dx"][dx]["mean_dice"] == pytest.approx(group["dice"].mean())
+    assert sum(s["images"] for s in summary["by_split"].values()) == 240
     assert summary["mean_dice"] > 0.9 and summary["share_jaccard_below_0.65"] < 0.05
     assert (scores["jaccard"] <= scores["dice"] + 1e-12).all()
     for sheet in ("worst_overlays.png", "overlays.png"):
@@ -235,9 +238,9 @@ def test_segmentation_meets_its_targets_on_ph2(tmp_path):
     data = tmp_path / "ph2"
     fetch_data.main(fetch_data.parse_args(["--from-dir", str(SHARED_DATA / "ph2"), "--out", str(data),
                                            "--assign-split", "test"]))
-    preprocess.main(preprocess.parse_args(["--data", str(data), "--img-size", "32", "--out", str(tmp_path / "c"),
-                                           "--score-masks", str(SHARED_DATA / "ph2" / "masks")]))
+    # no --score-masks: the expert masks came with the data (labels.csv's mask column)
+    preprocess.main(preprocess.parse_args(["--data", str(data), "--img-size", "32", "--out", str(tmp_path / "c")]))
     summary = json.loads((tmp_path / "c" / "segmentation_summary.json").read_text())
-    assert summary["images"] == 100
+    assert summary["images"] == 100 and summary["by_dx"]["mel"]["images"] == 20
     assert summary["mean_dice"] >= 0.88
     assert summary["share_jaccard_below_0.65"] <= 0.10
