@@ -18,6 +18,7 @@ INPUT         ?= full
 HAIR          ?= on
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
+FETCH_FLAGS   ?=
 TEST_SOURCE   ?=
 MEMBERS       ?=
 SHARED        ?= ../shared/data
@@ -64,7 +65,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
-	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR)
+	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR) $(FETCH_FLAGS)
 
 cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv | $(PY_DEPS)
 	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
@@ -210,4 +211,4 @@ help:  ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		HAIR TARGET_RECALL TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		HAIR TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

@@ -563,7 +563,7 @@ def fetch_isic(args):
     with atomic_path(args.out / "attribution.txt") as tmp:
         tmp.write_text("".join(f"{n} images: {a} ({lic})\n" for (a, lic), n in attribution.items()))
     df.insert(0, "source", "isic")
-    readable = import_rows(given_splits(df, search), {"isic": args.out}, args.out)
+    readable = import_rows(given_splits(df, search).assign(root_dir=str(args.out)), args.out)
     for filename in set(df["filename"]) - set(readable["filename"]):
         (args.out / filename).unlink(missing_ok=True)  # corrupt: fetched again on the next run
     return readable
@@ -631,7 +631,7 @@ def fetch_dataverse(args):
             done.touch()
     df = read_source(raw, raw / labels, args.limit, masks_dir=raw / Path(masks).stem if masks else None)
     df["source"] = "dataverse"
-    return import_rows(df, {"dataverse": raw}, args.out, link=True)
+    return import_rows(df, args.out, link=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +737,10 @@ def read_source(root, labels_path=None, limit=None, masks_dir=None):
         masks = masks_by_image_id(masks_dir, df["image_id"])
         df["mask"] = [(masks_dir / masks[i]).relative_to(root).as_posix() if i in masks else np.nan
                       for i in df["image_id"]]
-    df.insert(0, "source", source_name(root))
+    # a labels file of our own (a dataset made of several sources) keeps its source column
+    given = df.pop("source").astype(object) if "source" in df.columns else pd.Series(np.nan, index=df.index)
+    df.insert(0, "source", given.where(given.notna() & (given.astype(str) != ""), source_name(root)).astype(str))
+    df["root_dir"] = str(root)  # where the files are, until import_rows has copied them
     df.attrs["labels"] = labels_path
     return df
 
@@ -747,18 +750,22 @@ def combine_sources(tables):
     image twice, as with two copies of HAM10000), lesion ids are kept apart by their source's name."""
     if len(tables) == 1:
         return tables[0]
-    names = [t["source"].iloc[0] for t in tables]
-    if len(set(names)) < len(names):
-        fail("--from-dir", f"two sources are named {max(names, key=names.count)}; give folders of different names")
-    seen = {}
+    seen_sources, seen_images = {}, {}
     for table in tables:
-        for image_id in table["image_id"]:
-            if image_id in seen:
-                fail(table.attrs["labels"], f"image_id {image_id} is in source {seen[image_id]} too: the same image "
-                     "twice? Import one copy")
-            seen[image_id] = table["source"].iloc[0]
+        for name in table["source"].unique():
+            if name in seen_sources:
+                fail(table.attrs["labels"], f"source {name} is also {seen_sources[name]}'s; give folders of "
+                     "different names")
+            seen_sources[name] = table["root_dir"].iloc[0]
+        for image_id, name in zip(table["image_id"], table["source"]):
+            if image_id in seen_images:
+                fail(table.attrs["labels"], f"image_id {image_id} is in source {seen_images[image_id]} too: the same "
+                     "image twice? Import one copy")
+            seen_images[image_id] = name
     combined = pd.concat(tables, ignore_index=True)
-    combined["lesion_id"] = combined["source"] + ":" + combined["lesion_id"]
+    prefix = combined["source"] + ":"
+    kept_apart = [lesion.startswith(p) for lesion, p in zip(combined["lesion_id"], prefix)]
+    combined["lesion_id"] = combined["lesion_id"].where(kept_apart, prefix + combined["lesion_id"])
     return combined
 
 
@@ -771,14 +778,14 @@ def imported_mask(mask_path, shape, target):
     write_png(target, (mask >= 0.5).astype(np.uint8) * 255)
 
 
-def import_rows(df, roots, out_dir, link=False):
+def import_rows(df, out_dir, link=False):
     """Check, then copy (or hard-link, for our own downloads) each row's image into out_dir/images
     and its mask, resized to the image, into out_dir/masks. Unreadable images are reported and
     left out; an unreadable mask is reported and its image imported without one."""
     images, masks, problems = [], [], []
     has_masks = "mask" in df.columns
     for row in tqdm(df.itertuples(), total=len(df), desc="importing images"):
-        root = roots[row.source]
+        root = Path(row.root_dir)
         source = root / row.filename
         try:
             if not source.is_file():
@@ -814,7 +821,7 @@ def import_rows(df, roots, out_dir, link=False):
         print(f"skipped {problem}")
     if problems:
         print(f"skipped {len(problems)} of {len(df)} images")
-    df = df.assign(filename=images, **({"mask": masks} if has_masks else {}))
+    df = df.assign(filename=images, **({"mask": masks} if has_masks else {})).drop(columns="root_dir")
     if df["filename"].isna().all():
         fail(out_dir, "none of the images could be read")
     return df[df["filename"].notna()].copy()
@@ -835,14 +842,13 @@ def main(args):
     if args.synthetic is not None:
         df = make_synthetic(args.synthetic, args.out, args.image_size, args.image_size * 3 // 4, args.seed)
     elif args.from_dir is not None:
-        roots = {source_name(root): root for root in args.from_dir}
         df = combine_sources([read_source(root, args.labels, args.limit) for root in args.from_dir])
         df = finish_metadata(df, args, assign=False)
         if args.only_split:  # chosen from labels alone: the other images are never opened
             df = df[df["split"].isin(args.only_split)]
             if df.empty:
                 fail(args.from_dir[0], f"has no row in split {', '.join(args.only_split)}")
-        df = import_rows(df, roots, args.out)
+        df = import_rows(df, args.out)
     elif args.source == "isic":
         df = fetch_isic(args)
     else:

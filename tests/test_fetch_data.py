@@ -198,6 +198,11 @@ def test_two_sources_make_one_dataset_with_their_ids_kept_apart(tmp_path):
     assert (isic["split"] == given["split"]).all()  # ISIC 2017's official splits, as given
     assert meta["lesion_id"].str.startswith(tuple(f"{s}:" for s in meta["source"].unique())).all()
     assert meta["mask"].notna().sum() == 40  # only HAM10000 brings masks
+    # the dataset imported again (a copy moved elsewhere, say) keeps its sources, lesions and splits
+    import_from("--from-dir", out, "--out", tmp_path / "again")
+    again = pd.read_csv(tmp_path / "again" / "metadata.csv")
+    for column in ("image_id", "source", "lesion_id", "split", "dx", "mask"):
+        assert again[column].equals(meta[column]), column
     # two copies of one image (the same HAM10000 image in two folders) end the import
     write_labels(tmp_path / "one", {"image_id": ["ISIC_1", "ISIC_2"], "label": "nv"})
     second = write_labels(tmp_path / "two", {"image_id": ["ISIC_3", "ISIC_1"], "label": "mel"})
