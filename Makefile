@@ -16,6 +16,7 @@ LOSS          ?= wbce
 AUG           ?= full
 INPUT         ?= full
 HAIR          ?= on
+SEGMENTER     ?= classical
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
 FETCH_FLAGS   ?=
@@ -33,8 +34,15 @@ PY_DEPS := $(VENV)/.installed
 endif
 
 DATA_DIR := data/$(DATA)
-# caches of another hair removal than the default live beside it (preprocess.py's default names)
-CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))
+SEG_DATA   ?= hamfull
+SEG_FROM   ?= $(SHARED)/ham10000_full
+SEG_EPOCHS ?= 10
+SEG_RUN    ?= runs/segmenter
+# config.json is written when the segmenter's training ends (model.pt already after its first epoch)
+SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(SEG_RUN)/config.json)
+# caches of another hair removal or segmenter than the default live beside it (preprocess.py's
+# default names)
+CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)
 CACHE    := cache/$(DATA)_$(IMG_SIZE)$(CACHE_SUFFIX)
 RUN_DIR  := runs/$(RUN)
 
@@ -46,7 +54,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess train threshold validate evaluate source-test external external-val study hair-study demo test \
+.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -67,8 +75,18 @@ $(VENV)/.installed: requirements.txt
 $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR) $(FETCH_FLAGS)
 
-cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv | $(PY_DEPS)
-	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
+cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
+	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) \
+		$(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_RUN)/model.pt) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
+
+# The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
+# masks, its epoch chosen on the val split (train_segmenter.py).
+segmenter: $(SEG_RUN)/config.json  ## train the U-Net lesion segmenter on ham10000_full's masks (SEGMENTER=unet uses it)
+
+$(SEG_RUN)/config.json: | $(PY_DEPS)
+	$(MAKE) data/$(SEG_DATA)/metadata.csv DATA=$(SEG_DATA) FROM_DIR=$(SEG_FROM)
+	$(PYTHON) train_segmenter.py --data data/$(SEG_DATA) --run-dir $(SEG_RUN) --epochs $(SEG_EPOCHS) \
+		$(if $(wildcard $(SEG_RUN)/last.pt),--resume)
 
 ifeq ($(MEMBERS),)
 # val_probs.csv is written when training ends (model.pt already after the first epoch), so an
@@ -211,4 +229,4 @@ help:  ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		HAIR TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		HAIR SEGMENTER SEG_RUN TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

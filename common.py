@@ -533,9 +533,10 @@ def apply_mask(rgb, mask):
 def preprocess_settings(cache_key):
     """The arguments of preprocess_image that a cache was built with, from its cache_key.json (a
     model's checkpoint holds its training cache's). Keys written before hair removal was a setting
-    used the legacy hair mask."""
+    used the legacy hair mask; before the segmenter was, the classical one."""
     return {"img_size": cache_key["img_size"], "work_size": cache_key["work_size"],
-            "crop_margin": cache_key["crop_margin"], "hair_removal": cache_key.get("hair_removal", "legacy")}
+            "crop_margin": cache_key["crop_margin"], "hair_removal": cache_key.get("hair_removal", "legacy"),
+            "segmenter": cache_key.get("segmenter_model"), "segmenter_sha256": cache_key.get("segmenter_sha256")}
 
 
 def working_image(rgb, work_size):
@@ -549,12 +550,18 @@ def working_image(rgb, work_size):
     return rgb, scale
 
 
-def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on"):
+def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", segmenter=None,
+                     segmenter_sha256=None):
     """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
-    segmentation at a working resolution, then the cached arrays and the index values."""
+    segmentation at a working resolution, then the cached arrays and the index values. With a
+    segmenter checkpoint the U-Net segments, and the classical recipe where its mask is implausible."""
     rgb, scale = working_image(read_rgb(path), work_size)
     clean, hair = remove_hair(rgb, hair_removal)
-    mask, plausible = lesion_mask(clean)
+    plausible = False
+    if segmenter is not None:
+        mask, plausible = learned_lesion_mask(clean, segmenter, segmenter_sha256)
+    if not plausible:
+        mask, plausible = lesion_mask(clean)
     x0, y0, x1, y1 = crop_box(mask, crop_margin)
     return {
         "image": resize_to(clean, img_size),
@@ -661,6 +668,114 @@ def load_checkpoint(path):
     model.load_state_dict(checkpoint["model"])
     model.eval()
     return model, checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# the learned segmenter
+
+SEGMENTER_ARCH = "unet_efficientnet_lite0"
+# (width, height) the network sees: close to the 4:3 dermoscopy frame, and divisible by 32 for the
+# encoder's five halvings
+SEGMENTER_SIZE = (160, 128)
+SEGMENTERS = ("classical", "unet")
+
+
+def build_segmenter(pretrained=True):
+    """A U-Net for lesion masks: EfficientNet-Lite0 (its packaged ImageNet weights) as the encoder,
+    segmentation-models-pytorch's U-Net decoder and head. Returns (model, normalisation); the model
+    maps N x 3 x H x W images to N x 1 x H x W logits (H, W multiples of 32)."""
+    import torch
+    from segmentation_models_pytorch.base import SegmentationHead
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+
+    backbone, normalisation = build_model("efficientnet_lite0", 1, pretrained)
+    blocks = backbone._blocks
+    # a stage ends where the next block halves the resolution; the last block ends the last stage
+    halving = [i for i, block in enumerate(blocks) if max(block._depthwise_conv.stride) == 2]
+    channels = [3] + [blocks[i - 1]._block_args.output_filters for i in halving] + \
+        [blocks[-1]._block_args.output_filters]
+
+    class LiteEncoder(torch.nn.Module):
+        """The image and the feature map at each resolution, 1/2 to 1/32 (no classifier head)."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(backbone._conv_stem, backbone._bn0, backbone._swish)
+            self.blocks = blocks
+
+        def forward(self, x):
+            features = [x]
+            x = self.stem(x)
+            for i, block in enumerate(self.blocks):
+                if i in halving:
+                    features.append(x)
+                x = block(x)
+            return features + [x]
+
+    class LiteUnet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = LiteEncoder()
+            self.decoder = UnetDecoder(encoder_channels=channels, decoder_channels=(128, 64, 32, 16, 16), n_blocks=5)
+            self.head = SegmentationHead(16, 1, kernel_size=3)
+
+        def forward(self, x):
+            return self.head(self.decoder(self.encoder(x)))
+
+    return LiteUnet(), normalisation
+
+
+def load_segmenter(path, sha256=None):
+    """A segmenter checkpoint written by train_segmenter.py, in eval mode; with sha256, only the
+    very file a cache was built with (another would segment differently)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(path, "segmenter checkpoint not found (train_segmenter.py writes it; make segmenter)")
+    if sha256 is not None and file_digest(path) != sha256:
+        fail(path, f"is not the segmenter this cache or model was made with (sha256 {sha256[:12]}...); "
+             "restore that file or rebuild the cache")
+    checkpoint = load_torch_file(path, "segmenter checkpoint")
+    if checkpoint.get("arch") != SEGMENTER_ARCH or "model" not in checkpoint:
+        fail(path, f"not a {SEGMENTER_ARCH} checkpoint of train_segmenter.py")
+    model, _ = build_segmenter(pretrained=False)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        fail(path, f"does not fit the {SEGMENTER_ARCH} network ({str(e).splitlines()[0][:120]})")
+    return model.eval(), checkpoint
+
+
+def segmenter_logits(model, images_uint8, normalisation):
+    """Logits (N x H x W float32) of N x H x W x 3 uint8 images already at the network's size."""
+    import torch
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(to_model_tensor(images_uint8, normalisation).to(device)).float()[:, 0].cpu().numpy()
+
+
+_LOADED_SEGMENTERS = {}  # (path, sha256) -> (model, checkpoint): each process loads a segmenter once
+
+
+def learned_lesion_mask(rgb, segmenter, segmenter_sha256):
+    """The U-Net's lesion mask at rgb's size: the largest component of its probability > 0.5, holes
+    filled. Returns (mask, plausible) as lesion_mask does; an implausible mask (under 0.5% or over
+    95% of the image) is for the caller to replace with the classical one."""
+    import cv2
+    from scipy import ndimage
+    key = (str(segmenter), segmenter_sha256)
+    if key not in _LOADED_SEGMENTERS:
+        _LOADED_SEGMENTERS[key] = load_segmenter(segmenter, segmenter_sha256)
+    model, checkpoint = _LOADED_SEGMENTERS[key]
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, tuple(checkpoint["input_size"]), interpolation=cv2.INTER_AREA)
+    logits = segmenter_logits(model, small[None], checkpoint["normalisation"])[0]
+    mask = cv2.resize(logits, (w, h), interpolation=cv2.INTER_LINEAR) > 0
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count < 2:
+        return np.ones((h, w), bool), False
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    mask = ndimage.binary_fill_holes(labels == largest)
+    return mask, bool(0.005 <= mask.mean() <= 0.95)
 
 
 ENSEMBLE_FILE = "members.json"
@@ -808,6 +923,30 @@ def predict_probs(model, images_uint8, normalisation, device, task="binary", bat
                 classes.append(class_probs.cpu())
     malignant = torch.cat(malignant).numpy() if malignant else np.zeros(0)
     return malignant, (torch.cat(classes).numpy() if classes else None)
+
+
+def cosine_with_warmup(optimizer, warmup_steps, total_steps):
+    """Linear warm-up to the optimiser's learning rate, then cosine decay to zero, per step."""
+    import torch
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(precision, device):
+    """The dtype for torch.autocast, or None for plain fp32."""
+    import torch
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            return torch.bfloat16  # native bf16: measured 2x for resnet18 on such a CPU
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def prepare_model(model, device):

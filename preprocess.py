@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (ArgumentParser, CACHE_ARRAYS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, check_names, fail,
-                    file_digest, lock_output, masks_by_image_id, number_in, preprocess_image, preprocess_settings,
-                    read_csv, read_json, read_mask, read_rgb, save_image_grid, write_csv, write_json, write_png)
+from common import (ArgumentParser, CACHE_ARRAYS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, SEGMENTERS, check_names,
+                    fail, file_digest, load_segmenter, lock_output, masks_by_image_id, number_in, preprocess_image,
+                    preprocess_settings, read_csv, read_json, read_mask, read_rgb, save_image_grid, write_csv,
+                    write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -59,6 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--hair-removal", choices=HAIR_REMOVAL_MODES, default="on",
                    help="on: inpaint hair-shaped structures only (default); legacy: every thin dark structure, "
                         "as the first study did (pigment network too); off: leave the images as they are")
+    p.add_argument("--segmenter", choices=SEGMENTERS, default="classical",
+                   help="classical: the morphology recipe (default); unet: the learned segmenter of "
+                        "train_segmenter.py, with the classical recipe where its mask is implausible")
+    p.add_argument("--segmenter-model", type=Path, default=Path("runs/segmenter/model.pt"),
+                   help="the learned segmenter's checkpoint, for --segmenter unet")
     p.add_argument("--workers", type=number_in(int, 1), default=os.cpu_count(), help="processes (1: no pool)")
     p.add_argument("--score-masks", type=Path, metavar="DIR",
                    help="score the masks against ground truth in DIR (default: the dataset's mask column)")
@@ -72,6 +78,9 @@ def _worker(job):
     import cv2
     cv2.setNumThreads(1)  # the pool already uses every core
     image_id, path, settings = job
+    if settings["segmenter"] is not None:
+        import torch
+        torch.set_num_threads(1)
     try:
         return image_id, preprocess_image(path, **settings), None
     except SystemExit as e:  # read_rgb's one-line error
@@ -81,9 +90,13 @@ def _worker(job):
 
 
 def cache_key(args, metadata_path):
-    return {"pipeline_version": PIPELINE_VERSION, "img_size": args.img_size,
-            "work_size": args.work_size, "crop_margin": args.crop_margin, "hair_removal": args.hair_removal,
-            "metadata_sha256": file_digest(metadata_path)}
+    key = {"pipeline_version": PIPELINE_VERSION, "img_size": args.img_size,
+           "work_size": args.work_size, "crop_margin": args.crop_margin, "hair_removal": args.hair_removal,
+           "segmenter": args.segmenter, "metadata_sha256": file_digest(metadata_path)}
+    if args.segmenter == "unet":
+        load_segmenter(args.segmenter_model)  # a missing or foreign file ends here, before any work
+        key.update(segmenter_model=str(args.segmenter_model), segmenter_sha256=file_digest(args.segmenter_model))
+    return key
 
 
 def allocated_array(path, shape):
@@ -265,7 +278,8 @@ def main(args):
     metadata_path = args.data / "metadata.csv"
     metadata = read_csv(metadata_path, METADATA_COLUMNS)
     check_names(metadata, metadata_path)  # image ids name the mask files; filenames are read
-    suffix = "" if args.hair_removal == "on" else f"_hair-{args.hair_removal}"
+    suffix = ("" if args.hair_removal == "on" else f"_hair-{args.hair_removal}") + \
+        ("_unet" if args.segmenter == "unet" else "")
     out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
     key = cache_key(args, metadata_path)
     lock_output(out_dir)

@@ -31,10 +31,10 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, balanced_accuracy_7, build_model, fail,
-                    git_commit, load_cache, load_torch_file, lock_output, model_inputs, number_in, pick_device,
-                    predict_probs, prepare_model, ranking_metrics, read_json, save_checkpoint, to_model_tensor,
-                    write_csv, write_json)
+from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, autocast_dtype, balanced_accuracy_7, build_model,
+                    cosine_with_warmup, fail, git_commit, load_cache, load_torch_file, lock_output, model_inputs,
+                    number_in, pick_device, predict_probs, prepare_model, ranking_metrics, read_json, save_checkpoint,
+                    to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -157,26 +157,6 @@ def epoch_order(targets, sampler, seed, epoch):
         weights = (1.0 / counts)[targets]
         return torch.multinomial(weights, len(targets), replacement=True, generator=generator)
     return torch.randperm(len(targets), generator=generator)
-
-
-def cosine_with_warmup(optimizer, warmup_steps, total_steps):
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_dtype(precision, device):
-    """The dtype for torch.autocast, or None for plain fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-            return torch.bfloat16  # native bf16: measured 2x for resnet18 on such a CPU
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def train_one_epoch(model, images, targets, order, criterion, optimizer, scheduler, scaler, augment, noise, hue,
