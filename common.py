@@ -557,11 +557,11 @@ def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", 
     segmenter checkpoint the U-Net segments, and the classical recipe where its mask is implausible."""
     rgb, scale = working_image(read_rgb(path), work_size)
     clean, hair = remove_hair(rgb, hair_removal)
-    plausible = False
+    plausible, source = False, "unet"
     if segmenter is not None:
         mask, plausible = learned_lesion_mask(clean, segmenter, segmenter_sha256)
     if not plausible:
-        mask, plausible = lesion_mask(clean)
+        (mask, plausible), source = lesion_mask(clean), "classical"
     x0, y0, x1, y1 = crop_box(mask, crop_margin)
     return {
         "image": resize_to(clean, img_size),
@@ -569,7 +569,7 @@ def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", 
         "mask_small": (resize_to(mask.astype(np.uint8), img_size) > 0).astype(np.uint8),
         "mask": mask.astype(np.uint8) * 255,
         "mask_area": float(mask.mean()), "hair_fraction": float(hair.mean()),
-        "mask_ok": int(plausible),
+        "mask_ok": int(plausible), "mask_source": source,
         # the box in the original image's pixels, for users who crop the full-size image
         "crop_x0": round(x0 / scale), "crop_y0": round(y0 / scale),
         "crop_x1": round(x1 / scale), "crop_y1": round(y1 / scale),
@@ -753,7 +753,15 @@ def segmenter_logits(model, images_uint8, normalisation):
         return model(to_model_tensor(images_uint8, normalisation).to(device)).float()[:, 0].cpu().numpy()
 
 
-_LOADED_SEGMENTERS = {}  # (path, sha256) -> (model, checkpoint): each process loads a segmenter once
+_LOADED_SEGMENTERS = {}  # (path, sha256) -> (model, checkpoint)
+
+
+def loaded_segmenter(path, sha256):
+    """load_segmenter, once per process: every image of a run is segmented by the same model."""
+    key = (str(path), sha256)
+    if key not in _LOADED_SEGMENTERS:
+        _LOADED_SEGMENTERS[key] = load_segmenter(path, sha256)
+    return _LOADED_SEGMENTERS[key]
 
 
 def learned_lesion_mask(rgb, segmenter, segmenter_sha256):
@@ -762,10 +770,7 @@ def learned_lesion_mask(rgb, segmenter, segmenter_sha256):
     95% of the image) is for the caller to replace with the classical one."""
     import cv2
     from scipy import ndimage
-    key = (str(segmenter), segmenter_sha256)
-    if key not in _LOADED_SEGMENTERS:
-        _LOADED_SEGMENTERS[key] = load_segmenter(segmenter, segmenter_sha256)
-    model, checkpoint = _LOADED_SEGMENTERS[key]
+    model, checkpoint = loaded_segmenter(segmenter, segmenter_sha256)
     h, w = rgb.shape[:2]
     small = cv2.resize(rgb, tuple(checkpoint["input_size"]), interpolation=cv2.INTER_AREA)
     logits = segmenter_logits(model, small[None], checkpoint["normalisation"])[0]

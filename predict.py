@@ -20,8 +20,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, check_writable, ensemble_probs, fail, load_run_models,
-                    pick_device, preprocess_image, preprocess_settings, read_rgb, read_thresholds, shown, write_csv,
-                    write_png)
+                    loaded_segmenter, pick_device, preprocess_image, preprocess_settings, read_rgb, read_thresholds,
+                    shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -88,6 +88,8 @@ def main(args):
     if any(s != settings[0] for s in settings):
         fail(args.run, "its models were trained on differently preprocessed images; predict with each on its own")
     settings = settings[0]
+    if settings["segmenter"] is not None:  # missing or changed: one line now, not a skip per image
+        loaded_segmenter(settings["segmenter"], settings["segmenter_sha256"])
     thresholds = read_thresholds(args.run)
     if args.operating_point not in thresholds:
         fail(args.run / "thresholds.json", f"has no operating point '{args.operating_point}' "
