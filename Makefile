@@ -207,7 +207,7 @@ demo:  ## the whole pipeline on synthetic images, a few minutes on 2 CPU cores
 test: | $(PY_DEPS)  ## run the test suite
 	$(PYTHON) -m pytest -q tests
 
-bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (minutes; results under cache/ and bench/results/)
+bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --out data/hamfull
 	$(PYTHON) preprocess.py --data data/hamfull --img-size 224
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
@@ -217,6 +217,12 @@ bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (minutes; result
 	$(PYTHON) bench/hair_removal.py --shared $(SHARED) --out bench/results/hair_removal
 	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
 	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
+	$(MAKE) segmenter
+	$(PYTHON) preprocess.py --data data/hamfull --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt
+	$(PYTHON) preprocess.py --data data/ph2 --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt
+	$(PYTHON) bench/segmenter.py --data data/hamfull --split test --classical cache/hamfull_224 \
+		--unet cache/hamfull_224_unet --name hamfull_test --model $(SEG_RUN)/model.pt
+	$(PYTHON) bench/segmenter.py --data data/ph2 --classical cache/ph2_224 --unet cache/ph2_224_unet --name ph2
 
 clean:  ## remove caches, runs and synthetic data (keeps downloaded data and the venv)
 	rm -rf cache runs data/synthetic

@@ -954,6 +954,16 @@ def autocast_dtype(precision, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def optimisation_step(loss, optimizer, scaler, scheduler):
+    """Back-propagate loss and step the optimiser (through the gradient scaler fp16 needs), then
+    the learning-rate schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def prepare_model(model, device):
     """Move a model to its device in the memory layout its inputs come in."""
     import torch

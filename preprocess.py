@@ -7,9 +7,14 @@ cache/<dataset>_<img-size>) holding:
   crops.npy              square lesion crops with a margin, N x S x S x 3 uint8
   masks.npy              lesion masks at S x S, N x S x S uint8 (0/1), for masked input
   index.csv              image_id, lesion_id, dx, malignant, split, row (into the arrays),
-                         mask_area, hair_fraction, mask_ok, crop_x0, crop_y0, crop_x1, crop_y1
+                         mask_area, hair_fraction, mask_ok, mask_source (unet or classical),
+                         crop_x0, crop_y0, crop_x1, crop_y1
   cache_key.json         every setting that changes the content; an unchanged key redoes nothing
 Images that cannot be read are reported by name and left out of index.csv.
+
+Segmentation (--segmenter) is the classical recipe (blue channel, Otsu, morphology), or the
+U-Net of train_segmenter.py (--segmenter unet --segmenter-model FILE) with the classical recipe
+where the learned mask is implausible; the cache key holds the checkpoint's SHA-256.
 
 Hair removal (--hair-removal) inpaints only hair-shaped dark structures: long and thin, spanning
 rather than folding into a mesh, so pigment network, dots, globules and streaks stay as they are.
@@ -25,6 +30,7 @@ cases: ground truth green, ours red) go into the cache folder.
 ground truth.
 
 Examples: python preprocess.py --data data/hamfull --img-size 224
+          python preprocess.py --data data/hamfull --segmenter unet --segmenter-model runs/segmenter/model.pt
           python preprocess.py --data data/ph2 --score-masks ../shared/data/ph2/masks
 """
 import multiprocessing

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, autocast_dtype, balanced_accuracy_7, build_model,
                     cosine_with_warmup, fail, git_commit, load_cache, load_torch_file, lock_output, model_inputs,
-                    number_in, pick_device, predict_probs, prepare_model, ranking_metrics, read_json, save_checkpoint,
-                    to_model_tensor, write_csv, write_json)
+                    number_in, optimisation_step, pick_device, predict_probs, prepare_model, ranking_metrics,
+                    read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -174,11 +174,7 @@ def train_one_epoch(model, images, targets, order, criterion, optimizer, schedul
         y = batch_targets(criterion, targets[idx]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimisation_step(loss, optimizer, scaler, scheduler)
         total += loss.item() * len(idx)
         seen += len(idx)
         bar.set_postfix(loss=f"{total / seen:.4f}")

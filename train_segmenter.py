@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype, build_segmenter,
-                    cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, number_in, pick_device,
-                    prepare_model, read_csv, read_mask, read_rgb, save_checkpoint, segmenter_logits, write_csv,
-                    write_json)
+from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype,
+                    build_segmenter, cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, number_in,
+                    optimisation_step, pick_device, prepare_model, read_csv, read_mask, read_rgb, save_checkpoint,
+                    segmenter_logits, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -186,11 +186,7 @@ def main(args):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x).float()
             loss = dice_bce_loss(logits, y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimisation_step(loss, optimizer, scaler, scheduler)
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
