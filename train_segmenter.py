@@ -15,7 +15,6 @@ contrast, colour balance, noise. The loss is BCE + soft Dice.
 
 Example: python train_segmenter.py --data data/hamfull --run-dir runs/segmenter
 """
-import copy
 import math
 import os
 import time
@@ -147,7 +146,7 @@ def main(args):
     checkpoint_base = {"arch": SEGMENTER_ARCH, "input_size": list(SEGMENTER_SIZE), "normalisation": normalisation,
                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
-    history, best_dice, best_state, start_epoch = [], -1.0, None, 0
+    history, best_dice, start_epoch = [], -1.0, 0
     if args.resume:
         last_path = args.run_dir / "last.pt"
         if not last_path.is_file():
@@ -155,7 +154,7 @@ def main(args):
         last = load_torch_file(last_path, "checkpoint")
         best = load_torch_file(args.run_dir / "model.pt", "checkpoint (the best epoch, needed beside last.pt)")
         try:
-            best_state = best["model"]
+            model.load_state_dict(best["model"])  # only to check that the best epoch's file fits too
             model.load_state_dict(last["model"])
             optimizer.load_state_dict(last["optimizer"])
             scheduler.load_state_dict(last["scheduler"])
@@ -199,8 +198,8 @@ def main(args):
               f"Jaccard < 0.65 {scores['val_share_jaccard_below_0.65']:.1%}  {history[-1]['seconds']:.0f}s  "
               f"{speed:.0f} img/s")
         if scores["val_dice"] > best_dice:
-            best_dice, best_state = scores["val_dice"], copy.deepcopy(model.state_dict())
-            save_checkpoint({**checkpoint_base, "model": best_state, "epoch": epoch + 1, **scores},
+            best_dice = scores["val_dice"]
+            save_checkpoint({**checkpoint_base, "model": model.state_dict(), "epoch": epoch + 1, **scores},
                             args.run_dir / "model.pt")
         save_checkpoint({**checkpoint_base, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng_state": torch.get_rng_state(), "epoch": epoch,

@@ -159,11 +159,16 @@ def test_hair_mask_finds_long_hairs_and_leaves_pigment_network_dots_and_globules
     assert not common.remove_hair(image, "off")[1].any() and (common.remove_hair(image, "off")[0] == image).all()
 
 
-def test_cache_keys_from_before_the_hair_removal_setting_mean_the_legacy_mask():
+def test_cache_keys_from_before_a_setting_mean_what_was_done_then():
+    """Keys older than the hair removal setting used the legacy mask; older than the segmenter
+    setting, the classical segmentation."""
     old = {"pipeline_version": 3, "img_size": 224, "work_size": 384, "crop_margin": 0.15, "metadata_sha256": "x"}
     assert common.preprocess_settings(old) == {"img_size": 224, "work_size": 384, "crop_margin": 0.15,
-                                               "hair_removal": "legacy"}
+                                               "hair_removal": "legacy", "segmenter": None,
+                                               "segmenter_sha256": None}
     assert common.preprocess_settings({**old, "hair_removal": "off"})["hair_removal"] == "off"
+    unet = common.preprocess_settings({**old, "segmenter": "unet", "segmenter_model": "s.pt", "segmenter_sha256": "y"})
+    assert (unet["segmenter"], unet["segmenter_sha256"]) == ("s.pt", "y")
 
 
 def test_implausible_image_is_flagged_and_uses_the_whole_image():
