@@ -17,6 +17,7 @@ AUG           ?= full
 INPUT         ?= full
 HAIR          ?= on
 SEGMENTER     ?= classical
+COLOUR        ?= none
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
 FETCH_FLAGS   ?=
@@ -42,7 +43,8 @@ SEG_RUN    ?= runs/segmenter
 SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(SEG_RUN)/config.json)
 # caches of another hair removal or segmenter than the default live beside it (preprocess.py's
 # default names)
-CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)
+CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)$(if \
+	$(filter shades_of_gray,$(COLOUR)),_sog)
 CACHE    := cache/$(DATA)_$(IMG_SIZE)$(CACHE_SUFFIX)
 RUN_DIR  := runs/$(RUN)
 
@@ -76,7 +78,7 @@ $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR) $(FETCH_FLAGS)
 
 cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
-	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) \
+	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --colour-constancy $(COLOUR) \
 		$(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_RUN)/model.pt) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
 
 # The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
@@ -235,4 +237,4 @@ help:  ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		HAIR SEGMENTER SEG_RUN TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		HAIR SEGMENTER SEG_RUN COLOUR TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

@@ -530,13 +530,29 @@ def apply_mask(rgb, mask):
     return rgb * mask[..., None].astype(rgb.dtype)
 
 
+COLOUR_CONSTANCY = ("none", "shades_of_gray")
+
+
+def shades_of_gray(rgb, p=6):
+    """Shades of Gray colour constancy (Finlayson and Trezzi, 2004; p = 6 as the ISIC 2018 and 2019
+    winners used): the light's colour is estimated as each channel's Minkowski p-mean, and the
+    channels are scaled so that it becomes neutral grey of the same brightness. Another
+    dermatoscope's colour cast then looks like HAM10000's neutral light."""
+    image = rgb.astype(np.float32)
+    light = np.power(np.mean(np.power(image, p), axis=(0, 1)), 1 / p)
+    gains = light.mean() / np.maximum(light, 1e-6)
+    return np.clip(image * gains, 0, 255).astype(np.uint8)
+
+
 def preprocess_settings(cache_key):
     """The arguments of preprocess_image that a cache was built with, from its cache_key.json (a
     model's checkpoint holds its training cache's). Keys written before hair removal was a setting
-    used the legacy hair mask; before the segmenter was, the classical one."""
+    used the legacy hair mask; before the segmenter was, the classical one; before colour constancy
+    was, none."""
     return {"img_size": cache_key["img_size"], "work_size": cache_key["work_size"],
             "crop_margin": cache_key["crop_margin"], "hair_removal": cache_key.get("hair_removal", "legacy"),
-            "segmenter": cache_key.get("segmenter_model"), "segmenter_sha256": cache_key.get("segmenter_sha256")}
+            "segmenter": cache_key.get("segmenter_model"), "segmenter_sha256": cache_key.get("segmenter_sha256"),
+            "colour_constancy": cache_key.get("colour_constancy", "none")}
 
 
 def working_image(rgb, work_size):
@@ -551,10 +567,11 @@ def working_image(rgb, work_size):
 
 
 def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", segmenter=None,
-                     segmenter_sha256=None):
+                     segmenter_sha256=None, colour_constancy="none"):
     """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
     segmentation at a working resolution, then the cached arrays and the index values. With a
-    segmenter checkpoint the U-Net segments, and the classical recipe where its mask is implausible."""
+    segmenter checkpoint the U-Net segments, and the classical recipe where its mask is implausible.
+    Colour constancy, where asked, changes the cached images and crops, not the segmentation."""
     rgb, scale = working_image(read_rgb(path), work_size)
     clean, hair = remove_hair(rgb, hair_removal)
     plausible, source = False, "unet"
@@ -563,6 +580,8 @@ def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", 
     if not plausible:
         (mask, plausible), source = lesion_mask(clean), "classical"
     x0, y0, x1, y1 = crop_box(mask, crop_margin)
+    if colour_constancy == "shades_of_gray":  # what the classifier sees; the masks come from the colours as taken
+        clean = shades_of_gray(clean)
     return {
         "image": resize_to(clean, img_size),
         "crop": resize_to(clean[y0:y1, x0:x1], img_size),

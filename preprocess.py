@@ -12,6 +12,9 @@ cache/<dataset>_<img-size>) holding:
   cache_key.json         every setting that changes the content; an unchanged key redoes nothing
 Images that cannot be read are reported by name and left out of index.csv.
 
+--colour-constancy shades_of_gray neutralises each image's colour cast (Shades of Gray, p = 6) in
+the cached images and crops, the same in predict.py for a model trained on such a cache.
+
 Segmentation (--segmenter) is the classical recipe (blue channel, Otsu, morphology), or the
 U-Net of train_segmenter.py (--segmenter unet --segmenter-model FILE) with the classical recipe
 where the learned mask is implausible; the cache key holds the checkpoint's SHA-256.
@@ -44,10 +47,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (ArgumentParser, CACHE_ARRAYS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, SEGMENTERS, check_names,
-                    fail, file_digest, load_segmenter, lock_output, masks_by_image_id, number_in, preprocess_image,
-                    preprocess_settings, read_csv, read_json, read_mask, read_rgb, save_image_grid, write_csv,
-                    write_json, write_png)
+from common import (ArgumentParser, CACHE_ARRAYS, COLOUR_CONSTANCY, HAIR_REMOVAL_MODES, METADATA_COLUMNS, SEGMENTERS,
+                    check_names, fail, file_digest, load_segmenter, lock_output, masks_by_image_id, number_in,
+                    preprocess_image, preprocess_settings, read_csv, read_json, read_mask, read_rgb, save_image_grid,
+                    write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -71,6 +74,9 @@ def parse_args(argv=None):
                         "train_segmenter.py, with the classical recipe where its mask is implausible")
     p.add_argument("--segmenter-model", type=Path, default=Path("runs/segmenter/model.pt"),
                    help="the learned segmenter's checkpoint, for --segmenter unet")
+    p.add_argument("--colour-constancy", choices=COLOUR_CONSTANCY, default="none",
+                   help="shades_of_gray: neutralise each image's colour cast (Shades of Gray, p = 6) in the "
+                        "cached images and crops")
     p.add_argument("--workers", type=number_in(int, 1), default=os.cpu_count(), help="processes (1: no pool)")
     p.add_argument("--score-masks", type=Path, metavar="DIR",
                    help="score the masks against ground truth in DIR (default: the dataset's mask column)")
@@ -98,7 +104,8 @@ def _worker(job):
 def cache_key(args, metadata_path):
     key = {"pipeline_version": PIPELINE_VERSION, "img_size": args.img_size,
            "work_size": args.work_size, "crop_margin": args.crop_margin, "hair_removal": args.hair_removal,
-           "segmenter": args.segmenter, "metadata_sha256": file_digest(metadata_path)}
+           "segmenter": args.segmenter, "colour_constancy": args.colour_constancy,
+           "metadata_sha256": file_digest(metadata_path)}
     if args.segmenter == "unet":
         load_segmenter(args.segmenter_model)  # a missing or foreign file ends here, before any work
         key.update(segmenter_model=str(args.segmenter_model), segmenter_sha256=file_digest(args.segmenter_model))
@@ -285,7 +292,8 @@ def main(args):
     metadata = read_csv(metadata_path, METADATA_COLUMNS)
     check_names(metadata, metadata_path)  # image ids name the mask files; filenames are read
     suffix = ("" if args.hair_removal == "on" else f"_hair-{args.hair_removal}") + \
-        ("_unet" if args.segmenter == "unet" else "")
+        ("_unet" if args.segmenter == "unet" else "") + \
+        ("_sog" if args.colour_constancy == "shades_of_gray" else "")
     out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
     key = cache_key(args, metadata_path)
     lock_output(out_dir)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from sklearn import metrics as skm
 
 import common
@@ -161,11 +162,11 @@ def test_hair_mask_finds_long_hairs_and_leaves_pigment_network_dots_and_globules
 
 def test_cache_keys_from_before_a_setting_mean_what_was_done_then():
     """Keys older than the hair removal setting used the legacy mask; older than the segmenter
-    setting, the classical segmentation."""
+    setting, the classical segmentation; older than colour constancy, none."""
     old = {"pipeline_version": 3, "img_size": 224, "work_size": 384, "crop_margin": 0.15, "metadata_sha256": "x"}
     assert common.preprocess_settings(old) == {"img_size": 224, "work_size": 384, "crop_margin": 0.15,
                                                "hair_removal": "legacy", "segmenter": None,
-                                               "segmenter_sha256": None}
+                                               "segmenter_sha256": None, "colour_constancy": "none"}
     assert common.preprocess_settings({**old, "hair_removal": "off"})["hair_removal"] == "off"
     unet = common.preprocess_settings({**old, "segmenter": "unet", "segmenter_model": "s.pt", "segmenter_sha256": "y"})
     assert (unet["segmenter"], unet["segmenter_sha256"]) == ("s.pt", "y")
@@ -208,3 +209,16 @@ def test_efficientnet_lite_loads_real_imagenet_weights(arch):
         top5 = model.eval()(common.to_model_tensor(cat, normalisation)).topk(5).indices[0].tolist()
     assert set(top5) & {281, 282, 283, 284, 285}, top5
     assert top5[0] in {281, 282, 283, 284, 285}
+
+
+def test_shades_of_gray_undoes_a_colour_cast_and_leaves_a_grey_light():
+    image = common.read_rgb(SHARED_DATA / "ham10000_224" / "images" / "ISIC_0024306.jpg")
+    cast = (image * np.array([0.9, 0.75, 0.6])).astype(np.uint8)  # another camera's light, no clipping
+    corrected, original = common.shades_of_gray(cast).astype(float), common.shades_of_gray(image).astype(float)
+    # the same image up to brightness: the cast is gone
+    ratio = corrected.reshape(-1, 3).mean(axis=0) / original.reshape(-1, 3).mean(axis=0)
+    assert ratio.max() / ratio.min() < 1.03
+    light = np.power(np.mean(np.power(corrected, 6), axis=(0, 1)), 1 / 6)
+    assert light.max() / light.min() < 1.03
+    cast_light = np.power(np.mean(np.power(cast.astype(float), 6), axis=(0, 1)), 1 / 6)
+    assert cast_light.max() / cast_light.min() > 1.3  # the test's cast was a real one

@@ -244,3 +244,13 @@ def test_segmentation_meets_its_targets_on_ph2(tmp_path):
     assert summary["images"] == 100 and summary["by_dx"]["mel"]["images"] == 20
     assert summary["mean_dice"] >= 0.88
     assert summary["share_jaccard_below_0.65"] <= 0.10
+
+
+def test_colour_constancy_changes_the_cached_images_not_the_masks(synthetic_data, synthetic_cache, tmp_path):
+    out = tmp_path / "synthetic_64_sog"
+    preprocess.main(preprocess.parse_args(["--data", str(synthetic_data), "--img-size", "64", "--out", str(out),
+                                           "--colour-constancy", "shades_of_gray", "--workers", "2"]))
+    assert json.loads((out / "cache_key.json").read_text())["colour_constancy"] == "shades_of_gray"
+    plain, corrected = common.load_cache(synthetic_cache)[1], common.load_cache(out)[1]
+    assert (plain["mask"] == corrected["mask"]).all()
+    assert not (plain["full"] == corrected["full"]).all() and not (plain["crop"] == corrected["crop"]).all()
