@@ -56,7 +56,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study hair-study demo test \
+.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -194,6 +194,21 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 	$(call study_stage,12_lite2_wbce_aug_224,efficientnet_lite2,wbce,full,full,224,)
 	$(call study_ensemble,13_ensemble_all_wbce,$(STUDY_WBCE_2_TO_5) 10_wbce_aug_long 11_lite2_wbce_aug 12_lite2_wbce_aug_224)
 	$(PYTHON) bench/study.py --runs runs/study --out bench/results/study --plots docs/results
+
+# Study, second edition (README "Study, second edition: protocol"). Stage S screens levers cheaply
+# on validation only: ham10000_full's val split and ISIC 2017 train+val (external validation); no
+# test split and no PH2 image is read. $(1) arm name, $(2) input, $(3) segmenter, $(4) colour constancy
+STUDY2_FROM ?= $(SHARED)/ham10000_full
+screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) IMG_SIZE=224 EPOCHS=3 \
+	RUN=study2/screen/$(1) ARCH=efficientnet_lite0 LOSS=wbce AUG=full INPUT=$(2) SEGMENTER=$(3) COLOUR=$(4) \
+	TRAIN_FLAGS="--img-size 128 --seed 0"
+STUDY2_SCREEN = S1_full S2_full_sog S3_crop_unet S4_crop_unet_sog
+study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on validation and ISIC 2017 train+val (about 25 min)
+	$(call screen_run,S1_full,full,classical,none)
+	$(call screen_run,S2_full_sog,full,classical,shades_of_gray)
+	$(call screen_run,S3_crop_unet,crop,unet,none)
+	$(call screen_run,S4_crop_unet_sog,crop,unet,shades_of_gray)
+	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/study2/screen/,$(STUDY2_SCREEN)) --out bench/results/study2_screen
 
 # Hair removal judged by what it does to the diagnosis: stage 3's recipe (the study's best single
 # recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on
