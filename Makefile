@@ -249,7 +249,7 @@ distclean: clean  ## also remove all data and the virtual environment
 
 help:  ## list targets and variables
 	@echo "targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
 		HAIR SEGMENTER SEG_RUN COLOUR TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
