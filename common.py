@@ -454,6 +454,8 @@ def remove_hair(rgb, mode="on"):
 # How much a component loses for each share of the image border it covers. 2 removed the
 # shading rings picked on HAM10000 overlay sheets and left PH2's Dice unchanged (0.907 vs 0.905).
 BORDER_PENALTY = 2.0
+# A lesion mask covering less or more than this share of the image is no plausible lesion.
+PLAUSIBLE_AREA = (0.005, 0.95)
 
 
 def lesion_mask(rgb):
@@ -504,8 +506,7 @@ def lesion_mask(rgb):
     if best is None:
         return np.ones((h, w), bool), False
     mask = ndimage.binary_fill_holes(labels == best)  # regression areas inside are lesion too
-    area = mask.mean()
-    if area < 0.005 or area > 0.95:
+    if not PLAUSIBLE_AREA[0] <= mask.mean() <= PLAUSIBLE_AREA[1]:
         return np.ones((h, w), bool), False
     return mask, True
 
@@ -785,8 +786,8 @@ def loaded_segmenter(path, sha256):
 
 def learned_lesion_mask(rgb, segmenter, segmenter_sha256):
     """The U-Net's lesion mask at rgb's size: the largest component of its probability > 0.5, holes
-    filled. Returns (mask, plausible) as lesion_mask does; an implausible mask (under 0.5% or over
-    95% of the image) is for the caller to replace with the classical one."""
+    filled. Returns (mask, plausible) as lesion_mask does; an implausible mask (an area outside
+    PLAUSIBLE_AREA) is for the caller to replace with the classical one."""
     import cv2
     from scipy import ndimage
     model, checkpoint = loaded_segmenter(segmenter, segmenter_sha256)
@@ -799,7 +800,7 @@ def learned_lesion_mask(rgb, segmenter, segmenter_sha256):
         return np.ones((h, w), bool), False
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     mask = ndimage.binary_fill_holes(labels == largest)
-    return mask, bool(0.005 <= mask.mean() <= 0.95)
+    return mask, bool(PLAUSIBLE_AREA[0] <= mask.mean() <= PLAUSIBLE_AREA[1])
 
 
 ENSEMBLE_FILE = "members.json"

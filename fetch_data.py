@@ -497,10 +497,9 @@ def collection_split(name):
     return None
 
 
-def isic_rows(args, collection, search, seen):
-    """The rows of one collection's images that have a HAM10000 diagnosis; ids already in `seen`
-    (an earlier collection) are left out, unless that collection gave them another split."""
-    split = collection_split(collection["name"]) if args.collection else None
+def isic_rows(args, collection, split, search, seen):
+    """The rows of one collection's images (all given `split`) that have a HAM10000 diagnosis; ids
+    already in `seen` (an earlier collection) are left out, unless that collection gave them another split."""
     rows, unmapped = [], []
     for image in tqdm(paginate(search, args.retries), desc="listing images", unit="image"):
         isic_id = str(image.get("isic_id"))
@@ -542,7 +541,7 @@ def fetch_isic(args):
         print(f"ISIC Archive collection {collection['id']}: {collection['name']}"
               + (f" (split {split})" if split else ""))
         search = urllib.parse.urljoin(args.api_url, f"images/search/?collections={collection['id']}&limit=100")
-        rows += isic_rows(args, collection, search, seen)
+        rows += isic_rows(args, collection, split, search, seen)
         if args.limit and len(seen) >= args.limit:
             break
     if not rows:

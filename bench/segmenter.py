@@ -4,7 +4,8 @@ Reads two preprocess caches of one dataset, one built with --segmenter classical
 --segmenter unet (each holds segmentation_scores.csv: preprocess.py scores its masks against the
 dataset's ground truth), keeps the rows of --split, and writes into --out:
   <name>_summary.csv   per segmenter: images, mean Dice, mean Jaccard, share with Jaccard < 0.65,
-                       mask_ok=0 count, the learned masks replaced by the classical ones, per-class Dice
+                       mask_ok=0 count (preprocess.py's summary), the learned masks replaced by the
+                       classical ones, per-class Dice
   <name>_worst.png     each segmenter's worst cases, the two segmenters side by side on each
                        (ground truth green, classical red, U-Net blue)
 and with --model, the network's own speed on 160x128 inputs (<name>_speed.json): one image at a
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (DX_CODES, SEGMENTER_SIZE, atomic_path, load_segmenter, read_csv, read_mask,  # noqa: E402
                     read_rgb, save_image_grid, segmenter_logits, write_csv)
-from preprocess import outlined  # noqa: E402
+from preprocess import outlined, segmentation_summary  # noqa: E402
 
 GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 96, 255)
 
@@ -54,9 +55,7 @@ def scores_of(cache, split):
 
 
 def summary_row(name, scores):
-    row = {"segmenter": name, "images": len(scores), "mean_dice": scores["dice"].mean(),
-           "mean_jaccard": scores["jaccard"].mean(), "share_jaccard_below_0.65": (scores["jaccard"] < 0.65).mean(),
-           "mask_ok_0": int((scores["mask_ok"] == 0).sum()),
+    row = {"segmenter": name, **segmentation_summary(scores),
            "classical_fallback": int((scores["mask_source"] == "classical").sum()) if name == "unet" else np.nan}
     for dx in DX_CODES:
         mine = scores[scores["dx"] == dx]

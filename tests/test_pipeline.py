@@ -21,8 +21,9 @@ import train
 SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "ensemble.py", "threshold.py", "evaluate.py", "predict.py"]
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_script(script, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -36,8 +37,8 @@ def test_every_script_has_help(script):
                                   ["threshold.py", "--run", "no/such/run"],
                                   ["ensemble.py", "--run-dir", "unused", "no/such/run1", "no/such/run2"],
                                   ["evaluate.py", "--run", "no/such/run"]])
-def test_missing_input_is_a_one_line_error(args):
-    out = run_script(*args)
+def test_missing_input_is_a_one_line_error(args, tmp_path):
+    out = run_script(*args, cwd=tmp_path)  # a run's lock file lands beside its folder: not in the repo
     assert out.returncode == 1
     assert out.stderr.startswith("error: no/such/") and out.stderr.count("\n") == 1, out.stderr
 
