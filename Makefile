@@ -56,7 +56,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen hair-study demo test \
+.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen study2-levers hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -209,6 +209,27 @@ study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on 
 	$(call screen_run,S3_crop_unet,crop,unet,none)
 	$(call screen_run,S4_crop_unet_sog,crop,unet,shades_of_gray)
 	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/study2/screen/,$(STUDY2_SCREEN)) --out bench/results/study2_screen
+
+# Stage T: the remaining levers, each one change to S4's recipe; T4 trains on a second source, so it
+# is scored on ISIC 2017's val images (not its train ones) beside S4. $(1) arm, $(2) arch, $(3) loss,
+# $(4) more train.py flags
+STUDY2_S4 := runs/study2/screen/S4_crop_unet_sog
+lever_run = $(MAKE) validate $(if $(5),,external-val) DATA=$(if $(5),ham+isic2017,hamfull) \
+	FROM_DIR="$(STUDY2_FROM) $(5)" IMG_SIZE=224 EPOCHS=3 RUN=study2/levers/$(1) ARCH=$(2) LOSS=$(3) AUG=full \
+	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 128 --seed 0 $(4)"
+isic2017_val = $(PYTHON) evaluate.py --run $(1) --cache cache/ham+isic2017_224_unet_sog --split val --source isic2017 \
+	--out-dir $(1)/isic2017_val
+STUDY2_LEVERS = T1_meta T2_lite1 T3_7class
+study2-levers: | $(PY_DEPS)  ## study, 2nd edition, stage T: metadata, Lite1, 7-class trunk, second source (validation only)
+	$(call lever_run,T1_meta,efficientnet_lite0,wbce,--metadata)
+	$(call lever_run,T2_lite1,efficientnet_lite1,wbce)
+	$(call lever_run,T3_7class,efficientnet_lite0,ce,--task multiclass --class-weights balanced)
+	$(call lever_run,T4_isic_train,efficientnet_lite0,wbce,,$(SHARED)/isic2017)
+	$(call isic2017_val,$(STUDY2_S4))
+	$(call isic2017_val,runs/study2/levers/T4_isic_train)
+	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) $(addprefix runs/study2/levers/,$(STUDY2_LEVERS)) \
+		--out bench/results/study2_levers
+	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) runs/study2/levers/T4_isic_train --out bench/results/study2_second_source
 
 # Hair removal judged by what it does to the diagnosis: stage 3's recipe (the study's best single
 # recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on

