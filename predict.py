@@ -9,7 +9,8 @@ scored, and mask_ok is 0), threshold, mask_area, mask_ok, for 7-class models pro
 and with --overlay DIR the name of each image's PNG there (lesion outline and decision; numbered
 where images in different folders share a name). Unreadable files, and images too small or too
 narrow to hold a lesion, are reported by name and skipped. The output folders are checked for
-writing before any image is read.
+writing before any image is read. A model trained with --metadata also reads --age, --sex and
+--site (the same for every image given); without them it scores the image alone.
 
 Example: python predict.py --run runs/lite0 photos/ --operating-point recall_target --overlay overlays/
 """
@@ -19,9 +20,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, check_writable, ensemble_probs, fail, load_run_models,
-                    loaded_segmenter, pick_device, preprocess_image, preprocess_settings, read_rgb, read_thresholds,
-                    shown, write_csv, write_png)
+from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, SEXES, SITES, check_writable, ensemble_probs, fail,
+                    load_run_models, loaded_segmenter, metadata_features, number_in, pick_device, preprocess_image,
+                    preprocess_settings, read_rgb, read_thresholds, shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -34,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="CSV to write (default <run>/predictions.csv)")
     p.add_argument("--overlay", type=Path, metavar="DIR", help="write a PNG per image with outline and decision")
     p.add_argument("--tta", action="store_true", help="average over flips and rotations (as evaluate.py --tta)")
+    p.add_argument("--age", type=number_in(float, 0, 120), help="patient's age, for models trained with --metadata")
+    p.add_argument("--sex", choices=SEXES, help="patient's sex, for models trained with --metadata")
+    p.add_argument("--site", choices=SITES, metavar="SITE",
+                   help=f"anatomical site, for models trained with --metadata: {', '.join(SITES)}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -102,6 +107,7 @@ def main(args):
     if not files:
         fail(" ".join(map(shown, args.images)), "no images found")
 
+    metadata = metadata_features(pd.DataFrame({"age": [args.age], "sex": [args.sex], "localization": [args.site]}))
     rows, skipped = [], 0
     for path, overlay_name in zip(tqdm(files, desc="predicting"), overlay_names(files)):
         try:
@@ -111,7 +117,7 @@ def main(args):
             skipped += 1
             continue
         arrays = {"full": prepared["image"][None], "crop": prepared["crop"][None], "mask": prepared["mask_small"][None]}
-        probs, class_probs = ensemble_probs(models, arrays, [0], device, tta=args.tta)
+        probs, class_probs = ensemble_probs(models, arrays, [0], device, tta=args.tta, metadata=metadata)
         decision = "malignant" if probs[0] >= threshold else "benign"
         # no plausible lesion (a blank image, a photo of something else): the model's score is no diagnosis
         row = {"file": shown(path), "malignancy_prob": float(probs[0]),

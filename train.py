@@ -4,7 +4,7 @@ Reads the cache of preprocess.py (index.csv with train/val splits, images.npy, c
 Writes into the run folder:
   model.pt        the best epoch by validation ROC-AUC (binary) or balanced accuracy (multiclass):
                   weights plus everything needed to rebuild the model and its preprocessing
-                  (arch, task, normalisation, input form, image size)
+                  (arch, task, normalisation, input form, image size, whether it reads metadata)
   last.pt         the latest epoch with optimiser, scheduler and RNG state, for --resume
   history.csv     epoch, train_loss, val_loss, val_auc, val_bal_acc, lr, seconds, images_per_s
   val_probs.csv   image_id, lesion_id, dx, label (1 = malignant), prob (malignancy), and for
@@ -32,9 +32,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, autocast_dtype, balanced_accuracy_7, build_model,
-                    cosine_with_warmup, fail, git_commit, load_cache, load_torch_file, lock_output, model_inputs,
-                    number_in, optimisation_step, pick_device, predict_probs, prepare_model, ranking_metrics,
-                    read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
+                    cosine_with_warmup, fail, git_commit, hide_metadata, load_cache, load_torch_file, lock_output,
+                    metadata_features, model_inputs, number_in, optimisation_step, pick_device, predict_probs,
+                    prepare_model, ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -59,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--aug", default="full", choices=["none", "basic", "full"],
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise")
     p.add_argument("--input", default="full", choices=INPUTS, help="whole image, masked, or lesion crop")
+    p.add_argument("--metadata", action="store_true",
+                   help="also feed age, sex and anatomical site (index.csv's age, sex, localization), where known")
+    p.add_argument("--hide-metadata", type=number_in(float, 0, 1), default=0.25, metavar="P",
+                   help="with --metadata, hide each field of a training image with probability P, so the "
+                   "model also scores images without it")
     p.add_argument("--img-size", type=number_in(int, 32), help="train at this size (default: the cache's)")
     p.add_argument("--epochs", type=number_in(int, 1), default=10)
     p.add_argument("-b", "--batch-size", type=number_in(int, 1), default=32, help="total over all processes")
@@ -159,8 +164,8 @@ def epoch_order(targets, sampler, seed, epoch):
     return torch.randperm(len(targets), generator=generator)
 
 
-def train_one_epoch(model, images, targets, order, criterion, optimizer, scheduler, scaler, augment, noise, hue,
-                    normalisation, device, dtype, batch_size, epoch, epochs, show_progress):
+def train_one_epoch(model, images, metadata, targets, order, criterion, optimizer, scheduler, scaler, augment, noise,
+                    hue, hide, normalisation, device, dtype, batch_size, epoch, epochs, show_progress):
     """One pass over `order` (this process's shard); returns (mean loss, images per second)."""
     model.train()
     total, seen, started = 0.0, 0, time.perf_counter()
@@ -172,8 +177,9 @@ def train_one_epoch(model, images, targets, order, criterion, optimizer, schedul
             continue
         x = augment_batch(images[idx], augment, normalisation, noise, hue).to(device, non_blocking=True)
         y = batch_targets(criterion, targets[idx]).to(device, non_blocking=True)
+        extra = {} if metadata is None else {"metadata": hide_metadata(metadata[idx], hide).to(device)}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = criterion(model(x).float(), y)
+            loss = criterion(model(x, **extra).float(), y)
         optimisation_step(loss, optimizer, scaler, scheduler)
         total += loss.item() * len(idx)
         seen += len(idx)
@@ -181,10 +187,10 @@ def train_one_epoch(model, images, targets, order, criterion, optimizer, schedul
     return total / max(1, seen), seen / (time.perf_counter() - started)
 
 
-def validate(model, images, rows, normalisation, device, task):
+def validate(model, images, metadata, rows, normalisation, device, task):
     """Validation probabilities and scores. The selection score is ROC-AUC of the malignancy
     probability (binary) or balanced accuracy over the 7 classes (multiclass)."""
-    probs, class_probs = predict_probs(model, images, normalisation, device, task)
+    probs, class_probs = predict_probs(model, images, normalisation, device, task, metadata=metadata)
     labels = rows["malignant"].to_numpy()
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     scores = {"val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))),  # unweighted
@@ -232,9 +238,11 @@ def main(args):
     img_size = args.img_size or arrays["full"].shape[1]
     train_images = torch.from_numpy(model_inputs(arrays, train_rows["row"], args.input, img_size))
     val_images = model_inputs(arrays, val_rows["row"], args.input, img_size)
+    train_metadata = torch.from_numpy(metadata_features(train_rows)) if args.metadata else None
+    val_metadata = metadata_features(val_rows) if args.metadata else None
 
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
-    model, normalisation = build_model(args.arch, num_outputs, args.pretrained, args.weights)
+    model, normalisation = build_model(args.arch, num_outputs, args.pretrained, args.weights, args.metadata)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
     dtype = autocast_dtype(args.precision, device)
@@ -252,7 +260,7 @@ def main(args):
     checkpoint_base = {
         "arch": args.arch, "num_outputs": num_outputs, "normalisation": normalisation, "task": args.task,
         "classes": list(DX_CODES) if args.task == "multiclass" else ["benign", "malignant"],
-        "input": args.input, "img_size": img_size, "loss": args.loss,
+        "input": args.input, "img_size": img_size, "loss": args.loss, "metadata": args.metadata,
         "preprocess": read_json(args.cache / "cache_key.json"),  # how predict.py must prepare new images
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
@@ -283,18 +291,19 @@ def main(args):
         args.run_dir.mkdir(parents=True, exist_ok=True)
         print(f"training {args.arch} ({args.task}, {args.loss}) on {len(train_images)} images "
               f"({int(train_rows['malignant'].sum())} malignant), validating on {len(val_images)}; {img_size}px "
-              f"{args.input} input, device {device}, {world} process(es), "
+              f"{args.input} input{' with metadata' if args.metadata else ''}, device {device}, {world} process(es), "
               f"{'fp32' if dtype is None else str(dtype).replace('torch.', '')}")
 
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         order = epoch_order(targets, args.sampler, args.seed, epoch)[rank::world]
-        train_loss, speed = train_one_epoch(trained, train_images, targets, order, criterion, optimizer, scheduler,
-                                            scaler, augment, noise, hue, normalisation, device, dtype,
-                                            per_process_batch, epoch=epoch, epochs=args.epochs, show_progress=is_main)
+        train_loss, speed = train_one_epoch(trained, train_images, train_metadata, targets, order, criterion,
+                                            optimizer, scheduler, scaler, augment, noise, hue, args.hide_metadata,
+                                            normalisation, device, dtype, per_process_batch, epoch=epoch,
+                                            epochs=args.epochs, show_progress=is_main)
         stop = torch.zeros(1)
         if is_main:
-            _, _, scores = validate(model, val_images, val_rows, normalisation, device, args.task)
+            _, _, scores = validate(model, val_images, val_metadata, val_rows, normalisation, device, args.task)
             history.append({"epoch": epoch + 1, "train_loss": train_loss, **scores,
                             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1),
                             "images_per_s": round(speed * world, 1)})
@@ -326,7 +335,8 @@ def main(args):
 
     if is_main:
         model.load_state_dict(best_state)
-        probs, class_probs, scores = validate(model, val_images, val_rows, normalisation, device, args.task)
+        probs, class_probs, scores = validate(model, val_images, val_metadata, val_rows, normalisation, device,
+                                              args.task)
         val_out = val_rows[["image_id", "lesion_id", "dx"]].copy()
         val_out["label"], val_out["prob"] = val_rows["malignant"].to_numpy(), probs
         if class_probs is not None:

@@ -255,3 +255,21 @@ def test_colour_constancy_changes_the_cached_images_not_the_masks(synthetic_data
     plain, corrected = common.load_cache(synthetic_cache)[1], common.load_cache(out)[1]
     assert (plain["mask"] == corrected["mask"]).all()
     assert not (plain["full"] == corrected["full"]).all() and not (plain["crop"] == corrected["crop"]).all()
+
+
+def test_recall_bound_keeps_its_margin_and_widens_it_for_few_lesions():
+    """recall_bound's lower 95% bound comes from resampling lesions. 2,000 malignant images whose
+    scores cluster in 20 lesions of 100: counted as 2,000 lesions of one image, the point sits
+    about 1.3 recall points above the target; counted as the 20 lesions they are, images of a
+    lesion rise and fall together and the margin must be far larger. Never above recall_target."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(2000, int), np.zeros(2000, int)]
+    lesion_effect = np.repeat(rng.normal(1.5, 1.0, 20), 100)
+    probs = np.r_[1 / (1 + np.exp(-(lesion_effect + rng.normal(0, 1, 2000)))), rng.beta(2, 5, 2000)]
+    recall_at = {}
+    for name, lesions in {"many": np.arange(4000), "few": np.r_[np.arange(2000) // 100, 100 + np.arange(2000)]}.items():
+        t = threshold.recall_bound_threshold(labels, probs, lesions.astype(str), 0.9, 1000, 0)
+        assert t <= threshold.recall_target_threshold(labels, probs, 0.9)
+        recall_at[name] = common.binary_metrics(labels, probs, t)["recall"]
+    assert 0.905 < recall_at["many"] < 0.925
+    assert recall_at["few"] > recall_at["many"] + 0.02

@@ -124,3 +124,66 @@ def test_torchrun_trains_with_two_cpu_processes(synthetic_cache, tmp_path):
     assert len(pd.read_csv(run / "history.csv")) == 2
     model, checkpoint = common.load_checkpoint(run / "model.pt")
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # loads without DDP
+
+
+def test_metadata_features_encode_what_is_known_and_leave_the_rest_zero():
+    rows = pd.DataFrame({"age": [45.0, None, 200], "sex": ["male", "unknown", "FEMALE"],
+                         "localization": ["back", "unknown", None], "dx_type": ["histo", "histo", "histo"]})
+    features = common.metadata_features(rows)
+    assert features.shape == (3, common.METADATA_SIZE)
+    site = 2 + len(common.SEXES)
+    assert features[0, 0] == pytest.approx(-0.25) and features[0, 1] == 1
+    assert features[0, 2 + common.SEXES.index("male")] == 1 and features[0, site + common.SITES.index("back")] == 1
+    assert features[0].sum() == pytest.approx(-0.25 + 3)
+    assert not features[1].any()  # all unknown: what an image without metadata gets
+    assert features[2, :2].tolist() == [0, 0] and features[2, 2 + common.SEXES.index("female")] == 1
+    # a table without the columns at all (PH2) is all zeros too, and dx_type is never read
+    assert not common.metadata_features(pd.DataFrame({"dx_type": ["histo"]})).any()
+    hidden = common.hide_metadata(torch.ones(2000, common.METADATA_SIZE), 0.25)
+    for _, first, size in common.METADATA_FIELDS:
+        field = hidden[:, first:first + size]
+        assert ((field == 0).all(dim=1) | (field == 1).all(dim=1)).all()  # a field is hidden whole
+        assert 0.2 < (field == 0).all(dim=1).float().mean() < 0.3
+
+
+def test_a_metadata_model_learns_from_metadata_and_scores_images_without_it(synthetic_data, synthetic_cache,
+                                                                             tmp_path):
+    """Age is made to carry the label (malignant images 80, benign 30); the images are the same
+    synthetic ones. A model that fuses metadata ranks validation images far better with their
+    metadata than without it, and evaluate.py and predict.py feed it the metadata too."""
+    import shutil
+
+    import predict
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_cache, cache)
+    index = pd.read_csv(cache / "index.csv")
+    index["age"] = np.where(index["malignant"] == 1, 80.0, 30.0)
+    index["sex"] = "female"
+    index.to_csv(cache / "index.csv", index=False)
+    run = tmp_path / "meta"
+    train.main(train.parse_args(["--cache", str(cache), "--run-dir", str(run), "--arch", "resnet18",
+                                 "--no-pretrained", "--epochs", "6", "--lr", "3e-3", "--aug", "none", "--metadata",
+                                 "--seed", "0"]))
+    model, checkpoint = common.load_checkpoint(run / "model.pt")
+    assert checkpoint["metadata"] is True
+    val = index[index["split"] == "val"]
+    images = common.model_inputs(common.load_cache(cache)[1], val["row"], "full")
+    auc = {}
+    for name, metadata in {"with": common.metadata_features(val), "without": None}.items():
+        probs, _ = common.predict_probs(model, images, checkpoint["normalisation"], torch.device("cpu"),
+                                        metadata=metadata)
+        auc[name] = common.ranking_metrics(val["malignant"], probs)["roc_auc"]
+    assert auc["with"] > 0.85 and auc["with"] > auc["without"] + 0.15, auc
+    threshold.main(threshold.parse_args(["--run", str(run)]))
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--bootstrap", "0"]))
+    assert pd.read_csv(run / "metrics.csv")["roc_auc"].iloc[0] > 0.85
+    # predict.py: the same image is riskier at 80 than at 30, and without an age it still gets a score
+    image = synthetic_data / pd.read_csv(synthetic_data / "metadata.csv")["filename"].iloc[0]
+    probs = {}
+    for name, flags in {"old": ["--age", "80"], "young": ["--age", "30"], "none": []}.items():
+        out = tmp_path / f"{name}.csv"
+        predict.main(predict.parse_args(["--run", str(run), str(image), "--out", str(out), "--sex", "female",
+                                         *flags]))
+        probs[name] = pd.read_csv(out)["malignancy_prob"].iloc[0]
+    assert probs["old"] > probs["young"] + 0.05
+    assert 0 <= probs["none"] <= 1
