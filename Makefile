@@ -56,7 +56,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen study2-levers hair-study demo test \
+.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen study2-levers study2-final study2-test hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -230,6 +230,36 @@ study2-levers: | $(PY_DEPS)  ## study, 2nd edition, stage T: metadata, Lite1, 7-
 	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) $(addprefix runs/study2/levers/,$(STUDY2_LEVERS)) \
 		--out bench/results/study2_levers
 	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) runs/study2/levers/T4_isic_train --out bench/results/study2_second_source
+
+# Stage F: full length, S4's recipe with the levers stage T kept (README), 10 epochs at 160 px.
+# F1 is the final system; F2 the same recipe with ISIC 2017 train as a second source; F3 the
+# 7-class model. $(1) run, $(2) data, $(3) its folders, $(4) loss, $(5) more train.py flags
+STUDY2_F       := runs/study2/final
+STUDY2_F_ARCH  ?= efficientnet_lite0
+STUDY2_F_FLAGS ?= --metadata
+STUDY2_TTA     ?=
+final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
+	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
+	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)"
+study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 80 min on 2 cores)
+	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
+	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
+	$(call final_run,F3_7class,hamfull,$(STUDY2_FROM),ce,--task multiclass --class-weights balanced)
+
+# The single reading of the three test sets, by the final system committed in README beforehand
+study2-test: | $(PY_DEPS)  ## study, 2nd edition: read the HAM10000 test split, ISIC 2017 test and PH2 once
+	$(MAKE) data/isic2017/metadata.csv cache/isic2017_224_unet_sog/index.csv cache/ph2_224_unet_sog/index.csv \
+		DATA=isic2017 FROM_DIR=$(SHARED)/isic2017 SEGMENTER=unet COLOUR=shades_of_gray
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 $(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/isic2017_224_unet_sog --split test \
+		--out-dir $(STUDY2_F)/F1/isic2017_test $(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/ph2_224_unet_sog --split all --out-dir $(STUDY2_F)/F1/ph2 \
+		$(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F2 --source isic2017 --out-dir $(STUDY2_F)/F2/source_isic2017 $(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F3_7class $(STUDY2_TTA)
+	$(PYTHON) bench/study2.py --read "$(STUDY2_F)/F1:HAM10000 test" "$(STUDY2_F)/F1/isic2017_test:ISIC 2017 test" \
+		"$(STUDY2_F)/F1/ph2:PH2" "$(STUDY2_F)/F2/source_isic2017:ISIC 2017 test, second source" \
+		"$(STUDY2_F)/F3_7class:HAM10000 test, 7 classes" --out bench/results/study2_final --plots docs/results/study2
 
 # Hair removal judged by what it does to the diagnosis: stage 3's recipe (the study's best single
 # recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on

@@ -1,0 +1,105 @@
+"""Collect the second edition's single reading of its test sets into one table (README "Results,
+second edition").
+
+Each --read names an evaluation folder written by evaluate.py (metrics.csv, and
+multiclass_metrics.csv for 7-class models) and the label of its test set, as FOLDER:LABEL. The
+run that made it is the folder itself or its parent (the one with config.json). Writes <out>.csv
+(one row per evaluation and operating point, with 95% intervals) and <out>.md, and prints the
+Markdown. With --plots DIR, each evaluation's ROC curve and confusion matrix are copied there,
+named after its label.
+
+Example: python bench/study2.py --read "runs/study2/final/F1:HAM10000 test" \
+    "runs/study2/final/F1/ph2:PH2" --out bench/results/study2_final --plots docs/results/study2
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import atomic_path, fail, read_csv, write_csv  # noqa: E402
+from study import METRICS, copy_plots, describe  # noqa: E402
+
+PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "confusion_matrix_7class.png")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--read", nargs="+", required=True, metavar="FOLDER:LABEL",
+                   help="evaluation folders and the names of their test sets")
+    p.add_argument("--points", nargs="+", default=["recall_bound", "recall_target", "best_f1"],
+                   help="operating points to report, in order")
+    p.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    p.add_argument("--plots", type=Path, help="copy each evaluation's plots into this folder")
+    return p.parse_args(argv)
+
+
+def run_of(folder):
+    for candidate in (folder, folder.parent):
+        if (candidate / "config.json").is_file():
+            return candidate
+    fail(folder, "neither it nor its parent holds a run's config.json")
+
+
+def collect(reads, points):
+    rows = []
+    for folder, label in reads:
+        info = describe(run_of(folder))
+        table = read_csv(folder / "metrics.csv", ["operating_point", *METRICS]).set_index("operating_point")
+        extra = {}
+        if (folder / "multiclass_metrics.csv").is_file():
+            macro = read_csv(folder / "multiclass_metrics.csv", ["class", "recall"]).set_index("class").loc["macro"]
+            extra = {"balanced_accuracy_7": macro["recall"], "balanced_accuracy_7_lo": macro["recall_lo"],
+                     "balanced_accuracy_7_hi": macro["recall_hi"]}
+        for point in points:
+            if point not in table.index:
+                fail(folder / "metrics.csv", f"has no operating point '{point}'")
+            row = {"system": info["stage"], "data": label, "folder": str(folder), "operating_point": point,
+                   "threshold": table.loc[point, "threshold"], "n": table.loc[point, "n"],
+                   "n_malignant": table.loc[point, "n_malignant"], "train_minutes": info["train_minutes"], **extra}
+            for m in METRICS:
+                row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
+                            f"{m}_hi": table.loc[point, f"{m}_hi"]})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(table):
+    head = ["system", "test set (images, malignant)", "point", "ROC-AUC", "PR-AUC", "accuracy", "precision",
+            "recall", "specificity", "F1", "7-class bal. acc."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.to_dict("records"):
+        cells = [f"{r[m]:.3f} ({r[m + '_lo']:.3f}-{r[m + '_hi']:.3f})" for m in METRICS]
+        balanced = (f"{r['balanced_accuracy_7']:.3f} ({r['balanced_accuracy_7_lo']:.3f}-"
+                    f"{r['balanced_accuracy_7_hi']:.3f})" if pd.notna(r.get("balanced_accuracy_7")) else "")
+        lines.append(f"| {r['system']} | {r['data']} ({r['n']}, {r['n_malignant']}) | {r['operating_point']} "
+                     f"(t={r['threshold']:.3f}) | " + " | ".join(cells) + f" | {balanced} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    reads = []
+    for item in args.read:
+        folder, _, label = item.partition(":")
+        if not label:
+            fail(item, "is not FOLDER:LABEL")
+        reads.append((Path(folder), label))
+    table = collect(reads, args.points)
+    write_csv(table, args.out.with_suffix(".csv"))
+    text = markdown(table)
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    print(text)
+    if args.plots:
+        for folder, label in reads:
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
+            copy_plots([(folder / name, f"{slug}_{name}") for name in PLOTS], args.plots)
+        print(f"copied the plots into {args.plots}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
