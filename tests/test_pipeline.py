@@ -193,7 +193,7 @@ def test_threshold_needs_only_validation_probabilities(trained_run, tmp_path):
 
 def test_evaluate_writes_metrics_and_valid_plots(evaluated_run, synthetic_cache):
     metrics = pd.read_csv(evaluated_run / "metrics.csv")
-    assert metrics["operating_point"].tolist() == ["default", "best_f1", "recall_target"]
+    assert metrics["operating_point"].tolist() == ["default", "best_f1", "recall_target", "recall_bound"]
     test = pd.read_csv(evaluated_run / "test_probs.csv")
     index, _ = common.load_cache(synthetic_cache)
     assert set(test["image_id"]) == set(index.loc[index["split"] == "test", "image_id"])

@@ -82,7 +82,7 @@ def test_patience_stops_early(synthetic_cache, tmp_path, monkeypatch):
 
     def fake_validate(*args, **kwargs):
         score = next(scores, 0.5)
-        return np.full(len(args[2]), 0.5), None, {"val_loss": 1.0, "val_auc": score, "val_bal_acc": float("nan"),
+        return np.full(len(args[3]), 0.5), None, {"val_loss": 1.0, "val_auc": score, "val_bal_acc": float("nan"),
                                                    "val_score": score}
 
     monkeypatch.setattr(train, "validate", fake_validate)
