@@ -1,6 +1,8 @@
 """Step 4: choose operating points on the validation set, and only there.
 
-Reads <run>/val_probs.csv (label, prob). Writes <run>/thresholds.json:
+Reads <run>/val_probs.csv (label, prob; --probs for another file of validation probabilities,
+such as evaluate.py --split val --tta's, when the model is to be read with test-time
+augmentation). Writes <run>/thresholds.json:
   default          0.5
   best_f1          the threshold of highest validation F1 on the precision-recall curve
   recall_target    the highest threshold whose validation recall is >= --target-recall
@@ -24,6 +26,7 @@ from common import ArgumentParser, binary_metrics, fail, number_in, plot_pr_curv
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, required=True, help="run folder with val_probs.csv")
+    p.add_argument("--probs", type=Path, help="validation probabilities to choose on (default <run>/val_probs.csv)")
     p.add_argument("--target-recall", type=number_in(float, 0, 1, low_open=True), default=0.90,
                    help="recall the screening point must reach, in (0, 1]")
     p.add_argument("--target-specificity", type=number_in(float, 0, 1, low_open=True),
@@ -79,8 +82,12 @@ def specificity_target_threshold(labels, probs, target):
 
 
 def main(args):
-    val_path = args.run / "val_probs.csv"
+    val_path = args.probs or args.run / "val_probs.csv"
     val = read_probs(val_path)
+    if args.probs is not None:  # thresholds come from validation images only, whatever file holds them
+        own = read_probs(args.run / "val_probs.csv", ("image_id", "label", "prob"))
+        if "image_id" not in val or set(val["image_id"]) != set(own["image_id"]):
+            fail(val_path, f"does not hold the validation images of {args.run / 'val_probs.csv'}")
     labels, probs = val["label"].to_numpy(), val["prob"].to_numpy()
     # without lesion ids (an older file) every image counts as a lesion of its own
     lesion_ids = (val["lesion_id"] if "lesion_id" in val else val.index).astype(str).to_numpy()

@@ -273,3 +273,19 @@ def test_recall_bound_keeps_its_margin_and_widens_it_for_few_lesions():
         recall_at[name] = common.binary_metrics(labels, probs, t)["recall"]
     assert 0.905 < recall_at["many"] < 0.925
     assert recall_at["few"] > recall_at["many"] + 0.02
+
+
+def test_threshold_takes_other_validation_probabilities_but_never_other_images(evaluated_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(evaluated_run / "val_probs.csv", run)
+    val = pd.read_csv(run / "val_probs.csv")
+    shifted = val.assign(prob=val["prob"] ** 2)  # stands in for test-time-augmented probabilities
+    shifted.to_csv(tmp_path / "tta.csv", index=False)
+    threshold.main(threshold.parse_args(["--run", str(run), "--probs", str(tmp_path / "tta.csv")]))
+    chosen = json.loads((run / "thresholds.json").read_text())
+    assert chosen["chosen_on"] == str(tmp_path / "tta.csv")
+    assert chosen["thresholds"]["recall_target"] == pytest.approx(
+        threshold.recall_target_threshold(shifted["label"].to_numpy(), shifted["prob"].to_numpy(), 0.9))
+    with pytest.raises(SystemExit, match="does not hold the validation images"):
+        threshold.main(threshold.parse_args(["--run", str(run), "--probs", str(evaluated_run / "test_probs.csv")]))
