@@ -56,7 +56,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen study2-levers study2-final study2-test hair-study demo test \
+.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen study2-levers study2-final study2-tta study2-test hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -237,7 +237,6 @@ study2-levers: | $(PY_DEPS)  ## study, 2nd edition, stage T: metadata, Lite1, 7-
 STUDY2_F       := runs/study2/final
 STUDY2_F_ARCH  ?= efficientnet_lite0
 STUDY2_F_FLAGS ?= --metadata
-STUDY2_TTA     ?=
 final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
 	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
 	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)"
@@ -245,6 +244,16 @@ study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs
 	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
 	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
 	$(call final_run,F3_7class,hamfull,$(STUDY2_FROM),ce,--task multiclass --class-weights balanced)
+	$(if $(STUDY2_TTA),$(MAKE) study2-tta)
+
+# Test-time augmentation, used because it raised F1's validation ROC-AUC (README): each run's
+# thresholds are then chosen on its own augmented validation probabilities
+STUDY2_TTA ?= --tta
+study2-tta: | $(PY_DEPS)  ## study, 2nd edition: augmented validation probabilities and thresholds of the F runs
+	for run in F1 F2 F3_7class; do \
+		$(PYTHON) evaluate.py --run $(STUDY2_F)/$$run --split val --tta --out-dir $(STUDY2_F)/$$run/val_tta && \
+		$(PYTHON) threshold.py --run $(STUDY2_F)/$$run --probs $(STUDY2_F)/$$run/val_tta/test_probs.csv || exit 1; \
+	done
 
 # The single reading of the three test sets, by the final system committed in README beforehand
 study2-test: | $(PY_DEPS)  ## study, 2nd edition: read the HAM10000 test split, ISIC 2017 test and PH2 once
