@@ -673,8 +673,9 @@ METADATA_SIZE = 2 + len(SEXES) + len(SITES)
 
 def metadata_features(rows):
     """float32 (N, METADATA_SIZE) from a table's age, sex and localization columns: age standardised
-    ((age - 50) / 20, about HAM10000's mean and spread) with a flag that it is known, sex and site one-hot. A missing column, an empty cell or 'unknown'
-    leaves its field all zeros, which is also what a model sees for images without metadata."""
+    ((age - 50) / 20, about HAM10000's mean and spread) with a flag that it is known, sex and site
+    one-hot. A missing column, an empty cell or 'unknown' leaves its field all zeros, which is also
+    what a model sees for images without metadata."""
     n = len(rows)
     features = np.zeros((n, METADATA_SIZE), np.float32)
     if "age" in rows:
