@@ -240,7 +240,7 @@ STUDY2_F_FLAGS ?= --metadata
 final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
 	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
 	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)"
-study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 80 min on 2 cores)
+study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 95 min on 2 cores)
 	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
 	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
 	$(call final_run,F3_7class,hamfull,$(STUDY2_FROM),ce,--task multiclass --class-weights balanced)

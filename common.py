@@ -668,7 +668,7 @@ SITES = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", 
          "neck", "scalp", "trunk", "upper extremity")
 # (name, first column, number of columns) of each field in the feature vector
 METADATA_FIELDS = (("age", 0, 2), ("sex", 2, len(SEXES)), ("site", 2 + len(SEXES), len(SITES)))
-METADATA_SIZE = 2 + len(SEXES) + len(SITES)
+METADATA_SIZE = sum(size for _, _, size in METADATA_FIELDS)
 
 
 def metadata_features(rows):
@@ -683,8 +683,8 @@ def metadata_features(rows):
         known = np.isfinite(age) & (age >= 0) & (age <= 120)
         features[known, 0] = (age[known] - 50) / 20
         features[known, 1] = 1
-    for (name, first, _), column, values in ((METADATA_FIELDS[1], "sex", SEXES),
-                                             (METADATA_FIELDS[2], "localization", SITES)):
+    for (_, first, _), column, values in ((METADATA_FIELDS[1], "sex", SEXES),
+                                          (METADATA_FIELDS[2], "localization", SITES)):
         if column in rows:
             cells = rows[column].astype(str).str.strip().str.lower().to_numpy()
             for k, value in enumerate(values):
@@ -692,13 +692,13 @@ def metadata_features(rows):
     return features
 
 
-def hide_metadata(features, p, generator=None):
+def hide_metadata(features, p):
     """Zero each field of each row with probability p (in training), so that the model learns to
     use a field when it is there and to do without it when it is not."""
     import torch
     features = features.clone()
     for _, first, size in METADATA_FIELDS:
-        hidden = torch.rand(len(features), generator=generator) < p
+        hidden = torch.rand(len(features)) < p
         features[hidden, first:first + size] = 0
     return features
 
@@ -709,8 +709,6 @@ def metadata_fusion(model, num_outputs):
     import torch
 
     class MetadataFusion(torch.nn.Module):
-        uses_metadata = True
-
         def __init__(self, backbone):
             super().__init__()
             classifier = "_fc" if hasattr(backbone, "_fc") else "fc"

@@ -102,8 +102,8 @@ def markdown(table, runs, points):
 
 def main(args):
     chosen = [read_thresholds(run) for run in args.runs]
-    for run, points in zip(args.runs, chosen):
-        if "recall_target" not in points:
+    for run, run_points in zip(args.runs, chosen):
+        if "recall_target" not in run_points:
             fail(run / "thresholds.json", "has no recall_target threshold; run threshold.py")
     points = [point for point in POINTS if all(point in c for c in chosen)]
     thresholds = [[c[point] for point in points] for c in chosen]

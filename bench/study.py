@@ -81,15 +81,19 @@ def operating_points(stage, best):
     return ["default", "recall_target"] if stage == "1_baseline" else ["recall_target"]
 
 
+def balanced_accuracy_7(folder):
+    """The 7-class balanced accuracy (macro recall) and its interval from an evaluation folder's
+    multiclass_metrics.csv, or {} where the model is binary."""
+    if not (folder / "multiclass_metrics.csv").is_file():
+        return {}
+    macro = pd.read_csv(folder / "multiclass_metrics.csv").set_index("class").loc["macro"]
+    return {"balanced_accuracy_7": macro["recall"], "balanced_accuracy_7_lo": macro.get("recall_lo", float("nan")),
+            "balanced_accuracy_7_hi": macro.get("recall_hi", float("nan"))}
+
+
 def collect(runs, infos, best, best_multiclass):
     rows = []
     for run, info in zip(runs, infos):
-        balanced_accuracy_7 = {}
-        if (run / "multiclass_metrics.csv").is_file():
-            macro = pd.read_csv(run / "multiclass_metrics.csv").set_index("class").loc["macro"]
-            balanced_accuracy_7 = {"balanced_accuracy_7": macro["recall"],
-                                   "balanced_accuracy_7_lo": macro.get("recall_lo", float("nan")),
-                                   "balanced_accuracy_7_hi": macro.get("recall_hi", float("nan"))}
         for data, path in (("internal test", run / "metrics.csv"), ("PH2", run / "ph2" / "metrics.csv")):
             if not path.is_file():
                 continue
@@ -101,7 +105,7 @@ def collect(runs, infos, best, best_multiclass):
                     row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
                                 f"{m}_hi": table.loc[point, f"{m}_hi"]})
                 if data == "internal test":
-                    row.update(balanced_accuracy_7)
+                    row.update(balanced_accuracy_7(run))
                 rows.append(row)
     return pd.DataFrame(rows)
 

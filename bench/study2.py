@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import atomic_path, fail, read_csv, write_csv  # noqa: E402
-from study import METRICS, copy_plots, describe  # noqa: E402
+from study import METRICS, balanced_accuracy_7, copy_plots, describe  # noqa: E402
 
 PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "confusion_matrix_7class.png")
 
@@ -50,11 +50,7 @@ def collect(reads, points):
     for folder, label in reads:
         info = describe(run_of(folder))
         table = read_csv(folder / "metrics.csv", ["operating_point", *METRICS]).set_index("operating_point")
-        extra = {}
-        if (folder / "multiclass_metrics.csv").is_file():
-            macro = read_csv(folder / "multiclass_metrics.csv", ["class", "recall"]).set_index("class").loc["macro"]
-            extra = {"balanced_accuracy_7": macro["recall"], "balanced_accuracy_7_lo": macro["recall_lo"],
-                     "balanced_accuracy_7_hi": macro["recall_hi"]}
+        extra = balanced_accuracy_7(folder)
         for point in points:
             if point not in table.index:
                 fail(folder / "metrics.csv", f"has no operating point '{point}'")
