@@ -1,5 +1,9 @@
 # Skin lesion classification: `make all` runs the pipeline on real data, `make demo` on synthetic
 # data, `make test` the tests. Each step is a file target, so a second run redoes nothing.
+# The defaults are the reference model's recipe (models/reference/MODEL_CARD.md): the U-Net lesion
+# crop with Shades of Gray, EfficientNet-Lite0 with metadata, 10 epochs at 160 px, thresholds chosen
+# on test-time-augmented validation probabilities. The first study's recipe: SEGMENTER=classical
+# COLOUR=none INPUT=full METADATA=off TTA=off TRAIN_SIZE=224.
 # Override any variable on the command line: make all DATA=hamfull FROM_DIR=../shared/data/ham10000_full
 # Several sources make one dataset: make all DATA=ham+isic2017 FROM_DIR="../shared/data/ham10000_full ../shared/data/isic2017"
 
@@ -10,14 +14,17 @@ SYNTHETIC_N   ?= 1500
 ARCH          ?= efficientnet_lite0
 EPOCHS        ?= 10
 IMG_SIZE      ?= 224
+TRAIN_SIZE    ?= 160
 BATCH_SIZE    ?= 32
 LR            ?= 1e-3
 LOSS          ?= wbce
 AUG           ?= full
-INPUT         ?= full
+INPUT         ?= crop
 HAIR          ?= on
-SEGMENTER     ?= classical
-COLOUR        ?= none
+SEGMENTER     ?= unet
+COLOUR        ?= shades_of_gray
+METADATA      ?= on
+TTA           ?= on
 TARGET_RECALL ?= 0.90
 TRAIN_FLAGS   ?=
 FETCH_FLAGS   ?=
@@ -25,6 +32,11 @@ TEST_SOURCE   ?=
 MEMBERS       ?=
 SHARED        ?= ../shared/data
 RUN           ?= $(DATA)_$(ARCH)
+REFERENCE     := models/reference
+EXPORT_DIR    ?= models/$(RUN)
+IMAGES        ?=
+MODEL         ?=
+PREDICT_OUT   ?= predictions
 
 # By default a virtual environment is made and requirements.txt installed into it; PYTHON=python3
 # (or any interpreter that already has the requirements) skips that.
@@ -39,8 +51,10 @@ SEG_DATA   ?= hamfull
 SEG_FROM   ?= $(SHARED)/ham10000_full
 SEG_EPOCHS ?= 10
 SEG_RUN    ?= runs/segmenter
+# The U-Net that segments: one `make segmenter` trained, else the reference model's
+SEG_MODEL  ?= $(if $(wildcard $(SEG_RUN)/config.json),$(SEG_RUN)/model.pt,$(REFERENCE)/segmenter.pt)
 # config.json is written when the segmenter's training ends (model.pt already after its first epoch)
-SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(SEG_RUN)/config.json)
+SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(if $(filter $(SEG_RUN)/model.pt,$(SEG_MODEL)),$(SEG_RUN)/config.json,$(SEG_MODEL)))
 # caches of another hair removal or segmenter than the default live beside it (preprocess.py's
 # default names)
 CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)$(if \
@@ -56,7 +70,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: all data preprocess segmenter train threshold validate evaluate source-test external external-val study study2-screen study2-levers study2-final study2-tta study2-test hair-study demo test \
+.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict reference-bench reference-test source-test external external-val study study2-screen study2-levers study2-final study2-tta study2-test hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -67,6 +81,8 @@ train: $(RUN_DIR)/val_probs.csv  ## train ARCH into runs/RUN (with MEMBERS: thei
 threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
 validate: $(RUN_DIR)/val/metrics.csv  ## validation metrics and plots into runs/RUN/val (reads no test image)
 evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots (per source too, for a dataset of several)
+
+setup: | $(PY_DEPS)  ## create .venv and install requirements.txt (every target that needs them does it too)
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -79,11 +95,11 @@ $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 
 cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
 	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --colour-constancy $(COLOUR) \
-		$(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_RUN)/model.pt) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
+		$(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
 
 # The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
 # masks, its epoch chosen on the val split (train_segmenter.py).
-segmenter: $(SEG_RUN)/config.json  ## train the U-Net lesion segmenter on ham10000_full's masks (SEGMENTER=unet uses it)
+segmenter: $(SEG_RUN)/config.json  ## train the U-Net lesion segmenter on ham10000_full's masks (make all then uses it)
 
 $(SEG_RUN)/config.json: | $(PY_DEPS)
 	$(MAKE) data/$(SEG_DATA)/metadata.csv DATA=$(SEG_DATA) FROM_DIR=$(SEG_FROM)
@@ -95,16 +111,35 @@ ifeq ($(MEMBERS),)
 # interrupted run is not taken for a finished one; it resumes from its last.pt.
 $(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
 	$(PYTHON) train.py --cache $(CACHE) --run-dir $(RUN_DIR) --arch $(ARCH) --epochs $(EPOCHS) \
-		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) $(TRAIN_FLAGS) \
-		$(if $(wildcard $(RUN_DIR)/last.pt),--resume)
+		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) --img-size $(TRAIN_SIZE) \
+		$(if $(filter on,$(METADATA)),--metadata) $(TRAIN_FLAGS) $(if $(wildcard $(RUN_DIR)/last.pt),--resume)
 else
 # MEMBERS="a b c" (run names, as RUN): runs/RUN is their ensemble instead of a model of its own.
 $(RUN_DIR)/val_probs.csv: $(foreach m,$(MEMBERS),runs/$(m)/val_probs.csv) | $(PY_DEPS)
 	$(PYTHON) ensemble.py --run-dir $(RUN_DIR) $(addprefix runs/,$(MEMBERS))
 endif
 
+ifeq ($(TTA),on)
+# Thresholds chosen on test-time-augmented validation probabilities, the way evaluate.py and
+# predict.py then read images. evaluate.py needs thresholds to run, so plain ones come first.
+$(RUN_DIR)/val_tta/test_probs.csv: $(RUN_DIR)/val_probs.csv | $(PY_DEPS)
+	$(PYTHON) threshold.py --run $(RUN_DIR) --target-recall $(TARGET_RECALL)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --split val --tta --out-dir $(RUN_DIR)/val_tta
+
+$(RUN_DIR)/thresholds.json: $(RUN_DIR)/val_tta/test_probs.csv | $(PY_DEPS)
+	$(PYTHON) threshold.py --run $(RUN_DIR) --target-recall $(TARGET_RECALL) --probs $<
+else
 $(RUN_DIR)/thresholds.json: $(RUN_DIR)/val_probs.csv | $(PY_DEPS)
 	$(PYTHON) threshold.py --run $(RUN_DIR) --target-recall $(TARGET_RECALL)
+endif
+
+export: $(RUN_DIR)/thresholds.json | $(PY_DEPS)  ## compact fp16 copy of runs/RUN for predict.py --run, into EXPORT_DIR (models/RUN)
+	$(PYTHON) export_model.py --run $(RUN_DIR) --out $(EXPORT_DIR)
+
+predict: | $(PY_DEPS)  ## classify IMAGES="files or folders" with the reference model (or MODEL=folder) into PREDICT_OUT
+	$(if $(IMAGES),,$(error predict needs IMAGES="image files or folders"))
+	$(PYTHON) predict.py $(IMAGES) $(if $(MODEL),--run $(MODEL)) --out $(PREDICT_OUT)/predictions.csv \
+		--overlay $(PREDICT_OUT)
 
 $(RUN_DIR)/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
 	$(PYTHON) evaluate.py --run $(RUN_DIR)
@@ -141,6 +176,38 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX) --split all \
 		--out-dir $(RUN_DIR)/isic2017_trainval
 
+# The reference model (models/reference/MODEL_CARD.md). Retrained: make segmenter, then make
+# threshold DATA=hamfull FROM_DIR=$(SHARED)/ham10000_full (the defaults' recipe), then make export
+# DATA=hamfull EXPORT_DIR=models/reference. Checked and read through caches its own compact
+# segmenter made; the full-precision run's folder holds the compact model's evaluations.
+REF_RUN ?= runs/hamfull_efficientnet_lite0
+ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
+	--segmenter-model $(REFERENCE)/segmenter.pt --out cache/$(1)_224_reference
+reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision run (validation), predict.py's speed
+	$(MAKE) data/hamfull/metadata.csv DATA=hamfull FROM_DIR=$(SHARED)/ham10000_full
+	$(call ref_cache,hamfull)
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_224_reference --split val --out-dir $(REF_RUN)/compact_val
+	$(PYTHON) bench/reference_model.py --full-probs $(REF_RUN)/val_tta/test_probs.csv \
+		--compact-probs $(REF_RUN)/compact_val/test_probs.csv --out bench/results/reference_faithful
+	$(PYTHON) bench/reference_model.py --speed --n 500 --out bench/results/reference_speed
+
+data/isic2017_test/metadata.csv: | $(PY_DEPS)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split test --out data/isic2017_test
+
+reference-test: | $(PY_DEPS)  ## read the HAM10000 test split, ISIC 2017 test and PH2 with the reference model, for its card
+	$(MAKE) data/hamfull/metadata.csv DATA=hamfull FROM_DIR=$(SHARED)/ham10000_full
+	$(MAKE) data/isic2017_test/metadata.csv data/ph2/metadata.csv
+	$(call ref_cache,hamfull)
+	$(call ref_cache,isic2017_test)
+	$(call ref_cache,ph2)
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_224_reference --out-dir $(REF_RUN)/compact_ham10000_test
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/isic2017_test_224_reference --split test \
+		--out-dir $(REF_RUN)/compact_isic2017_test
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/ph2_224_reference --split all --out-dir $(REF_RUN)/compact_ph2
+	$(PYTHON) bench/study2.py --read "$(REF_RUN)/compact_ham10000_test:HAM10000 test" \
+		"$(REF_RUN)/compact_isic2017_test:ISIC 2017 test" "$(REF_RUN)/compact_ph2:PH2" \
+		--out bench/results/reference_test --plots docs/results/reference
+
 # The study of README "Results": the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
 # are not run again; an interrupted one resumes.
@@ -152,15 +219,17 @@ STUDY_IMG_SIZE ?= 224
 # The first study's caches were built with the legacy hair removal; its stages keep it, so that
 # `make study` reproduces what README "Results" reports.
 STUDY_HAIR   ?= legacy
+# The first study's recipe where a stage does not set it: before the reference recipe's defaults
+STUDY1_PINS := SEGMENTER=classical COLOUR=none METADATA=off TTA=off
 # $(1) run folder under runs/, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training
 # size, $(7) more train flags, $(8) more make variables and goals
 recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
-	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)" $(8)
+	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)" $(STUDY1_PINS) $(8)
 # $(1) run name, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training size, $(7) more flags
 study_stage = $(call recipe_run,study/$(1),$(2),$(3),$(4),$(5),$(6),$(7),HAIR=$(STUDY_HAIR))
 # $(1) run name, $(2) the member stages, whose mean probability it is
 study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) \
-	HAIR=$(STUDY_HAIR) RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))"
+	HAIR=$(STUDY_HAIR) RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))" $(STUDY1_PINS)
 
 # Stage 5 trains the recipe of stages 3-4 with the highest validation ROC-AUC again at the cache's
 # full 224 px: full images (validation ROC-AUC 0.936, masked 0.916, crop 0.913 in our study run).
@@ -199,9 +268,11 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 # on validation only: ham10000_full's val split and ISIC 2017 train+val (external validation); no
 # test split and no PH2 image is read. $(1) arm name, $(2) input, $(3) segmenter, $(4) colour constancy
 STUDY2_FROM ?= $(SHARED)/ham10000_full
+# the segmenter the study trained (make segmenter), and each stage's own flags for the rest
+STUDY2_PINS := SEG_MODEL=$(SEG_RUN)/model.pt METADATA=off TTA=off
 screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) IMG_SIZE=224 EPOCHS=3 \
 	RUN=study2/screen/$(1) ARCH=efficientnet_lite0 LOSS=wbce AUG=full INPUT=$(2) SEGMENTER=$(3) COLOUR=$(4) \
-	TRAIN_FLAGS="--img-size 128 --seed 0"
+	TRAIN_FLAGS="--img-size 128 --seed 0" $(STUDY2_PINS)
 STUDY2_SCREEN = S1_full S2_full_sog S3_crop_unet S4_crop_unet_sog
 study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on validation and ISIC 2017 train+val (about 25 min)
 	$(call screen_run,S1_full,full,classical,none)
@@ -216,7 +287,7 @@ study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on 
 STUDY2_S4 := runs/study2/screen/S4_crop_unet_sog
 lever_run = $(MAKE) validate $(if $(5),,external-val) DATA=$(if $(5),ham+isic2017,hamfull) \
 	FROM_DIR="$(STUDY2_FROM) $(5)" IMG_SIZE=224 EPOCHS=3 RUN=study2/levers/$(1) ARCH=$(2) LOSS=$(3) AUG=full \
-	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 128 --seed 0 $(4)"
+	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 128 --seed 0 $(4)" $(STUDY2_PINS)
 isic2017_val = $(PYTHON) evaluate.py --run $(1) --cache cache/ham+isic2017_224_unet_sog --split val --source isic2017 \
 	--out-dir $(1)/isic2017_val
 STUDY2_LEVERS = T1_meta T2_lite1 T3_7class
@@ -239,7 +310,7 @@ STUDY2_F_ARCH  ?= efficientnet_lite0
 STUDY2_F_FLAGS ?= --metadata
 final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
 	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
-	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)"
+	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)" $(STUDY2_PINS)
 study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 95 min on 2 cores)
 	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
 	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
@@ -258,7 +329,7 @@ study2-tta: | $(PY_DEPS)  ## study, 2nd edition: augmented validation probabilit
 # The single reading of the three test sets, by the final system committed in README beforehand
 study2-test: | $(PY_DEPS)  ## study, 2nd edition: read the HAM10000 test split, ISIC 2017 test and PH2 once
 	$(MAKE) data/isic2017/metadata.csv cache/isic2017_224_unet_sog/index.csv cache/ph2_224_unet_sog/index.csv \
-		DATA=isic2017 FROM_DIR=$(SHARED)/isic2017 SEGMENTER=unet COLOUR=shades_of_gray
+		DATA=isic2017 FROM_DIR=$(SHARED)/isic2017 SEGMENTER=unet COLOUR=shades_of_gray $(STUDY2_PINS)
 	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 $(STUDY2_TTA)
 	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/isic2017_224_unet_sog --split test \
 		--out-dir $(STUDY2_F)/F1/isic2017_test $(STUDY2_TTA)
@@ -279,7 +350,7 @@ hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation
 	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/hair/,$(HAIR_STUDY_MODES)) --out bench/results/hair_study
 
 demo:  ## the whole pipeline on synthetic images, a few minutes on 2 CPU cores
-	$(MAKE) all DATA=synthetic RUN=demo IMG_SIZE=64 EPOCHS=8 ARCH=efficientnet_lite0 BATCH_SIZE=32 LR=2e-3
+	$(MAKE) all DATA=synthetic RUN=demo IMG_SIZE=64 TRAIN_SIZE=64 EPOCHS=8 ARCH=efficientnet_lite0 BATCH_SIZE=32 LR=2e-3
 
 test: | $(PY_DEPS)  ## run the test suite
 	$(PYTHON) -m pytest -q tests
@@ -311,5 +382,6 @@ help:  ## list targets and variables
 	@echo "targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo "variables (current value):"
-	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		HAIR SEGMENTER SEG_RUN COLOUR TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS SHARED RUN PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
+		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
+		SHARED RUN EXPORT_DIR IMAGES MODEL PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)

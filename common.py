@@ -226,6 +226,21 @@ def read_thresholds(run_dir):
     return thresholds
 
 
+def chosen_with_tta(run_dir):
+    """Whether thresholds.json's points were chosen on test-time-augmented probabilities: a model is
+    then read the same way by default (threshold.py records it; older files chose on plain ones)."""
+    tta = read_json(Path(run_dir) / "thresholds.json").get("tta", False)
+    if not isinstance(tta, bool):
+        fail(Path(run_dir) / "thresholds.json", f"'tta' is {tta!r}, not true or false")
+    return tta
+
+
+def default_operating_point(thresholds):
+    """recall_bound where the thresholds have it: the screening point whose recall held on new
+    images (README, second edition); recall_target for older files, else the first point."""
+    return next((name for name in ("recall_bound", "recall_target") if name in thresholds), next(iter(thresholds)))
+
+
 def files_by_stem(root):
     """Every image file below root, at any depth, by its name without the suffix: paths relative to root."""
     return {p.stem: p.relative_to(root).as_posix() for p in sorted(Path(root).rglob("*"))
@@ -745,22 +760,46 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint written by train.py and rebuild its model (no pretrained download:
-    the checkpoint holds every weight)."""
-    import torch
+    """Load a checkpoint written by train.py (or its compact copy, export_model.py) and rebuild its
+    model (no pretrained download: the checkpoint holds every weight). A segmenter it names by a
+    path relative to its own folder is resolved there, so a copied or moved folder keeps working."""
     path = Path(path)
     if not path.is_file():
         fail(path, "checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(path, f"not a loadable checkpoint ({type(e).__name__})")
+    checkpoint = load_torch_file(path, "checkpoint")
+    if not isinstance(checkpoint, dict):
+        fail(path, f"holds a {type(checkpoint).__name__}, not a checkpoint of train.py")
     for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
+    if checkpoint["arch"] not in ARCHS:
+        fail(path, f"arch {checkpoint['arch']!r} is not one of {', '.join(ARCHS)}")
+    if checkpoint["input"] not in INPUTS:
+        fail(path, f"input {checkpoint['input']!r} is not one of {', '.join(INPUTS)}")
+    if checkpoint["task"] not in TASKS:
+        fail(path, f"task {checkpoint['task']!r} is not one of {', '.join(TASKS)}")
+    for key in ("num_outputs", "img_size"):
+        if isinstance(checkpoint[key], bool) or not isinstance(checkpoint[key], int) or checkpoint[key] < 1:
+            fail(path, f"{key} {checkpoint[key]!r} is not a positive whole number")
+    normalisation = checkpoint["normalisation"]
+    if not (isinstance(normalisation, dict) and all(
+            isinstance(normalisation.get(k), (list, tuple)) and len(normalisation[k]) == 3
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalisation[k]) for k in ("mean", "std"))
+            and min(normalisation["std"]) > 0):
+        fail(path, f"normalisation {normalisation!r} is not a mean and a positive std for each of 3 channels")
+    preprocess = checkpoint.get("preprocess")
+    if isinstance(preprocess, dict) and preprocess.get("segmenter_model"):
+        beside = path.parent / preprocess["segmenter_model"]
+        # older checkpoints name it relative to the folder training ran in
+        if beside.is_file() or not Path(preprocess["segmenter_model"]).is_file():
+            checkpoint["preprocess"] = {**preprocess, "segmenter_model": str(beside)}
     model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False,
                            metadata=checkpoint.get("metadata", False))
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])  # fp16 weights of a compact copy are cast to the model's fp32
+    except (RuntimeError, TypeError, AttributeError) as e:
+        fail(path, f"weights do not fit {checkpoint['arch']} with {checkpoint['num_outputs']} output(s)"
+             f"{' and metadata' if checkpoint.get('metadata') else ''} ({str(e).splitlines()[0][:120]})")
     model.eval()
     return model, checkpoint
 
@@ -830,7 +869,7 @@ def load_segmenter(path, sha256=None):
         fail(path, f"is not the segmenter this cache or model was made with (sha256 {sha256[:12]}...); "
              "restore that file or rebuild the cache")
     checkpoint = load_torch_file(path, "segmenter checkpoint")
-    if checkpoint.get("arch") != SEGMENTER_ARCH or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or checkpoint.get("arch") != SEGMENTER_ARCH or "model" not in checkpoint:
         fail(path, f"not a {SEGMENTER_ARCH} checkpoint of train_segmenter.py")
     model, _ = build_segmenter(pretrained=False)
     try:
@@ -876,6 +915,11 @@ def learned_lesion_mask(rgb, segmenter, segmenter_sha256):
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     mask = ndimage.binary_fill_holes(labels == largest)
     return mask, bool(PLAUSIBLE_AREA[0] <= mask.mean() <= PLAUSIBLE_AREA[1])
+
+
+# Where predict.py looks for a model when given no --run: the reference model that ships with the
+# toolkit (models/reference/MODEL_CARD.md), beside this file so that any working folder finds it.
+REFERENCE_MODEL = Path(__file__).resolve().parent / "models" / "reference"
 
 
 ENSEMBLE_FILE = "members.json"

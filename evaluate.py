@@ -4,7 +4,8 @@ Reads <run>/model.pt (for an ensemble of ensemble.py, every member's), <run>/thr
 preprocess cache (default: the one the model was trained on), and predicts one split of it
 (default test) with the preprocessing the model was trained with. Writes into --out-dir (default
 the run folder):
-  test_probs.csv         image_id, lesion_id, dx, label, prob (and prob_<dx> for 7-class models)
+  test_probs.csv         image_id, lesion_id, dx, label, prob (and prob_<dx> for 7-class models),
+                         tta (1 where the probabilities are test-time-augmented)
   metrics.csv            one row per operating point: threshold, accuracy, precision, recall,
                          specificity, f1, roc_auc, pr_auc, each with a bootstrap 95% interval
                          (<metric>_lo, <metric>_hi), and the confusion counts
@@ -12,7 +13,8 @@ the run folder):
   roc_curve.png, pr_curve.png   with the operating points marked
   calibration.png        reliability diagram: predicted probability against observed frequency
   gradcam.png            with --gradcam N: Grad-CAM heat maps of the N most confident true
-                         positives, false positives and false negatives (at recall_target)
+                         positives, false positives and false negatives (at recall_bound where
+                         thresholds.json has it)
   metrics_by_source.csv  where the rows come from several sources: metrics.csv's columns per source
   multiclass_metrics.csv, confusion_matrix_7class.png   for 7-class models: balanced accuracy,
                          macro ROC-AUC, per-class precision and recall, the 7x7 confusion matrix
@@ -22,13 +24,14 @@ Examples: python evaluate.py --run runs/lite0
           python evaluate.py --run runs/lite0 --cache cache/ph2_224 --split all --out-dir runs/lite0/ph2
           python evaluate.py --run runs/ham+isic --source isic2017 --out-dir runs/ham+isic/source_isic2017
 """
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    ensemble_probs, fail, load_cache, load_run_models, lock_output, metadata_features, model_inputs,
+                    chosen_with_tta, default_operating_point, ensemble_probs, fail, load_cache, load_run_models, lock_output, metadata_features, model_inputs,
                     new_figure, number_in, output_probs, pick_device, plot_pr_curve, preprocess_settings,
                     ranking_metrics, read_json, read_thresholds, save_figure, save_image_grid, threshold_metrics,
                     to_model_tensor, write_csv)
@@ -48,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=number_in(int, 0), default=1000,
                    help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--tta", action="store_true", help="average over flips and right-angle rotations")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="average over flips and right-angle rotations (default: as the thresholds were chosen, "
+                        "thresholds.json's tta)")
     p.add_argument("--gradcam", type=number_in(int, 0), default=0, metavar="N",
                    help="Grad-CAM grid of N cases per outcome")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -288,7 +293,7 @@ def check_preprocessing(cache, models):
     for _, checkpoint in models:
         model_settings = preprocess_settings(checkpoint["preprocess"])
         differ = [f"{k} {cache_settings[k]} (model: {model_settings[k]})"
-                  for k in model_settings if cache_settings[k] != model_settings[k]]
+                  for k in model_settings if k != "segmenter" and cache_settings[k] != model_settings[k]]
         if differ:
             fail(cache / "cache_key.json", f"was built with other preprocessing than {checkpoint['args']['cache']}, "
                  f"the model's training cache: {', '.join(differ)}; rebuild it with preprocess.py and those settings")
@@ -300,6 +305,8 @@ def main(args):
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
     thresholds = read_thresholds(args.run)
+    if args.tta is None:
+        args.tta = chosen_with_tta(args.run)
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}
     if args.cache is None and len(training_caches) > 1:
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
@@ -324,6 +331,7 @@ def main(args):
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()
     test["label"], test["prob"] = labels, probs
+    test["tta"] = int(args.tta)
     if class_probs is not None:
         for k, code in enumerate(DX_CODES):
             test[f"prob_{code}"] = class_probs[:, k]
@@ -349,7 +357,7 @@ def main(args):
     if args.gradcam:
         model, checkpoint = models[0]
         images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["img_size"])
-        threshold = thresholds.get("recall_target", thresholds.get("default", 0.5))
+        threshold = thresholds[default_operating_point(thresholds)]
         plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")
         plots.append("gradcam.png")
     write_report(out_dir, table, summary, args, models, cache, len(rows), plots, by_source)

@@ -2,7 +2,7 @@
 
 Reads <run>/val_probs.csv (label, prob; --probs for another file of validation probabilities,
 such as evaluate.py --split val --tta's, when the model is to be read with test-time
-augmentation). Writes <run>/thresholds.json:
+augmentation; its tta column says so). Writes <run>/thresholds.json:
   default          0.5
   best_f1          the threshold of highest validation F1 on the precision-recall curve
   recall_target    the highest threshold whose validation recall is >= --target-recall
@@ -12,7 +12,9 @@ augmentation). Writes <run>/thresholds.json:
                    the time
   specificity_target   with --target-specificity: the lowest threshold whose validation
                    specificity is >= the target (the most sensitive point that keeps it)
-and <run>/pr_curve_val.png with the chosen points marked. It never opens test data.
+beside them "tta": whether the probabilities were test-time-augmented, so that evaluate.py and
+predict.py read images the same way by default, and <run>/pr_curve_val.png with the chosen points
+marked. It never opens test data.
 
 Example: python threshold.py --run runs/lite0 --target-recall 0.90
 """
@@ -89,6 +91,9 @@ def main(args):
         if "image_id" not in val or set(val["image_id"]) != set(own["image_id"]):
             fail(val_path, f"does not hold the validation images of {args.run / 'val_probs.csv'}")
     labels, probs = val["label"].to_numpy(), val["prob"].to_numpy()
+    views = set(val["tta"]) if "tta" in val else {0}  # train.py's val_probs.csv: plain probabilities
+    if not views <= {0, 1} or len(views) > 1:
+        fail(val_path, "column tta must be 0 or 1, the same on every line (evaluate.py writes it)")
     # without lesion ids (an older file) every image counts as a lesion of its own
     lesion_ids = (val["lesion_id"] if "lesion_id" in val else val.index).astype(str).to_numpy()
     if not set(np.unique(labels)) == {0, 1}:
@@ -103,7 +108,7 @@ def main(args):
     if args.target_specificity is not None:
         thresholds["specificity_target"] = specificity_target_threshold(labels, probs, args.target_specificity)
     summary = {name: binary_metrics(labels, probs, t) for name, t in thresholds.items()}
-    write_json({"thresholds": thresholds, "target_recall": args.target_recall,
+    write_json({"thresholds": thresholds, "tta": bool(views.pop()), "target_recall": args.target_recall,
                 "target_specificity": args.target_specificity,
                 "chosen_on": str(val_path), "validation_metrics": summary}, args.run / "thresholds.json")
     plot_pr_curve(labels, probs, thresholds, args.run / "pr_curve_val.png", "validation precision-recall")

@@ -10,6 +10,9 @@ Writes into the run folder:
   val_probs.csv   image_id, lesion_id, dx, label (1 = malignant), prob (malignancy), and for
                   multiclass prob_<dx> for each class, from the best epoch
   config.json     all arguments, library versions, git commit, the cache key
+  segmenter.pt    where the cache was segmented by the U-Net: that very file (a hard link where the
+                  file system allows), which model.pt names by this relative path and its SHA-256,
+                  so the run folder can be copied or moved whole
 
 Distributed: torchrun --nproc_per_node=N train.py ... trains with DistributedDataParallel (gloo on
 CPU, NCCL on CUDA); --batch-size is the total over processes and only rank 0 writes files.
@@ -20,6 +23,7 @@ import copy
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -31,8 +35,8 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, autocast_dtype, balanced_accuracy_7, build_model,
-                    cosine_with_warmup, fail, git_commit, hide_metadata, load_cache, load_torch_file, lock_output,
+from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, atomic_path, autocast_dtype, balanced_accuracy_7,
+                    build_model, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata, load_cache, load_torch_file, lock_output,
                     metadata_features, model_inputs, number_in, optimisation_step, pick_device, predict_probs,
                     prepare_model, ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
 
@@ -220,6 +224,25 @@ def setup_processes(args):
 # the run
 
 
+def keep_segmenter(cache_key, run_dir):
+    """The cache key with its segmenter, if any, named by a copy inside the run folder."""
+    source, sha256 = cache_key.get("segmenter_model"), cache_key.get("segmenter_sha256")
+    if not source:
+        return cache_key
+    kept = run_dir / "segmenter.pt"
+    if not (kept.is_file() and file_digest(kept) == sha256):  # a resumed run has it already
+        if not Path(source).is_file() or file_digest(source) != sha256:
+            fail(source, "is not the segmenter the cache was built with (missing or changed); restore it or "
+                 "rebuild the cache")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(kept) as tmp:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another file system, or none that links
+                shutil.copyfile(source, tmp)
+    return {**cache_key, "segmenter_model": kept.name}
+
+
 def main(args):
     rank, world, device = setup_processes(args)
     is_main = rank == 0
@@ -261,7 +284,8 @@ def main(args):
         "arch": args.arch, "num_outputs": num_outputs, "normalisation": normalisation, "task": args.task,
         "classes": list(DX_CODES) if args.task == "multiclass" else ["benign", "malignant"],
         "input": args.input, "img_size": img_size, "loss": args.loss, "metadata": args.metadata,
-        "preprocess": read_json(args.cache / "cache_key.json"),  # how predict.py must prepare new images
+        # how predict.py must prepare new images
+        "preprocess": keep_segmenter(read_json(args.cache / "cache_key.json"), args.run_dir) if is_main else None,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     history, best_score, best_loss, start_epoch, stale = [], -math.inf, math.inf, 0, 0

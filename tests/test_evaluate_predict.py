@@ -1,5 +1,7 @@
 """threshold.py's extra operating point, evaluate.py's report and plots, predict.py on new images."""
 import json
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -88,7 +90,9 @@ def test_predict_gives_evaluates_probability_for_a_training_image(evaluated_run,
     pred = pd.read_csv(tmp_path / "pred.csv")
     assert len(pred) == 3  # the unreadable file is skipped, the rest predicted
     np.testing.assert_allclose(pred["malignancy_prob"], train_probs.loc[chosen, "prob"], atol=1e-5)
-    t = json.loads((evaluated_run / "thresholds.json").read_text())["thresholds"]["recall_target"]
+    # by default at recall_bound, the point whose recall held on new images
+    t = json.loads((evaluated_run / "thresholds.json").read_text())["thresholds"]["recall_bound"]
+    assert (pred["operating_point"] == "recall_bound").all() and (pred["tta"] == 0).all()
     assert (pred["decision"] == np.where(pred["malignancy_prob"] >= t, "malignant", "benign")).all()
     assert all(is_png(tmp_path / "overlays" / f"{i}.png") for i in chosen)
 
@@ -165,3 +169,40 @@ def test_a_dataset_of_two_sources_is_scored_per_source_too(evaluated_run, synthe
         evaluate.main(evaluate.parse_args(["--run", str(evaluated_run), "--cache", str(cache), "--source", "clinic_c",
                                            "--out-dir", str(tmp_path / "c")]))
     assert "has no source 'clinic_c' (its sources: clinic_a, clinic_b)" in str(exc.value)
+
+
+def test_thresholds_chosen_on_augmented_probabilities_make_tta_the_default(evaluated_run, synthetic_data, tmp_path,
+                                                                          capsys):
+    """threshold.py records that its probabilities were test-time-augmented (evaluate.py's tta
+    column); evaluate.py and predict.py then read images that way unless told --no-tta."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--tta", "--bootstrap", "0",
+                                       "--out-dir", str(run / "val_tta")]))
+    assert (pd.read_csv(run / "val_tta" / "test_probs.csv")["tta"] == 1).all()
+    assert json.loads((run / "thresholds.json").read_text())["tta"] is False  # chosen on train.py's plain ones
+    threshold.main(threshold.parse_args(["--run", str(run), "--probs", str(run / "val_tta" / "test_probs.csv")]))
+    assert json.loads((run / "thresholds.json").read_text())["tta"] is True
+
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--bootstrap", "0", "--out-dir", str(tmp_path / "default")]))
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--bootstrap", "0", "--out-dir", str(tmp_path / "plain"),
+                                       "--no-tta"]))
+    default, plain = (pd.read_csv(tmp_path / name / "test_probs.csv") for name in ("default", "plain"))
+    assert (default["tta"] == 1).all() and (plain["tta"] == 0).all()
+    np.testing.assert_allclose(plain["prob"], pd.read_csv(evaluated_run / "test_probs.csv")["prob"], atol=1e-6)
+
+    meta = pd.read_csv(synthetic_data / "metadata.csv").set_index("image_id")
+    chosen = default["image_id"][:3]
+    files = [str(synthetic_data / meta.loc[i, "filename"]) for i in chosen]
+    capsys.readouterr()
+    predict.main(predict.parse_args(["--run", str(run), *files, "--out", str(tmp_path / "pred.csv")]))
+    printed = capsys.readouterr().out
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert (pred["tta"] == 1).all()
+    np.testing.assert_allclose(pred["malignancy_prob"], default.set_index("image_id").loc[chosen, "prob"], atol=1e-5)
+    # the terminal table: a line per image with its probability and decision
+    assert any(line.split() == ["file", "probability", "decision"] for line in printed.splitlines())
+    for row in pred.itertuples():
+        # long paths are shortened from the left: the file's name is always there
+        assert any(line.split()[0].endswith(Path(row.file).name) and line.split()[1] == f"{row.malignancy_prob:.3f}"
+                   and " ".join(line.split()[2:]) == row.decision for line in printed.splitlines())

@@ -18,7 +18,8 @@ import preprocess
 import threshold
 import train
 
-SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "ensemble.py", "threshold.py", "evaluate.py", "predict.py"]
+SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "ensemble.py", "threshold.py", "evaluate.py", "predict.py",
+           "export_model.py", "train_segmenter.py"]
 
 
 def run_script(script, *args, cwd=ROOT):

@@ -99,3 +99,89 @@ def test_predict_segments_as_its_models_cache_was_built(evaluated_run, unet_cach
     with pytest.raises(SystemExit) as exc:
         predict.main(predict.parse_args(["--run", str(run), *files, "--out", str(tmp_path / "again.csv")]))
     assert str(changed) in str(exc.value) and "is not the segmenter" in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def unet_run(unet_cache, tmp_path_factory):
+    """A classifier trained on the U-Net cache, with test-time-augmented thresholds."""
+    import evaluate
+    import threshold
+    import train
+    run = tmp_path_factory.mktemp("runs_unet") / "unet_run"
+    train.main(train.parse_args(["--cache", str(unet_cache), "--run-dir", str(run), "--epochs", "2",
+                                 "--input", "crop", "--metadata", "--seed", "0"]))
+    threshold.main(threshold.parse_args(["--run", str(run)]))
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--tta", "--bootstrap", "0",
+                                       "--out-dir", str(run / "val_tta")]))
+    threshold.main(threshold.parse_args(["--run", str(run), "--probs", str(run / "val_tta" / "test_probs.csv")]))
+    return run
+
+
+def test_a_run_carries_its_segmenter_and_works_when_moved(unet_run, unet_cache, segmenter_run, synthetic_data,
+                                                          tmp_path):
+    checkpoint = torch.load(unet_run / "model.pt", weights_only=True)
+    assert checkpoint["preprocess"]["segmenter_model"] == "segmenter.pt"  # relative to the run folder
+    assert common.file_digest(unet_run / "segmenter.pt") == checkpoint["preprocess"]["segmenter_sha256"] == \
+        common.file_digest(segmenter_run / "model.pt")
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(unet_run, moved)
+    index = pd.read_csv(unet_cache / "index.csv").head(4)
+    files = [str(synthetic_data / name) for name in index["filename"]]
+    predict.main(predict.parse_args(["--run", str(moved), *files, "--out", str(tmp_path / "pred.csv")]))
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    np.testing.assert_allclose(pred["mask_area"], index["mask_area"], atol=1e-9)
+    (moved / "segmenter.pt").unlink()
+    with pytest.raises(SystemExit) as exc:
+        predict.main(predict.parse_args(["--run", str(moved), *files, "--out", str(tmp_path / "again.csv")]))
+    assert str(moved / "segmenter.pt") in str(exc.value) and "not found" in str(exc.value)
+
+
+def test_export_writes_a_compact_folder_that_predicts_as_the_run(unet_run, unet_cache, synthetic_data, tmp_path):
+    import evaluate
+    import export_model
+    out = tmp_path / "models" / "small"
+    out.mkdir(parents=True)
+    (out / "MODEL_CARD.md").write_text("kept\n")
+    (out / "model.pt").write_bytes(b"an older export")
+    export_model.main(export_model.parse_args(["--run", str(unet_run), "--out", str(out)]))
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "export.json", "model.pt", "segmenter.pt",
+                                                     "thresholds.json"]
+    assert (out / "MODEL_CARD.md").read_text() == "kept\n"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".small.")]  # no build folder left
+    assert (out / "thresholds.json").read_bytes() == (unet_run / "thresholds.json").read_bytes()
+    # fp16: about half the run's files
+    assert (out / "model.pt").stat().st_size < 0.6 * (unet_run / "model.pt").stat().st_size
+    assert (out / "segmenter.pt").stat().st_size < 0.6 * (unet_run / "segmenter.pt").stat().st_size
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert all(t.dtype == torch.float16 for t in checkpoint["model"].values() if t.is_floating_point())
+    export = json.loads((out / "export.json").read_text())
+    assert export["sha256"]["segmenter.pt"] == common.file_digest(out / "segmenter.pt") == \
+        checkpoint["preprocess"]["segmenter_sha256"]
+
+    # moved, the folder predicts as the full-precision run does, reading images as its thresholds were chosen
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    index = pd.read_csv(unet_cache / "index.csv")
+    val = index[index["split"] == "val"].head(6)
+    files = [str(synthetic_data / name) for name in val["filename"]]
+    predict.main(predict.parse_args(["--run", str(moved), *files, "--out", str(tmp_path / "compact.csv")]))
+    predict.main(predict.parse_args(["--run", str(unet_run), *files, "--out", str(tmp_path / "full.csv")]))
+    compact, full = pd.read_csv(tmp_path / "compact.csv"), pd.read_csv(tmp_path / "full.csv")
+    assert (compact["tta"] == 1).all()
+    np.testing.assert_allclose(compact["malignancy_prob"], full["malignancy_prob"], atol=5e-3)
+    tta_val = pd.read_csv(unet_run / "val_tta" / "test_probs.csv").set_index("image_id")
+    np.testing.assert_allclose(full["malignancy_prob"], tta_val.loc[val["image_id"], "prob"], atol=1e-5)
+    # evaluate.py takes the compact folder as a run, on a cache segmented by its own fp16 U-Net (not the
+    # full-precision one's: a segmenter is known by its file's SHA-256), and agrees with predict.py there
+    with pytest.raises(SystemExit, match="segmenter_sha256"):
+        evaluate.main(evaluate.parse_args(["--run", str(moved), "--cache", str(unet_cache), "--split", "val",
+                                           "--out-dir", str(tmp_path / "refused")]))
+    compact_cache = tmp_path / "cache_compact"
+    preprocess.main(preprocess.parse_args(["--data", str(synthetic_data), "--img-size", "64", "--out",
+                                           str(compact_cache), "--segmenter", "unet", "--segmenter-model",
+                                           str(moved / "segmenter.pt"), "--colour-constancy", "none"]))
+    evaluate.main(evaluate.parse_args(["--run", str(moved), "--cache", str(compact_cache), "--split", "val",
+                                       "--bootstrap", "0", "--out-dir", str(tmp_path / "eval")]))
+    evaluated = pd.read_csv(tmp_path / "eval" / "test_probs.csv").set_index("image_id")
+    assert (evaluated["tta"] == 1).all()
+    np.testing.assert_allclose(compact["malignancy_prob"], evaluated.loc[val["image_id"], "prob"], atol=1e-5)

@@ -1,0 +1,119 @@
+"""The reference model that ships in models/reference: compact and complete, used by predict.py
+when no --run is given, faithful to evaluate.py on real HAM10000 images prepared the same way, and
+a damaged copy ends with one line naming the file. Real images are read where they lie in
+../shared/data (train/val images only: no test image of the study is read here)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+
+import common
+import evaluate
+import fetch_data
+import predict
+import preprocess
+
+REFERENCE = ROOT / "models" / "reference"
+HAM = SHARED_DATA / "ham10000_full"
+
+
+def real_rows(n_malignant, n_benign):
+    """Labelled HAM10000 rows outside the study's test split, with every metadata field known."""
+    labels = pd.read_csv(HAM / "labels.csv", dtype={"image_id": str})
+    known = labels[labels["split"].isna() & labels["age"].notna() & labels["sex"].isin(common.SEXES)
+                   & labels["localization"].isin(common.SITES)]
+    malignant = known["label"].isin(common.MALIGNANT_DX)
+    return pd.concat([known[malignant].head(n_malignant), known[~malignant].head(n_benign)])
+
+
+def test_the_reference_folder_is_compact_complete_and_the_recipe_it_claims():
+    files = sorted(p.name for p in REFERENCE.iterdir())
+    assert files == ["MODEL_CARD.md", "export.json", "model.pt", "segmenter.pt", "thresholds.json"]
+    assert sum(p.stat().st_size for p in REFERENCE.iterdir()) <= 25 * 2**20
+    checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
+    assert all(t.dtype == torch.float16 for t in checkpoint["model"].values() if t.is_floating_point())
+    assert (checkpoint["arch"], checkpoint["input"], checkpoint["img_size"], checkpoint["metadata"],
+            checkpoint["loss"]) == ("efficientnet_lite0", "crop", 160, True, "wbce")
+    key = checkpoint["preprocess"]
+    assert (key["segmenter"], key["segmenter_model"], key["colour_constancy"]) == ("unet", "segmenter.pt",
+                                                                                   "shades_of_gray")
+    assert key["segmenter_sha256"] == common.file_digest(REFERENCE / "segmenter.pt")
+    chosen = json.loads((REFERENCE / "thresholds.json").read_text())
+    assert chosen["tta"] is True and "recall_bound" in chosen["thresholds"]
+    assert chosen["thresholds"]["recall_bound"] <= chosen["thresholds"]["recall_target"]
+
+
+def test_predict_with_no_run_uses_the_reference_model(tmp_path):
+    rows = real_rows(1, 1)
+    (tmp_path / "images").symlink_to(HAM / "images")
+    files = list(rows["filename"])  # images/ISIC_....jpg, as a user in that folder types them
+    out = subprocess.run([sys.executable, str(ROOT / "predict.py"), *files], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pred = pd.read_csv(tmp_path / "predictions.csv")  # in the working folder, not inside models/
+    assert len(pred) == 2 and (pred["operating_point"] == "recall_bound").all() and (pred["tta"] == 1).all()
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["file", "probability", "decision"]
+    for row in pred.itertuples():
+        assert any(line.split()[:2] == [row.file, f"{row.malignancy_prob:.3f}"]
+                   and " ".join(line.split()[2:]) == row.decision for line in lines)
+    assert str(REFERENCE) in out.stdout
+
+
+def test_predict_gives_what_evaluate_gives_on_real_images(tmp_path):
+    rows = real_rows(3, 3)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "images").symlink_to(HAM / "images")  # the images stay where they are
+    rows.drop(columns=["mask", "split"]).to_csv(source / "labels.csv", index=False)
+    fetch_data.main(fetch_data.parse_args(["--from-dir", str(source), "--out", str(tmp_path / "data"),
+                                           "--assign-split", "val"]))
+    checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
+    settings = common.preprocess_settings(checkpoint["preprocess"])
+    preprocess.main(preprocess.parse_args([
+        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--img-size", str(settings["img_size"]),
+        "--work-size", str(settings["work_size"]), "--crop-margin", str(settings["crop_margin"]),
+        "--hair-removal", settings["hair_removal"], "--colour-constancy", settings["colour_constancy"],
+        "--segmenter", "unet", "--segmenter-model", str(REFERENCE / "segmenter.pt")]))
+    evaluate.main(evaluate.parse_args(["--run", str(REFERENCE), "--cache", str(tmp_path / "cache"), "--split", "val",
+                                       "--bootstrap", "0", "--out-dir", str(tmp_path / "evaluated")]))
+    expected = pd.read_csv(tmp_path / "evaluated" / "test_probs.csv").set_index("image_id")
+    assert (expected["tta"] == 1).all()
+    for row in rows.itertuples():  # each image with its own age, sex and site, as evaluate.py feeds them
+        out = tmp_path / f"{row.image_id}.csv"
+        predict.main(predict.parse_args([str(HAM / row.filename), "--age", str(row.age), "--sex", row.sex,
+                                         "--site", row.localization, "--out", str(out)]))
+        assert pd.read_csv(out)["malignancy_prob"][0] == pytest.approx(expected.loc[row.image_id, "prob"], abs=1e-5)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("missing", "model.pt: checkpoint not found"),
+    ("truncated", "model.pt: not a loadable checkpoint"),
+    ("tensor", "model.pt: holds a Tensor, not a checkpoint"),
+    ("segmenter", "segmenter.pt: is not the segmenter"),
+])
+def test_a_damaged_model_folder_ends_with_one_line_naming_the_file(tmp_path, damage, words):
+    copy = tmp_path / "reference"
+    shutil.copytree(REFERENCE, copy)
+    model = copy / "model.pt"
+    if damage == "missing":
+        model.unlink()
+    elif damage == "truncated":
+        model.write_bytes(model.read_bytes()[:100_000])
+    elif damage == "tensor":
+        torch.save(torch.zeros(3), model)
+    else:
+        segmenter = copy / "segmenter.pt"
+        segmenter.write_bytes(segmenter.read_bytes()[:-10])
+    image = HAM / real_rows(0, 1)["filename"].iloc[0]
+    out = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--run", str(copy), str(image), "--out",
+                          str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+    assert not (tmp_path / "p.csv").exists()
