@@ -184,23 +184,28 @@ REF_RUN ?= runs/hamfull_efficientnet_lite0
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
 	--segmenter-model $(REFERENCE)/segmenter.pt --out cache/$(1)_224_reference
 reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision run (validation), predict.py's speed
-	$(MAKE) data/hamfull/metadata.csv DATA=hamfull FROM_DIR=$(SHARED)/ham10000_full
-	$(call ref_cache,hamfull)
-	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_224_reference --split val --out-dir $(REF_RUN)/compact_val
+	$(MAKE) data/hamfull_valtest/metadata.csv
+	$(call ref_cache,hamfull_valtest)
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_valtest_224_reference --split val \
+		--out-dir $(REF_RUN)/compact_val
 	$(PYTHON) bench/reference_model.py --full-probs $(REF_RUN)/val_tta/test_probs.csv \
 		--compact-probs $(REF_RUN)/compact_val/test_probs.csv --out bench/results/reference_faithful
 	$(PYTHON) bench/reference_model.py --speed --n 500 --out bench/results/reference_speed
+
+# ham10000_full's val and test rows alone: the same split as all of it (drawn from the labels alone)
+data/hamfull_valtest/metadata.csv: | $(PY_DEPS)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --only-split val test --out data/hamfull_valtest
 
 data/isic2017_test/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split test --out data/isic2017_test
 
 reference-test: | $(PY_DEPS)  ## read the HAM10000 test split, ISIC 2017 test and PH2 with the reference model, for its card
-	$(MAKE) data/hamfull/metadata.csv DATA=hamfull FROM_DIR=$(SHARED)/ham10000_full
-	$(MAKE) data/isic2017_test/metadata.csv data/ph2/metadata.csv
-	$(call ref_cache,hamfull)
+	$(MAKE) data/hamfull_valtest/metadata.csv data/isic2017_test/metadata.csv data/ph2/metadata.csv
+	$(call ref_cache,hamfull_valtest)
 	$(call ref_cache,isic2017_test)
 	$(call ref_cache,ph2)
-	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_224_reference --out-dir $(REF_RUN)/compact_ham10000_test
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_valtest_224_reference \
+		--out-dir $(REF_RUN)/compact_ham10000_test
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/isic2017_test_224_reference --split test \
 		--out-dir $(REF_RUN)/compact_isic2017_test
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/ph2_224_reference --split all --out-dir $(REF_RUN)/compact_ph2

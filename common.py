@@ -754,9 +754,15 @@ def load_torch_file(path, what="state dict"):
 
 
 def save_checkpoint(checkpoint, path):
+    """torch.save through memory: the same checkpoint gives the same bytes (torch names its archive
+    after the file it writes, here a temporary one), and a full disk is an OSError of the write,
+    which atomic_path reports in one line, not torch's own writer failing deep inside."""
+    import io
     import torch
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path):
@@ -893,7 +899,7 @@ _LOADED_SEGMENTERS = {}  # (path, sha256) -> (model, checkpoint)
 def loaded_segmenter(path, sha256):
     """load_segmenter, once per process: every image of a run is segmented by the same model."""
     key = (str(path), sha256)
-    if key not in _LOADED_SEGMENTERS:
+    if key not in _LOADED_SEGMENTERS or not Path(path).is_file():  # a file gone since is gone
         _LOADED_SEGMENTERS[key] = load_segmenter(path, sha256)
     return _LOADED_SEGMENTERS[key]
 

@@ -81,3 +81,22 @@ def test_an_ensemble_is_described_by_its_members_and_can_be_chosen(tmp_path):
     assert row in out.with_suffix(".md").read_text()
     assert list(dict.fromkeys(table["stage"])) == ["2_wbce", "3_wbce_aug", "6_multiclass", "6b_multiclass",
                                                    "8_ensemble", "10_long"]
+
+
+def test_reference_bench_compares_the_compact_model_point_by_point(tmp_path):
+    spec = importlib.util.spec_from_file_location("reference_model", ROOT / "bench" / "reference_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    labels = [0, 0, 0, 1, 1, 0, 1, 0]
+    full = pd.DataFrame({"image_id": [f"i{k}" for k in range(8)], "label": labels,
+                         "prob": [0.1, 0.2, 0.35, 0.4, 0.8, 0.45, 0.9, 0.05]})
+    full.to_csv(tmp_path / "full.csv", index=False)
+    compact = full.assign(prob=full["prob"].where(full["image_id"] != "i3", 0.3))  # one malignant image falls
+    compact.iloc[::-1].to_csv(tmp_path / "compact.csv", index=False)  # another order: matched by image_id
+    result = bench.faithfulness(tmp_path / "full.csv", tmp_path / "compact.csv", {"recall_bound": 0.38})
+    rows = {r["point"]: r for r in result["rows"]}
+    assert rows["ROC-AUC"]["difference"] < 0
+    assert rows["recall_bound recall (t=0.3800)"]["full"] == 1.0
+    assert abs(rows["recall_bound recall (t=0.3800)"]["difference"] + 1 / 3) < 1e-12
+    assert rows["recall_bound specificity (t=0.3800)"]["difference"] == 0
+    assert abs(result["largest_probability_change"] - 0.1) < 1e-12
