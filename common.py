@@ -571,6 +571,14 @@ def preprocess_settings(cache_key):
             "colour_constancy": cache_key.get("colour_constancy", "none")}
 
 
+def preprocessing_differences(settings, reference):
+    """The preprocess_settings that differ between two caches (or a cache and a model), as
+    "name value (model: value)" strings. The segmenter's path is no difference: the same file may
+    lie in two folders, and its SHA-256 says whether it is the same."""
+    return [f"{k} {settings[k]} (model: {reference[k]})" for k in reference
+            if k != "segmenter" and settings[k] != reference[k]]
+
+
 def working_image(rgb, work_size):
     """(image scaled down to at most work_size on its longest side, the scale): hair removal and
     segmentation run at this resolution, whatever the camera's."""

@@ -33,6 +33,7 @@ import pandas as pd
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
                     chosen_with_tta, default_operating_point, ensemble_probs, fail, load_cache, load_run_models, lock_output, metadata_features, model_inputs,
                     new_figure, number_in, output_probs, pick_device, plot_pr_curve, preprocess_settings,
+                    preprocessing_differences,
                     ranking_metrics, read_json, read_thresholds, save_figure, save_image_grid, threshold_metrics,
                     to_model_tensor, write_csv)
 
@@ -291,9 +292,7 @@ def check_preprocessing(cache, models):
     other settings (hair removal, sizes, crop margin) would shift every probability unnoticed."""
     cache_settings = preprocess_settings(read_json(cache / "cache_key.json"))
     for _, checkpoint in models:
-        model_settings = preprocess_settings(checkpoint["preprocess"])
-        differ = [f"{k} {cache_settings[k]} (model: {model_settings[k]})"
-                  for k in model_settings if k != "segmenter" and cache_settings[k] != model_settings[k]]
+        differ = preprocessing_differences(cache_settings, preprocess_settings(checkpoint["preprocess"]))
         if differ:
             fail(cache / "cache_key.json", f"was built with other preprocessing than {checkpoint['args']['cache']}, "
                  f"the model's training cache: {', '.join(differ)}; rebuild it with preprocess.py and those settings")

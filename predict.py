@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES, check_writable,
                     chosen_with_tta, default_operating_point, ensemble_probs, fail, load_run_models, loaded_segmenter,
-                    metadata_features, number_in, pick_device, preprocess_image, preprocess_settings, read_rgb,
+                    metadata_features, number_in, pick_device, preprocess_image, preprocess_settings,
+                    preprocessing_differences, read_rgb,
                     read_thresholds, shown, write_csv, write_png)
 
 
@@ -105,7 +106,7 @@ def prepared_settings(models, run):
     if None in settings:
         fail(run, "a model has no preprocessing settings; retrain it with this version of train.py")
     settings = [preprocess_settings(s) for s in settings]
-    if any(s != {**settings[0], "segmenter": s["segmenter"]} for s in settings):  # the same file may lie in two folders
+    if any(preprocessing_differences(s, settings[0]) for s in settings):
         fail(run, "its models were trained on differently preprocessed images; predict with each on its own")
     if settings[0]["segmenter"] is not None:  # missing or changed: one line now, not a skip per image
         loaded_segmenter(settings[0]["segmenter"], settings[0]["segmenter_sha256"])
@@ -184,7 +185,7 @@ def main(args):
     print(f"{operating_point} threshold {threshold:.3f}{' (test-time augmentation)' if tta else ''}; "
           f"model {shown(run)}")
     print(f"wrote {shown(out)}: {len(rows)} images" + (f", {skipped} skipped" if skipped else "") +
-          f", {len(files) / max(seconds, 1e-9):.1f} images/s; {time.time() - started:.1f} s in all")
+          f", {len(rows) / max(seconds, 1e-9):.1f} images/s; {time.time() - started:.1f} s in all")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,17 @@ def test_cache_keys_from_before_a_setting_mean_what_was_done_then():
     assert (unet["segmenter"], unet["segmenter_sha256"]) == ("s.pt", "y")
 
 
+def test_a_segmenter_moved_elsewhere_is_the_same_preprocessing_and_a_changed_one_is_not():
+    key = {"pipeline_version": 3, "img_size": 224, "work_size": 384, "crop_margin": 0.15,
+           "segmenter": "unet", "segmenter_model": "runs/a/segmenter.pt", "segmenter_sha256": "y"}
+    here = common.preprocess_settings(key)
+    moved = common.preprocess_settings({**key, "segmenter_model": "elsewhere/segmenter.pt"})
+    assert common.preprocessing_differences(moved, here) == []
+    changed = common.preprocess_settings({**key, "segmenter_sha256": "z", "crop_margin": 0.2})
+    assert common.preprocessing_differences(changed, here) == ["crop_margin 0.2 (model: 0.15)",
+                                                               "segmenter_sha256 z (model: y)"]
+
+
 def test_implausible_image_is_flagged_and_uses_the_whole_image():
     flat = np.full((100, 120, 3), 180, np.uint8)
     mask, plausible = common.lesion_mask(flat)
