@@ -31,11 +31,10 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    chosen_with_tta, default_operating_point, ensemble_probs, fail, load_cache, load_run_models, lock_output, metadata_features, model_inputs,
-                    new_figure, number_in, output_probs, pick_device, plot_pr_curve, preprocess_settings,
-                    preprocessing_differences,
-                    ranking_metrics, read_json, read_thresholds, save_figure, save_image_grid, threshold_metrics,
-                    to_model_tensor, write_csv)
+                    chosen_with_tta, default_operating_point, ensemble_probs, fail, load_cache, load_run_models,
+                    lock_output, metadata_features, model_inputs, new_figure, number_in, output_probs, pick_device,
+                    plot_pr_curve, preprocess_settings, preprocessing_differences, ranking_metrics, read_json,
+                    read_thresholds, save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 

@@ -29,13 +29,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES, check_writable,
-                    chosen_with_tta, default_operating_point, ensemble_probs, fail, load_run_models, loaded_segmenter,
-                    metadata_features, number_in, pick_device, preprocess_image, preprocess_settings,
-                    preprocessing_differences, read_rgb,
-                    read_thresholds, shown, write_csv, write_png)
+                    chosen_with_tta, cleaned_image, default_operating_point, ensemble_probs, fail, load_run_models,
+                    loaded_segmenter, metadata_features, number_in, pick_device, prepare_cleaned, preprocess_settings,
+                    preprocessing_differences, read_rgb, read_thresholds, shown, write_csv, write_png)
 
 
-BATCH = 16  # images classified together: a forward pass per batch, not per image
+BATCH = 8  # images segmented and classified together; on 2 CPU cores 8 ran faster than 4, 16 or 32
 
 
 def parse_args(argv=None):
@@ -148,17 +147,21 @@ def main(args):
     rows, skipped, first_image = [], 0, time.time()
     progress = tqdm(total=len(files), desc="predicting")
     named = list(zip(files, overlay_names(files)))
-    for start in range(0, len(named), BATCH):  # images are prepared one by one, classified a batch at a time
-        batch = []
+    for start in range(0, len(named), BATCH):  # images are read one by one, segmented and classified a batch at a time
+        batch, cleaned = [], []
         for path, overlay_name in named[start:start + BATCH]:
             try:
-                batch.append((path, overlay_name, preprocess_image(path, **settings)))
+                cleaned.append(cleaned_image(path, settings["work_size"], settings["hair_removal"]))
+                batch.append((path, overlay_name))
             except SystemExit as e:  # unreadable or degenerate: say which and go on with the rest
                 tqdm.write(f"skipped {str(e).removeprefix('error: ')}")
                 skipped += 1
-            progress.update()
         if not batch:
+            progress.update(len(named[start:start + BATCH]))
             continue
+        prepared_batch = prepare_cleaned(cleaned, settings["img_size"], settings["crop_margin"], settings["segmenter"],
+                                         settings["segmenter_sha256"], settings["colour_constancy"])
+        batch = [(path, overlay_name, prepared) for (path, overlay_name), prepared in zip(batch, prepared_batch)]
         arrays = {name: np.stack([prepared[key] for _, _, prepared in batch])
                   for name, key in (("full", "image"), ("crop", "crop"), ("mask", "mask_small"))}
         probs, class_probs = ensemble_probs(models, arrays, np.arange(len(batch)), device, tta=tta,
@@ -176,6 +179,7 @@ def main(args):
                 row["overlay"] = overlay_name
                 overlay(path, prepared, row["decision"], probs[k], args.overlay / overlay_name)
             rows.append(row)
+        progress.update(len(named[start:start + BATCH]))
     progress.close()
     seconds = time.time() - first_image
     if not rows:
