@@ -233,3 +233,26 @@ def test_shades_of_gray_undoes_a_colour_cast_and_leaves_a_grey_light():
     assert light.max() / light.min() < 1.03
     cast_light = np.power(np.mean(np.power(cast.astype(float), 6), axis=(0, 1)), 1 / 6)
     assert cast_light.max() / cast_light.min() > 1.3  # the test's cast was a real one
+
+
+@pytest.mark.parametrize("network", ["classifier", "segmenter"])
+def test_folding_batch_norms_keeps_the_function_and_leaves_none(network):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    if network == "classifier":
+        model, _ = common.build_model("efficientnet_lite0", 1, pretrained=False, metadata=True)
+    else:
+        model, _ = common.build_segmenter(pretrained=False)
+    for module in model.modules():  # running statistics of a trained network, not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = model.eval()(x)
+        folded = common.fold_batch_norms(model)
+        after = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(before, after, atol=1e-4 * before.abs().max().item())
