@@ -31,6 +31,17 @@ def test_metrics_match_scikit_learn(scores, threshold):
     assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (tn, fp, fn, tp)
 
 
+@pytest.mark.parametrize("decimals", [1, 2, 6])
+def test_ranking_metrics_match_scikit_learn_with_ties(decimals):
+    rng = np.random.default_rng(decimals)
+    for n, share in ((40, 0.2), (500, 0.1), (2000, 0.5)):
+        labels = (rng.random(n) < share).astype(int)
+        probs = np.round(np.clip(rng.normal(0.3 + 0.3 * labels, 0.25), 0, 1), decimals)  # rounding makes ties
+        m = common.ranking_metrics(labels, probs)
+        assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs), abs=1e-12)
+        assert m["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs), abs=1e-12)
+
+
 def test_roc_auc_does_not_depend_on_the_threshold(scores):
     labels, probs = scores
     aucs = {common.binary_metrics(labels, probs, t)["roc_auc"] for t in np.linspace(0, 1, 11)}
