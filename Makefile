@@ -70,7 +70,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict reference-bench reference-test source-test external external-val study study2-screen study2-levers study2-final study2-tta study2-test hair-study demo test \
+.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict reference-bench reference-test site-bench source-test external external-val study study2-screen study2-levers study2-final study2-tta study2-test hair-study demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -195,6 +195,21 @@ reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision
 # ham10000_full's val and test rows alone: the same split as all of it (drawn from the labels alone)
 data/hamfull_valtest/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --only-split val test --out data/hamfull_valtest
+
+data/isic2017_val/metadata.csv: | $(PY_DEPS)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split val --out data/isic2017_val
+
+# Site calibration measured (calibrate.py): a copy of the reference model calibrated to ISIC 2017's
+# val images (their age and sex hidden: its test images have none), then PH2 two-fold and ISIC
+# 2017 val -> test from the probabilities make reference-test wrote
+SITES_RUN := runs/reference_sites
+site-bench: | $(PY_DEPS)  ## site calibration on PH2 (two-fold) and ISIC 2017 (val -> test), after reference-test
+	$(MAKE) data/isic2017_val/metadata.csv
+	rm -rf $(SITES_RUN) && mkdir -p runs && cp -r $(REFERENCE) $(SITES_RUN)
+	$(PYTHON) calibrate.py --run $(SITES_RUN) --data data/isic2017_val --name isic2017_val --hide-metadata
+	$(PYTHON) bench/site_calibration.py --ham-thresholds $(REFERENCE)/thresholds.json \
+		--ph2 $(REF_RUN)/compact_ph2/test_probs.csv --isic-val $(SITES_RUN)/clinics/isic2017_val/site_probs.csv \
+		--isic-test $(REF_RUN)/compact_isic2017_test/test_probs.csv --out bench/results/site_calibration
 
 data/isic2017_test/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split test --out data/isic2017_test

@@ -1066,6 +1066,50 @@ def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None):
     return np.mean(probs, axis=0), None if class_probs[0] is None else np.mean(class_probs, axis=0)
 
 
+def run_preprocessing(models, run):
+    """The one preprocessing every model of the run was trained with (preprocess_settings), its
+    segmenter loaded: images from outside a cache are prepared with it."""
+    settings = [checkpoint.get("preprocess") for _, checkpoint in models]
+    if None in settings:
+        fail(run, "a model has no preprocessing settings; retrain it with this version of train.py")
+    settings = [preprocess_settings(s) for s in settings]
+    if any(preprocessing_differences(s, settings[0]) for s in settings):
+        fail(run, "its models were trained on differently preprocessed images; predict with each on its own")
+    if settings[0]["segmenter"] is not None:  # missing or changed: one line now, not a skip per image
+        loaded_segmenter(settings[0]["segmenter"], settings[0]["segmenter_sha256"])
+    return settings[0]
+
+
+FILE_BATCH = 8  # images segmented and classified together; on 2 CPU cores 8 ran faster than 4, 16 or 32
+
+
+def classify_files(models, settings, files, metadata, device, tta):
+    """Image files through the run's preprocessing (run_preprocessing) and models, a batch at a
+    time. metadata: metadata_features, a row per file. Yields (index of the file, result) in order:
+    result is a dict (prepared: preprocess_image's arrays, prob, class_probs or None) or, for a
+    file that cannot be read or holds no lesion to diagnose, the one-line reason, so that the caller
+    reports it and goes on with the rest."""
+    for start in range(0, len(files), FILE_BATCH):
+        readable, cleaned = [], []
+        for i in range(start, min(start + FILE_BATCH, len(files))):
+            try:
+                cleaned.append(cleaned_image(files[i], settings["work_size"], settings["hair_removal"]))
+                readable.append(i)
+            except SystemExit as e:
+                yield i, str(e).removeprefix("error: ")
+        if not readable:
+            continue
+        prepared = prepare_cleaned(cleaned, settings["img_size"], settings["crop_margin"], settings["segmenter"],
+                                   settings["segmenter_sha256"], settings["colour_constancy"])
+        arrays = {name: np.stack([p[key] for p in prepared])
+                  for name, key in (("full", "image"), ("crop", "crop"), ("mask", "mask_small"))}
+        probs, class_probs = ensemble_probs(models, arrays, np.arange(len(readable)), device, tta=tta,
+                                            metadata=metadata[readable])
+        for k, i in enumerate(readable):
+            yield i, {"prepared": prepared[k], "prob": float(probs[k]),
+                      "class_probs": None if class_probs is None else class_probs[k]}
+
+
 def pick_device(name="auto"):
     import torch
     if name == "auto":
@@ -1270,6 +1314,181 @@ def ranking_metrics(y_true, prob):
     true_positives = np.cumsum(y_true[order])[last_of_each_score]
     precision, recall = true_positives / (last_of_each_score + 1), true_positives / positives
     return {"roc_auc": float(roc_auc), "pr_auc": float(np.sum(np.diff(recall, prepend=0) * precision))}
+
+
+def best_f1_threshold(labels, probs):
+    from sklearn.metrics import precision_recall_curve
+    precision, recall, thresholds = precision_recall_curve(labels, probs)
+    # The last precision/recall pair has no threshold (recall 0 by convention).
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[np.argmax(f1)])
+
+
+def recall_target_threshold(labels, probs, target):
+    """Highest threshold whose recall reaches the target: the fewest false alarms that still
+    catch that share of malignant lesions."""
+    from sklearn.metrics import precision_recall_curve
+    _, recall, thresholds = precision_recall_curve(labels, probs)
+    reaching = recall[:-1] >= target
+    return float(thresholds[reaching].max())
+
+
+def recall_bound_threshold(labels, probs, lesion_ids, target, n_resamples, seed):
+    """Highest threshold whose recall's lower 95% bound reaches the target. The malignant lesions
+    are resampled, not images: a lesion's images rise and fall together. Falls back to the lowest
+    malignant score when no threshold's bound reaches the target (too few malignant lesions)."""
+    positive = labels == 1
+    candidates = np.unique(probs[positive])[::-1]  # every threshold that changes recall, highest first
+    lesions, lesion_of_image = np.unique(lesion_ids[positive], return_inverse=True)
+    # hits[l, t]: images of malignant lesion l scored >= candidate t; recall = W @ hits / W @ sizes
+    hits = np.zeros((len(lesions), len(candidates)))
+    np.add.at(hits, lesion_of_image, probs[positive][:, None] >= candidates[None, :])
+    sizes = np.bincount(lesion_of_image, minlength=len(lesions))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(lesions), np.full(len(lesions), 1 / len(lesions)), size=n_resamples)
+    lower = np.percentile((weights @ hits) / (weights @ sizes)[:, None], 2.5, axis=0)
+    reaching = np.flatnonzero(lower >= target)
+    return float(candidates[reaching[0]] if len(reaching) else candidates[-1])
+
+
+def specificity_target_threshold(labels, probs, target):
+    """Lowest threshold whose specificity reaches the target. Where only calling nothing malignant
+    reaches it (a benign image has the top score and the target is 1), just above the top score."""
+    from sklearn.metrics import roc_curve
+    fpr, _, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    keeping = (1 - fpr >= target) & np.isfinite(thresholds)
+    return float(thresholds[keeping].min()) if keeping.any() else float(np.nextafter(probs.max(), np.inf))
+
+
+def recall_lower_bound_exact(found, malignant):
+    """The exact (Clopper-Pearson) lower 95% bound of a recall of found / malignant: the
+    percentile bootstrap's is degenerate with a few dozen malignant images (finding all of them
+    gives a bound of 1.0); this one is 0.025 ** (1 / n) then, the most that n images can show."""
+    from scipy.stats import binomtest
+    return float(binomtest(int(found), int(malignant)).proportion_ci(0.95, method="exact").low) if malignant else 0.0
+
+
+def recall_bound_threshold_exact(labels, probs, target):
+    """Highest threshold whose recall's exact lower 95% bound reaches the target; where none does
+    (too few malignant images to show it), the lowest malignant score: every malignant image found."""
+    positive = np.sort(probs[labels == 1])[::-1]  # threshold positive[k] finds the k + 1 highest
+    bounds = np.array([recall_lower_bound_exact(k + 1, len(positive)) for k in range(len(positive))])
+    # images of equal score are found together: a threshold finds all of them
+    found = np.searchsorted(-positive, -positive, side="right")
+    reaching = np.flatnonzero(bounds[found - 1] >= target)
+    return float(positive[reaching[0]] if len(reaching) else positive[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# site calibration: a clinic's own labelled images set its operating points and probability
+# (calibrate.py writes <run>/clinics/<name>/, predict.py and evaluate.py --clinic read it)
+
+CLINIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# the percentile bootstrap over lesions bounds recall from this many malignant lesions on; below,
+# the exact binomial bound over malignant images (the bootstrap's is degenerate with a few dozen)
+BOOTSTRAP_MIN_MALIGNANT = 100
+# isotonic recalibration from this many images of each class on; below, logistic on the logit
+ISOTONIC_MIN_PER_CLASS = 100
+
+
+def clinic_dir(run_dir, name, must_exist=True):
+    """<run>/clinics/<name>, the name checked to be a plain folder name (it becomes a path)."""
+    if not CLINIC_NAME.fullmatch(str(name)):
+        fail(name, "is not a clinic name: letters, digits, '_', '.' and '-', starting with a letter or digit")
+    folder = Path(run_dir) / "clinics" / name
+    if must_exist and not (folder / "thresholds.json").is_file():
+        known = sorted(p.parent.name for p in (Path(run_dir) / "clinics").glob("*/thresholds.json"))
+        fail(folder, f"no calibration of that name; run calibrate.py (calibrated: {', '.join(known) or 'none'})")
+    return folder
+
+
+def images_needed_for_bound(target):
+    """The fewest malignant images whose exact lower 95% bound can reach the target at all (all found)."""
+    return math.ceil(math.log(0.025) / math.log(target)) if target < 1 else math.inf
+
+
+def site_operating_points(labels, probs, lesion_ids, target_recall, target_specificity=None, n_resamples=2000,
+                          seed=0):
+    """The operating points of threshold.py, chosen on a site's images: (thresholds, how recall_bound
+    was bounded, warnings). With fewer than BOOTSTRAP_MIN_MALIGNANT malignant lesions recall_bound's
+    bound is the exact binomial one; where the sample cannot certify the target, recall_bound is the
+    lowest malignant score (every malignant image found) and a warning says so."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
+    lesion_ids = np.asarray(lesion_ids).astype(str)
+    malignant = int(labels.sum())
+    malignant_lesions = len(np.unique(lesion_ids[labels == 1]))
+    if malignant_lesions >= BOOTSTRAP_MIN_MALIGNANT:
+        method = f"percentile bootstrap over {malignant_lesions} malignant lesions"
+        bound = recall_bound_threshold(labels, probs, lesion_ids, target_recall, n_resamples, seed)
+    else:
+        method = f"exact binomial (Clopper-Pearson) over {malignant} malignant images"
+        bound = recall_bound_threshold_exact(labels, probs, target_recall)
+    thresholds = {"default": 0.5, "best_f1": best_f1_threshold(labels, probs),
+                  "recall_target": recall_target_threshold(labels, probs, target_recall), "recall_bound": bound}
+    if target_specificity is not None:
+        thresholds["specificity_target"] = specificity_target_threshold(labels, probs, target_specificity)
+    warnings = []
+    reachable = recall_lower_bound_exact(malignant, malignant)
+    if malignant_lesions < BOOTSTRAP_MIN_MALIGNANT and reachable < target_recall:
+        warnings.append(f"with {malignant} malignant images the highest recall a 95% bound can certify is "
+                        f"{reachable:.3f} (all of them found), below the target {target_recall}: recall_bound is "
+                        f"the lowest malignant score, and its recall on new images is not certified; "
+                        f"{images_needed_for_bound(target_recall)} malignant images could certify {target_recall}")
+    if malignant < 10 or len(labels) - malignant < 10:
+        warnings.append(f"{malignant} malignant and {len(labels) - malignant} benign images: too few to choose "
+                        "any operating point with confidence")
+    return thresholds, method, warnings
+
+
+def fit_recalibration(labels, probs):
+    """A monotone map from the model's probability to the site's frequency of malignancy: isotonic
+    regression with ISOTONIC_MIN_PER_CLASS images of each class or more, logistic regression on
+    the logit below (two parameters: what a small sample supports). Returns a JSON-able dict that
+    recalibrated() applies."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
+    if min(labels.sum(), len(labels) - labels.sum()) >= ISOTONIC_MIN_PER_CLASS:
+        from sklearn.isotonic import IsotonicRegression
+        iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(probs, labels)
+        return {"method": "isotonic", "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+    from sklearn.linear_model import LogisticRegression
+    fit = LogisticRegression(C=1e4).fit(logit(probs)[:, None], labels)  # nearly unpenalised: Platt scaling
+    return {"method": "logistic on the logit", "slope": float(fit.coef_[0, 0]), "intercept": float(fit.intercept_[0])}
+
+
+def logit(probs):
+    probs = np.clip(np.asarray(probs, dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(probs / (1 - probs))
+
+
+def recalibrated(probs, calibration):
+    """The site's probability of malignancy for the model's probabilities (fit_recalibration's map)."""
+    probs = np.asarray(probs, dtype=float)
+    if calibration["method"] == "isotonic":
+        return np.interp(probs, calibration["x"], calibration["y"])
+    return 1 / (1 + np.exp(-(calibration["slope"] * logit(probs) + calibration["intercept"])))
+
+
+def read_calibration(folder):
+    """calibration.json of a clinic folder, checked: a map recalibrated() can apply, or one line."""
+    path = Path(folder) / "calibration.json"
+    calibration = read_json(path)
+    ok = isinstance(calibration, dict) and (
+        (calibration.get("method") == "isotonic" and isinstance(calibration.get("x"), list)
+         and isinstance(calibration.get("y"), list) and 0 < len(calibration["x"]) == len(calibration["y"]))
+        or (calibration.get("method") == "logistic on the logit"
+            and all(isinstance(calibration.get(k), (int, float)) for k in ("slope", "intercept"))))
+    if not ok:
+        fail(path, "is not a recalibration calibrate.py writes (isotonic x/y, or logistic slope/intercept)")
+    return calibration
+
+
+def calibration_errors(labels, probs, bins=10):
+    """(Brier score, expected calibration error over `bins` equal-width bins of probability)."""
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    ece = sum(abs(labels[which == b].mean() - probs[which == b].mean()) * np.mean(which == b)
+              for b in range(bins) if np.any(which == b))
+    return float(np.mean((probs - labels) ** 2)), float(ece)
 
 
 def balanced_accuracy_7(dx, class_probs):

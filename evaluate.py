@@ -12,6 +12,8 @@ the run folder):
   confusion_matrix.png   counts and row-normalised shares at each operating point
   roc_curve.png, pr_curve.png   with the operating points marked
   calibration.png        reliability diagram: predicted probability against observed frequency
+                         (with --clinic NAME the site's recalibrated probability beside it, and
+                         test_probs.csv's calibrated_prob; the site's thresholds apply to prob)
   gradcam.png            with --gradcam N: Grad-CAM heat maps of the N most confident true
                          positives, false positives and false negatives (at recall_bound where
                          thresholds.json has it)
@@ -31,9 +33,10 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    chosen_with_tta, default_operating_point, ensemble_probs, fail, load_cache, load_run_models,
-                    lock_output, metadata_features, model_inputs, new_figure, number_in, output_probs, pick_device,
-                    plot_pr_curve, preprocess_settings, preprocessing_differences, ranking_metrics, read_json,
+                    calibration_errors, chosen_with_tta, clinic_dir, default_operating_point, ensemble_probs, fail,
+                    load_cache, load_run_models, lock_output, metadata_features, model_inputs, new_figure, number_in,
+                    output_probs, pick_device, plot_pr_curve, preprocess_settings, preprocessing_differences,
+                    ranking_metrics, read_calibration, read_json, recalibrated,
                     read_thresholds, save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
@@ -51,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=number_in(int, 0), default=1000,
                    help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--clinic", metavar="NAME",
+                   help="a site calibration of the run (calibrate.py, <run>/clinics/NAME): its operating points, "
+                        "and a calibrated_prob column with the reliability of both probabilities")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average over flips and right-angle rotations (default: as the thresholds were chosen, "
                         "thresholds.json's tta)")
@@ -142,14 +148,17 @@ def plot_roc_curve(labels, probs, table, path):
     save_figure(fig, path)
 
 
-def plot_calibration(labels, probs, path, bins=10):
+def plot_calibration(labels, probs, path, calibrated=None, bins=10):
     from sklearn.calibration import calibration_curve
-    observed, predicted = calibration_curve(labels, probs, n_bins=bins, strategy="quantile")
     fig, ax = new_figure()
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
-    ax.plot(predicted, observed, "o-", label=f"model ({bins} equal-count bins)")
+    for p, name in ((probs, "model"), (calibrated, "recalibrated to the clinic")):
+        if p is not None:
+            observed, predicted = calibration_curve(labels, p, n_bins=bins, strategy="quantile")
+            brier, ece = calibration_errors(labels, p)
+            ax.plot(predicted, observed, "o-", label=f"{name} (Brier {brier:.3f}, ECE {ece:.3f})")
     ax.set(xlabel="predicted malignancy probability", ylabel="observed share malignant", xlim=(0, 1),
-           ylim=(0, 1), title="reliability diagram")
+           ylim=(0, 1), title=f"reliability diagram ({bins} equal-count bins)")
     ax.legend(loc="upper left", fontsize=8)
     save_figure(fig, path)
 
@@ -302,9 +311,11 @@ def main(args):
     models = load_run_models(args.run, device)
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
-    thresholds = read_thresholds(args.run)
+    points_dir = clinic_dir(args.run, args.clinic) if args.clinic else args.run  # whose images chose the thresholds
+    calibration = read_calibration(points_dir) if args.clinic else None
+    thresholds = read_thresholds(points_dir)
     if args.tta is None:
-        args.tta = chosen_with_tta(args.run)
+        args.tta = chosen_with_tta(points_dir)
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}
     if args.cache is None and len(training_caches) > 1:
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
@@ -330,6 +341,8 @@ def main(args):
     test = rows[["image_id", "lesion_id", "dx"]].copy()
     test["label"], test["prob"] = labels, probs
     test["tta"] = int(args.tta)
+    if calibration is not None:  # the site's thresholds apply to the model's probability, prob
+        test["calibrated_prob"] = recalibrated(probs, calibration)
     if class_probs is not None:
         for k, code in enumerate(DX_CODES):
             test[f"prob_{code}"] = class_probs[:, k]
@@ -347,7 +360,8 @@ def main(args):
     plot_confusion_matrices(table, out_dir / "confusion_matrix.png")
     plot_roc_curve(labels, probs, table, out_dir / "roc_curve.png")
     plot_pr_curve(labels, probs, thresholds, out_dir / "pr_curve.png", f"{args.split} precision-recall")
-    plot_calibration(labels, probs, out_dir / "calibration.png")
+    plot_calibration(labels, probs, out_dir / "calibration.png",
+                     None if calibration is None else test["calibrated_prob"].to_numpy())
     summary = None
     if class_probs is not None:
         summary = multiclass_report(rows, class_probs, out_dir, args.bootstrap, args.seed)

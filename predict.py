@@ -10,8 +10,9 @@ Prints a table (file, probability, decision) and writes a CSV (default <run>/pre
 predictions.csv in the current folder for the reference model): file, malignancy_prob, decision
 (benign/malignant at the chosen threshold, or "no lesion found" where no plausible lesion was
 found: the whole image was scored, and mask_ok is 0), threshold, operating_point, tta, mask_area,
-mask_ok, for 7-class models prob_<dx> per class,
-and with --overlay DIR the name of each image's PNG there (lesion outline and decision; numbered
+mask_ok, for 7-class models prob_<dx> per class, and with --clinic NAME (a site calibration written by
+calibrate.py) model_prob: the site's thresholds then apply to the model's probability, model_prob,
+and malignancy_prob is the site's recalibrated one. With --overlay DIR the name of each image's PNG there (lesion outline and decision; numbered
 where images in different folders share a name). Unreadable files, and images too small or too
 narrow to hold a lesion, are reported by name and skipped. The output folders are checked for
 writing before any image is read. A model trained with --metadata also reads --age, --sex and
@@ -19,6 +20,7 @@ writing before any image is read. A model trained with --metadata also reads --a
 
 Examples: python predict.py photos/ --overlay overlays/
           python predict.py --run runs/lite0 photos/lesion1.jpg --operating-point best_f1 --age 60 --site back
+          python predict.py photos/ --clinic ph2
 """
 import argparse
 import time
@@ -29,12 +31,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES, check_writable,
-                    chosen_with_tta, cleaned_image, default_operating_point, ensemble_probs, fail, load_run_models,
-                    loaded_segmenter, metadata_features, number_in, pick_device, prepare_cleaned, preprocess_settings,
-                    preprocessing_differences, read_rgb, read_thresholds, shown, write_csv, write_png)
-
-
-BATCH = 8  # images segmented and classified together; on 2 CPU cores 8 ran faster than 4, 16 or 32
+                    chosen_with_tta, classify_files, clinic_dir, default_operating_point, fail, load_run_models,
+                    metadata_features, number_in, pick_device, read_calibration, read_rgb, read_thresholds,
+                    recalibrated, run_preprocessing, shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -49,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path,
                    help="CSV to write (default <run>/predictions.csv; predictions.csv here for the reference model)")
     p.add_argument("--overlay", type=Path, metavar="DIR", help="write a PNG per image with outline and decision")
+    p.add_argument("--clinic", metavar="NAME",
+                   help="a site calibration of the run (calibrate.py, <run>/clinics/NAME): its operating points, "
+                        "and its recalibrated probability as malignancy_prob (the model's own in model_prob)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average over flips and rotations (default: as the thresholds were chosen)")
     p.add_argument("--age", type=number_in(float, 0, 120), help="patient's age, for models trained with --metadata")
@@ -99,19 +101,6 @@ def overlay(path, prepared, decision, prob, out_path):
     write_png(out_path, rgb)
 
 
-def prepared_settings(models, run):
-    """The one preprocessing every model of the run was trained with."""
-    settings = [checkpoint.get("preprocess") for _, checkpoint in models]
-    if None in settings:
-        fail(run, "a model has no preprocessing settings; retrain it with this version of train.py")
-    settings = [preprocess_settings(s) for s in settings]
-    if any(preprocessing_differences(s, settings[0]) for s in settings):
-        fail(run, "its models were trained on differently preprocessed images; predict with each on its own")
-    if settings[0]["segmenter"] is not None:  # missing or changed: one line now, not a skip per image
-        loaded_segmenter(settings[0]["segmenter"], settings[0]["segmenter_sha256"])
-    return settings[0]
-
-
 def print_table(rows, limit=20):
     """The first `limit` predictions as a table on the terminal; the CSV holds them all."""
     width = min(60, max(len(row["file"]) for row in rows))
@@ -128,14 +117,16 @@ def main(args):
     device = pick_device(args.device)
     run = args.run or REFERENCE_MODEL
     models = load_run_models(run, device)
-    settings = prepared_settings(models, run)
-    thresholds = read_thresholds(run)
+    settings = run_preprocessing(models, run)
+    points_dir = clinic_dir(run, args.clinic) if args.clinic else run  # whose images chose the thresholds
+    calibration = read_calibration(points_dir) if args.clinic else None
+    thresholds = read_thresholds(points_dir)
     operating_point = args.operating_point or default_operating_point(thresholds)
     if operating_point not in thresholds:
-        fail(run / "thresholds.json", f"has no operating point '{operating_point}' "
+        fail(points_dir / "thresholds.json", f"has no operating point '{operating_point}' "
              f"(it has {', '.join(thresholds) or 'none'})")
     threshold = thresholds[operating_point]
-    tta = chosen_with_tta(run) if args.tta is None else args.tta
+    tta = chosen_with_tta(points_dir) if args.tta is None else args.tta
     out = args.out or (run / "predictions.csv" if args.run else Path("predictions.csv"))
     for folder in [out.parent] + ([args.overlay] if args.overlay else []):
         check_writable(folder)  # before the work, not after it
@@ -145,49 +136,37 @@ def main(args):
 
     metadata = metadata_features(pd.DataFrame({"age": [args.age], "sex": [args.sex], "localization": [args.site]}))
     rows, skipped, first_image = [], 0, time.time()
-    progress = tqdm(total=len(files), desc="predicting")
-    named = list(zip(files, overlay_names(files)))
-    for start in range(0, len(named), BATCH):  # images are read one by one, segmented and classified a batch at a time
-        batch, cleaned = [], []
-        for path, overlay_name in named[start:start + BATCH]:
-            try:
-                cleaned.append(cleaned_image(path, settings["work_size"], settings["hair_removal"]))
-                batch.append((path, overlay_name))
-            except SystemExit as e:  # unreadable or degenerate: say which and go on with the rest
-                tqdm.write(f"skipped {str(e).removeprefix('error: ')}")
-                skipped += 1
-        if not batch:
-            progress.update(len(named[start:start + BATCH]))
+    names = overlay_names(files)
+    for i, result in tqdm(classify_files(models, settings, files, np.repeat(metadata, len(files), axis=0), device, tta),
+                          total=len(files), desc="predicting"):
+        if isinstance(result, str):  # unreadable or degenerate: say which and go on with the rest
+            tqdm.write(f"skipped {result}")
+            skipped += 1
             continue
-        prepared_batch = prepare_cleaned(cleaned, settings["img_size"], settings["crop_margin"], settings["segmenter"],
-                                         settings["segmenter_sha256"], settings["colour_constancy"])
-        batch = [(path, overlay_name, prepared) for (path, overlay_name), prepared in zip(batch, prepared_batch)]
-        arrays = {name: np.stack([prepared[key] for _, _, prepared in batch])
-                  for name, key in (("full", "image"), ("crop", "crop"), ("mask", "mask_small"))}
-        probs, class_probs = ensemble_probs(models, arrays, np.arange(len(batch)), device, tta=tta,
-                                            metadata=np.repeat(metadata, len(batch), axis=0))
-        for k, (path, overlay_name, prepared) in enumerate(batch):
-            decision = "malignant" if probs[k] >= threshold else "benign"
-            # no plausible lesion (a blank image, a photo of something else): the model's score is no diagnosis
-            row = {"file": shown(path), "malignancy_prob": float(probs[k]),
-                   "decision": decision if prepared["mask_ok"] else "no lesion found",
-                   "threshold": threshold, "operating_point": operating_point, "tta": int(tta),
-                   "mask_area": prepared["mask_area"], "mask_ok": prepared["mask_ok"]}
-            if class_probs is not None:
-                row.update({f"prob_{code}": float(class_probs[k, j]) for j, code in enumerate(DX_CODES)})
-            if args.overlay:
-                row["overlay"] = overlay_name
-                overlay(path, prepared, row["decision"], probs[k], args.overlay / overlay_name)
-            rows.append(row)
-        progress.update(len(named[start:start + BATCH]))
-    progress.close()
+        prepared, prob = result["prepared"], result["prob"]
+        decision = "malignant" if prob >= threshold else "benign"
+        # no plausible lesion (a blank image, a photo of something else): the model's score is no diagnosis
+        row = {"file": shown(files[i]),
+               "malignancy_prob": prob if calibration is None else float(recalibrated(prob, calibration)),
+               "decision": decision if prepared["mask_ok"] else "no lesion found",
+               "threshold": threshold, "operating_point": operating_point, "tta": int(tta),
+               "mask_area": prepared["mask_area"], "mask_ok": prepared["mask_ok"]}
+        if calibration is not None:  # the thresholds apply to the model's probability
+            row["model_prob"] = prob
+        if result["class_probs"] is not None:
+            row.update({f"prob_{code}": float(result["class_probs"][j]) for j, code in enumerate(DX_CODES)})
+        if args.overlay:
+            row["overlay"] = names[i]
+            overlay(files[i], prepared, row["decision"], prob, args.overlay / names[i])
+        rows.append(row)
     seconds = time.time() - first_image
     if not rows:
         fail(" ".join(map(shown, args.images)), "none of the images could be read")
     write_csv(pd.DataFrame(rows), out)
     print_table(rows)
     print(f"{operating_point} threshold {threshold:.3f}{' (test-time augmentation)' if tta else ''}; "
-          f"model {shown(run)}")
+          f"model {shown(run)}" + (f"; calibrated to clinic {args.clinic} (the threshold applies to model_prob)"
+                                   if args.clinic else ""))
     print(f"wrote {shown(out)}: {len(rows)} images" + (f", {skipped} skipped" if skipped else "") +
           f", {len(rows) / max(seconds, 1e-9):.1f} images/s; {time.time() - started:.1f} s in all")
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ArgumentParser, binary_metrics, fail, number_in, plot_pr_curve, read_probs, write_json
+from common import (ArgumentParser, best_f1_threshold, binary_metrics, fail, number_in, plot_pr_curve, read_probs,
+                    recall_bound_threshold, recall_target_threshold, specificity_target_threshold, write_json)
 
 
 def parse_args(argv=None):
@@ -37,50 +38,6 @@ def parse_args(argv=None):
                    help="resamples of the malignant lesions for recall_bound")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     return p.parse_args(argv)
-
-
-def best_f1_threshold(labels, probs):
-    from sklearn.metrics import precision_recall_curve
-    precision, recall, thresholds = precision_recall_curve(labels, probs)
-    # The last precision/recall pair has no threshold (recall 0 by convention).
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    return float(thresholds[np.argmax(f1)])
-
-
-def recall_target_threshold(labels, probs, target):
-    """Highest threshold whose recall reaches the target: the fewest false alarms that still
-    catch that share of malignant lesions."""
-    from sklearn.metrics import precision_recall_curve
-    _, recall, thresholds = precision_recall_curve(labels, probs)
-    reaching = recall[:-1] >= target
-    return float(thresholds[reaching].max())
-
-
-def recall_bound_threshold(labels, probs, lesion_ids, target, n_resamples, seed):
-    """Highest threshold whose recall's lower 95% bound reaches the target. The malignant lesions
-    are resampled, not images: a lesion's images rise and fall together. Falls back to the lowest
-    malignant score when no threshold's bound reaches the target (too few malignant lesions)."""
-    positive = labels == 1
-    candidates = np.unique(probs[positive])[::-1]  # every threshold that changes recall, highest first
-    lesions, lesion_of_image = np.unique(lesion_ids[positive], return_inverse=True)
-    # hits[l, t]: images of malignant lesion l scored >= candidate t; recall = W @ hits / W @ sizes
-    hits = np.zeros((len(lesions), len(candidates)))
-    np.add.at(hits, lesion_of_image, probs[positive][:, None] >= candidates[None, :])
-    sizes = np.bincount(lesion_of_image, minlength=len(lesions))
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(len(lesions), np.full(len(lesions), 1 / len(lesions)), size=n_resamples)
-    lower = np.percentile((weights @ hits) / (weights @ sizes)[:, None], 2.5, axis=0)
-    reaching = np.flatnonzero(lower >= target)
-    return float(candidates[reaching[0]] if len(reaching) else candidates[-1])
-
-
-def specificity_target_threshold(labels, probs, target):
-    """Lowest threshold whose specificity reaches the target. Where only calling nothing malignant
-    reaches it (a benign image has the top score and the target is 1), just above the top score."""
-    from sklearn.metrics import roc_curve
-    fpr, _, thresholds = roc_curve(labels, probs, drop_intermediate=False)
-    keeping = (1 - fpr >= target) & np.isfinite(thresholds)
-    return float(thresholds[keeping].min()) if keeping.any() else float(np.nextafter(probs.max(), np.inf))
 
 
 def main(args):

@@ -269,8 +269,8 @@ def test_recall_bound_keeps_its_margin_and_widens_it_for_few_lesions():
     probs = np.r_[1 / (1 + np.exp(-(lesion_effect + rng.normal(0, 1, 2000)))), rng.beta(2, 5, 2000)]
     recall_at = {}
     for name, lesions in {"many": np.arange(4000), "few": np.r_[np.arange(2000) // 100, 100 + np.arange(2000)]}.items():
-        t = threshold.recall_bound_threshold(labels, probs, lesions.astype(str), 0.9, 1000, 0)
-        assert t <= threshold.recall_target_threshold(labels, probs, 0.9)
+        t = common.recall_bound_threshold(labels, probs, lesions.astype(str), 0.9, 1000, 0)
+        assert t <= common.recall_target_threshold(labels, probs, 0.9)
         recall_at[name] = common.binary_metrics(labels, probs, t)["recall"]
     assert 0.905 < recall_at["many"] < 0.925
     assert recall_at["few"] > recall_at["many"] + 0.02
@@ -287,6 +287,6 @@ def test_threshold_takes_other_validation_probabilities_but_never_other_images(e
     chosen = json.loads((run / "thresholds.json").read_text())
     assert chosen["chosen_on"] == str(tmp_path / "tta.csv")
     assert chosen["thresholds"]["recall_target"] == pytest.approx(
-        threshold.recall_target_threshold(shifted["label"].to_numpy(), shifted["prob"].to_numpy(), 0.9))
+        common.recall_target_threshold(shifted["label"].to_numpy(), shifted["prob"].to_numpy(), 0.9))
     with pytest.raises(SystemExit, match="does not hold the validation images"):
         threshold.main(threshold.parse_args(["--run", str(run), "--probs", str(evaluated_run / "test_probs.csv")]))
