@@ -141,6 +141,14 @@ def main(args):
             lines.append(f"| {s['setting']} | {'HAM10000' if source == 'ham' else 'the site'} | {r['threshold']:.3f} | "
                          f"{ci(r['recall'], r['recall_ci'])} | {r['found']} of {r['malignant']} | "
                          f"{ci(r['specificity'], r['specificity_ci'])} | {brier:.3f} | {ece:.3f} |")
+    for source in ("ham", "site"):  # PH2's two scored halves together: every image scored once
+        found = sum(s[source]["found"] for s in settings[:2])
+        kept = sum(s[source]["specificity"] * (s["scored_images"] - s["scored_malignant"]) for s in settings[:2])
+        benign = sum(s["scored_images"] - s["scored_malignant"] for s in settings[:2])
+        malignant = sum(s["scored_malignant"] for s in settings[:2])
+        lines.append(f"| PH2, both folds together | {'HAM10000' if source == 'ham' else 'the site'} | | "
+                     f"{ci(found / malignant, exact_interval(found, malignant))} | {found} of {malignant} | "
+                     f"{ci(kept / benign, exact_interval(round(kept), benign))} | | |")
     lines += ["", "Brier and ECE: the model's probability in the HAM10000 rows, the site's recalibrated one "
               "(fitted on the calibration images) in the site rows, both on the scored images.", "",
               f"How many labelled images does a site need? {args.draws} draws of each size from ISIC 2017 val, "

@@ -135,3 +135,14 @@ def test_an_unknown_clinic_is_one_line_naming_the_known_ones(calibrated_run, syn
     result = run_script(ROOT / "predict.py", "--run", run, "--clinic", "site_b", image)
     assert result.returncode == 1 and "calibrated: site_a" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_calibration_is_one_line_naming_it(calibrated_run, synthetic_data, tmp_path):
+    run, _ = calibrated_run
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    (damaged / "clinics" / "site_a" / "calibration.json").write_text('{"method": "magic"}')
+    image = sorted((synthetic_data / "images").iterdir())[0]
+    result = run_script(ROOT / "predict.py", "--run", damaged, "--clinic", "site_a", image, "--out", tmp_path / "p.csv")
+    assert result.returncode == 1 and "calibration.json" in result.stderr and "not a recalibration" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()
