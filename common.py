@@ -302,7 +302,8 @@ def decode_image(path, flags):
         fail(path, "not a readable image")
     # libjpeg decodes a cut-off JPEG with only a warning, grey where the data ends
     if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
-        fail(path, "a truncated JPEG (it ends before its end-of-image marker)")
+        fail(path, "a truncated JPEG (it ends before its end-of-image marker, so part of it would be grey): "
+             "copy or take it again")
     return image
 
 

@@ -242,15 +242,24 @@ def score_masks(index, data_dir, cache_dir, truth_paths, worst, truth_name):
     import pandas as pd
     rows = []
     scored = index[index["image_id"].isin(truth_paths)]
+    unreadable = 0
     for row in tqdm(scored.itertuples(), total=len(scored), desc="scoring masks"):
-        truth = read_mask(truth_paths[row.image_id])
+        try:
+            truth = read_mask(truth_paths[row.image_id])
+        except SystemExit as e:  # a mask gone or damaged costs that image its score, not the run
+            tqdm.write(f"no mask score for {row.image_id}: {str(e).removeprefix('error: ')}")
+            unreadable += 1
+            continue
         ours = read_mask(cache_dir / "masks" / f"{row.image_id}.png").astype(np.uint8)
         ours = cv2.resize(ours, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         dice, jaccard = dice_jaccard(ours, truth)
         rows.append({"image_id": row.image_id, "dx": row.dx, "split": row.split, "dice": dice, "jaccard": jaccard,
                      "mask_ok": row.mask_ok})
+    if not rows:
+        print(f"no mask of {truth_name} could be read: no mask scores written")
+        return None
     scores = pd.DataFrame(rows)
-    summary = {**segmentation_summary(scores), "truth": truth_name,
+    summary = {**segmentation_summary(scores), "truth": truth_name, "unreadable_masks": unreadable,
                "by_dx": {dx: segmentation_summary(group) for dx, group in scores.groupby("dx")},
                "by_split": {split: segmentation_summary(group) for split, group in scores.groupby("split")}}
     write_csv(scores, cache_dir / "segmentation_scores.csv")
@@ -268,7 +277,8 @@ def score_masks(index, data_dir, cache_dir, truth_paths, worst, truth_name):
         titles.append(f"{r.image_id} {r.dx}  Dice {r.dice:.2f}  Jaccard {r.jaccard:.2f}")
     save_image_grid(tiles, titles, cache_dir / "worst_overlays.png", columns=4)
     print(f"{summary['images']} masks against {truth_name}: mean Dice {summary['mean_dice']:.3f}, mean Jaccard "
-          f"{summary['mean_jaccard']:.3f}, Jaccard < 0.65 for {summary['share_jaccard_below_0.65']:.1%}; "
+          f"{summary['mean_jaccard']:.3f}, Jaccard < 0.65 for {summary['share_jaccard_below_0.65']:.1%}"
+          + (f" ({unreadable} masks unreadable, not scored)" if unreadable else "") + "; "
           f"wrote {cache_dir / 'segmentation_summary.json'} and {cache_dir / 'worst_overlays.png'}")
     return summary
 

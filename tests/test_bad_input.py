@@ -28,7 +28,7 @@ def assert_one_line_error(out, *words):
     assert out.returncode == 1, out.stderr
     *before, error, end = out.stderr.split("\n")
     assert error.startswith("error: ") and end == "", out.stderr
-    assert all(line == "" or "%|" in line for line in before), repr(out.stderr)  # only progress bars came before it
+    assert all(not line.strip() or "%|" in line for line in before), repr(out.stderr)  # only progress bars came before it
     assert "Traceback" not in out.stderr and all(w in error for w in words), out.stderr
 
 
@@ -237,3 +237,66 @@ def test_a_preprocessing_worker_that_dies_ends_the_run_with_one_line(synthetic_d
     assert_one_line_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
                           "metadata.csv", "worker died")
     assert not (tmp_path / "cache").exists() and not (tmp_path / ".building.cache").exists()
+
+
+def test_a_disk_that_fills_while_train_saves_a_checkpoint_keeps_the_previous_ones(synthetic_cache, tmp_path):
+    """A file size limit below a checkpoint's size stands in for a disk that fills while train.py
+    saves: one line naming the file, and the previous model.pt and last.pt intact for --resume."""
+    import resource
+    run = tmp_path / "run"
+    train = ["train.py", "--cache", synthetic_cache, "--run-dir", run, "--arch", "efficientnet_lite0", "--img-size", "64",
+             "--batch-size", "32", "--precision", "fp32", "--aug", "none"]
+    first = run_script(*train, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    before = {name: (run / name).read_bytes() for name in ("model.pt", "last.pt")}
+
+    def small_disk():  # room for the logs, not for a 14 MB checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+    out = subprocess.run([sys.executable, str(ROOT / train[0]), *map(str, train[1:]), "--epochs", "2", "--resume"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert_one_line_error(out, ".pt", "could not be written")
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]  # no temporary file left
+
+
+def test_a_ground_truth_mask_that_is_gone_costs_its_score_not_the_run(synthetic_data, tmp_path):
+    data = tmp_path / "synthetic"
+    shutil.copytree(synthetic_data, data)
+    metadata = pd.read_csv(data / "metadata.csv")
+    gone, damaged = metadata["image_id"].iloc[0], metadata["image_id"].iloc[1]
+    (data / metadata["mask"].iloc[0]).unlink()
+    (data / metadata["mask"].iloc[1]).write_bytes(b"not a png")
+    out = run_script("preprocess.py", "--data", data, "--img-size", "64", "--out", tmp_path / "cache", "--workers", "1")
+    assert out.returncode == 0, out.stderr
+    assert f"no mask score for {gone}" in out.stdout + out.stderr and f"no mask score for {damaged}" in out.stdout + out.stderr
+    index = pd.read_csv(tmp_path / "cache" / "index.csv")
+    scores = pd.read_csv(tmp_path / "cache" / "segmentation_scores.csv")
+    assert len(index) == len(metadata) and set(scores["image_id"]) == set(metadata["image_id"]) - {gone, damaged}
+    assert "2 masks unreadable" in out.stdout
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model": "bare tensor"}, ["model.pt", "holds a Tensor"]),
+    ({"num_outputs": 7}, ["model.pt", "do not fit", "7 output"]),
+    ({"input": "sideways"}, ["model.pt", "input 'sideways'"]),
+    ({"normalisation": {"mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}}, ["model.pt", "normalisation", "positive std"]),
+    ({"arch": "alexnet"}, ["model.pt", "arch 'alexnet'"]),
+])
+def test_a_model_file_from_elsewhere_is_one_line_naming_file_field_and_value(trained_run, synthetic_data, tmp_path,
+                                                                             change, words):
+    """predict.py for each field; evaluate.py loads models the same way (load_run_models), once."""
+    import torch
+    script = "evaluate.py" if "num_outputs" in change else "predict.py"
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("*.png", "test_probs.csv"))
+    checkpoint = torch.load(run / "model.pt", weights_only=True)
+    if change == {"model": "bare tensor"}:
+        torch.save(torch.zeros(3), run / "model.pt")
+    else:
+        torch.save({**checkpoint, **change}, run / "model.pt")
+    image = sorted((synthetic_data / "images").iterdir())[0]
+    args = [image, "--run", run, "--out", tmp_path / "p.csv"] if script == "predict.py" else \
+        ["--run", run, "--out-dir", tmp_path / "eval"]
+    out = run_script(script, *args)
+    assert_one_line_error(out, *words)
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "eval").exists()
