@@ -16,7 +16,8 @@ for a site whose new images will come without them). Writes <run>/clinics/<name>
   calibration.json  the site's recalibration of the model's probability: logistic regression on the
                     logit below 100 images of either class, isotonic regression from there on
   site_probs.csv    image_id, lesion_id, label, prob (the model's), calibrated_prob, tta
-  reliability.png   reliability diagrams before and after recalibration, with Brier score and ECE
+  reliability.png   the reliability diagram of the model's probability and of the recalibrated one,
+                    with each one's Brier score and ECE
 The thresholds apply to the model's probability (recalibration is monotone); `predict.py --clinic
 NAME` and `evaluate.py --clinic NAME` use them and report the recalibrated probability. It cannot
 fix a model that ranks the site's lesions poorly: the ROC-AUC it prints says how well it does.
@@ -25,17 +26,17 @@ Example: python fetch_data.py --from-dir ../shared/data/ph2 --out data/ph2 --ass
          python calibrate.py --data data/ph2 --name ph2
 """
 import argparse
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from common import (REFERENCE_MODEL, ArgumentParser, binary_metrics, calibration_errors, chosen_with_tta,
+from common import (REFERENCE_MODEL, ArgumentParser, binary_metrics, calibration_errors, check_names, chosen_with_tta,
                     classify_files, clinic_dir, fail, fit_recalibration, load_run_models, lock_output,
-                    metadata_features, new_figure, number_in, pick_device, ranking_metrics, read_csv, recalibrated,
-                    run_preprocessing, save_figure, shown, site_operating_points, write_csv, write_json)
+                    metadata_features, number_in, pick_device, plot_reliability, ranking_metrics, read_csv,
+                    recalibrated, replace_folder, run_preprocessing, shown, site_operating_points, write_csv,
+                    write_json)
 
 
 def parse_args(argv=None):
@@ -67,38 +68,11 @@ def site_rows(data_dir, splits):
         fail(data_dir / "metadata.csv", "has no rows" + (f" in split {', '.join(splits)}" if splits else ""))
     if not set(rows["malignant"].unique()) <= {0, 1}:
         fail(data_dir / "metadata.csv", "column malignant must be 0 or 1")
-    root = data_dir.resolve()
-    files = [(data_dir / f).resolve() for f in rows["filename"].astype(str)]
-    outside = [f for f, path in zip(rows["filename"], files) if not path.is_relative_to(root)]
-    if outside:
-        fail(data_dir / "metadata.csv", f"names a file outside its folder: {outside[0]}")
+    check_names(rows, data_dir / "metadata.csv")  # filenames become paths
+    files = [data_dir / f for f in rows["filename"]]
     if "lesion_id" not in rows:  # every image a lesion of its own
         rows = rows.assign(lesion_id=rows["image_id"])
     return rows.reset_index(drop=True), files
-
-
-def plot_reliability(labels, before, after, path, bins=10):
-    fig, ax = new_figure(ncols=2, figsize=(10, 4.5))
-    for axis, probs, title in ((ax[0], before, "the model's probability"), (ax[1], after, "recalibrated")):
-        which = np.minimum((probs * bins).astype(int), bins - 1)
-        centres = [probs[which == b].mean() for b in range(bins) if np.any(which == b)]
-        observed = [labels[which == b].mean() for b in range(bins) if np.any(which == b)]
-        brier, ece = calibration_errors(labels, probs, bins)
-        axis.plot([0, 1], [0, 1], ":", color="grey")
-        axis.plot(centres, observed, "o-")
-        axis.set(xlabel="predicted probability", ylabel="observed share malignant", xlim=(0, 1), ylim=(0, 1),
-                 title=f"{title}\nBrier {brier:.3f}, ECE {ece:.3f}")
-    save_figure(fig, path)
-
-
-def replace_folder(built, folder):
-    """Move a finished folder into place, the old one (if any) out of the way first."""
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(built, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(args):
@@ -127,6 +101,7 @@ def main(args):
 
     thresholds, method, warnings = site_operating_points(labels, scored["prob"].to_numpy(), scored["lesion_id"],
                                                          args.target_recall, args.target_specificity)
+    site_metrics = {point: binary_metrics(labels, scored["prob"], t) for point, t in thresholds.items()}
     calibration = fit_recalibration(labels, scored["prob"])
     scored["calibrated_prob"] = recalibrated(scored["prob"], calibration)
     before, after = (calibration_errors(labels, scored[c]) for c in ("prob", "calibrated_prob"))
@@ -141,21 +116,21 @@ def main(args):
                 "images": len(scored), "malignant": int(labels.sum()), "hide_metadata": args.hide_metadata,
                 "chosen_on": str(args.data / "metadata.csv"), "splits": args.split, "site_roc_auc": ranking["roc_auc"],
                 "warnings": warnings,
-                "site_metrics": {n: binary_metrics(labels, scored["prob"], t) for n, t in thresholds.items()}},
+                "site_metrics": site_metrics},
                built / "thresholds.json")
     write_json(calibration, built / "calibration.json")
     columns = ["image_id", "lesion_id", "malignant", "prob", "calibrated_prob"]
     write_csv(scored[columns].rename(columns={"malignant": "label"}).assign(tta=int(tta)), built / "site_probs.csv")
-    plot_reliability(labels, scored["prob"].to_numpy(), scored["calibrated_prob"].to_numpy(),
-                     built / "reliability.png")
+    plot_reliability(labels, scored["prob"].to_numpy(), built / "reliability.png",
+                     scored["calibrated_prob"].to_numpy())
     replace_folder(built, out)
 
     print(f"{len(scored)} images of {shown(args.data)} ({int(labels.sum())} malignant"
           + (f", {len(rows) - len(scored)} skipped" if len(scored) < len(rows) else "")
           + f"); the model ranks them at ROC-AUC {ranking['roc_auc']:.3f}")
-    for point, t in thresholds.items():
-        m = binary_metrics(labels, scored["prob"], t)
-        print(f"{point:18s} threshold {t:.4f}  site recall {m['recall']:.3f}  specificity {m['specificity']:.3f}")
+    for point, m in site_metrics.items():
+        print(f"{point:18s} threshold {m['threshold']:.4f}  site recall {m['recall']:.3f}  "
+              f"specificity {m['specificity']:.3f}")
     print(f"recall_bound: {method}")
     print(f"recalibration ({calibration['method']}): Brier {before[0]:.3f} -> {after[0]:.3f}, "
           f"ECE {before[1]:.3f} -> {after[1]:.3f} (on these images)")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,6 +158,19 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_folder(built, folder):
+    """Move a finished folder into place whole: the old one (if any) out of the way first, removed
+    last, so a reader finds the old folder or the new one, never a mix."""
+    built, folder = Path(built), Path(folder)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        folder.rename(old)
+        built.rename(folder)
+        shutil.rmtree(old)
+    else:
+        built.rename(folder)
 
 
 def write_csv(df, path):
@@ -1361,12 +1375,20 @@ def specificity_target_threshold(labels, probs, target):
     return float(thresholds[keeping].min()) if keeping.any() else float(np.nextafter(probs.max(), np.inf))
 
 
-def recall_lower_bound_exact(found, malignant):
-    """The exact (Clopper-Pearson) lower 95% bound of a recall of found / malignant: the
-    percentile bootstrap's is degenerate with a few dozen malignant images (finding all of them
-    gives a bound of 1.0); this one is 0.025 ** (1 / n) then, the most that n images can show."""
+def exact_interval(k, n):
+    """The exact (Clopper-Pearson) 95% interval of a proportion k / n; NaNs where n is 0."""
     from scipy.stats import binomtest
-    return float(binomtest(int(found), int(malignant)).proportion_ci(0.95, method="exact").low) if malignant else 0.0
+    if not n:
+        return float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(0.95, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def recall_lower_bound_exact(found, malignant):
+    """The exact lower 95% bound of a recall of found / malignant: the percentile bootstrap's is
+    degenerate with a few dozen malignant images (finding all of them gives a bound of 1.0); this
+    one is 0.025 ** (1 / n) then, the most that n images can show."""
+    return exact_interval(found, malignant)[0] if malignant else 0.0
 
 
 def recall_bound_threshold_exact(labels, probs, target):
@@ -1384,7 +1406,6 @@ def recall_bound_threshold_exact(labels, probs, target):
 # site calibration: a clinic's own labelled images set its operating points and probability
 # (calibrate.py writes <run>/clinics/<name>/, predict.py and evaluate.py --clinic read it)
 
-CLINIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # the percentile bootstrap over lesions bounds recall from this many malignant lesions on; below,
 # the exact binomial bound over malignant images (the bootstrap's is degenerate with a few dozen)
 BOOTSTRAP_MIN_MALIGNANT = 100
@@ -1394,13 +1415,21 @@ ISOTONIC_MIN_PER_CLASS = 100
 
 def clinic_dir(run_dir, name, must_exist=True):
     """<run>/clinics/<name>, the name checked to be a plain folder name (it becomes a path)."""
-    if not CLINIC_NAME.fullmatch(str(name)):
-        fail(name, "is not a clinic name: letters, digits, '_', '.' and '-', starting with a letter or digit")
+    if not SAFE_NAME.fullmatch(str(name)) or len(str(name)) > 64:
+        fail(name, "is not a clinic name: up to 64 letters, digits, '_', '.' and '-', starting with a letter or digit")
     folder = Path(run_dir) / "clinics" / name
     if must_exist and not (folder / "thresholds.json").is_file():
         known = sorted(p.parent.name for p in (Path(run_dir) / "clinics").glob("*/thresholds.json"))
         fail(folder, f"no calibration of that name; run calibrate.py (calibrated: {', '.join(known) or 'none'})")
     return folder
+
+
+def operating_points(run_dir, clinic=None):
+    """(thresholds, whether they were chosen on test-time-augmented probabilities, the site's
+    recalibration or None, the folder they come from): the run's own, or with `clinic` the site
+    calibration calibrate.py wrote. Thresholds apply to the model's probability either way."""
+    folder = clinic_dir(run_dir, clinic) if clinic else Path(run_dir)
+    return read_thresholds(folder), chosen_with_tta(folder), read_calibration(folder) if clinic else None, folder
 
 
 def images_needed_for_bound(target):
@@ -1533,6 +1562,23 @@ def save_image_grid(tiles, titles, path, columns, tile_inches=(3.2, 2.7)):
         if tile is not None:
             ax.imshow(tile)
             ax.set_title(title, fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_reliability(labels, probs, path, calibrated=None, bins=10):
+    """Reliability diagram of the model's probability, and of a site's recalibrated one beside it, with
+    each one's Brier score and expected calibration error."""
+    from sklearn.calibration import calibration_curve
+    fig, ax = new_figure()
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+    for p, name in ((probs, "model"), (calibrated, "recalibrated to the clinic")):
+        if p is not None:
+            observed, predicted = calibration_curve(labels, p, n_bins=bins, strategy="quantile")
+            brier, ece = calibration_errors(labels, p)
+            ax.plot(predicted, observed, "o-", label=f"{name} (Brier {brier:.3f}, ECE {ece:.3f})")
+    ax.set(xlabel="predicted malignancy probability", ylabel="observed share malignant", xlim=(0, 1),
+           ylim=(0, 1), title=f"reliability diagram ({bins} equal-count bins)")
+    ax.legend(loc="upper left", fontsize=8)
     save_figure(fig, path)
 
 

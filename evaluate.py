@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    calibration_errors, chosen_with_tta, clinic_dir, default_operating_point, ensemble_probs, fail,
-                    load_cache, load_run_models, lock_output, metadata_features, model_inputs, new_figure, number_in,
-                    output_probs, pick_device, plot_pr_curve, preprocess_settings, preprocessing_differences,
-                    ranking_metrics, read_calibration, read_json, recalibrated,
-                    read_thresholds, save_figure, save_image_grid, threshold_metrics, to_model_tensor, write_csv)
+                    default_operating_point, ensemble_probs, fail, load_cache, load_run_models, lock_output,
+                    metadata_features, model_inputs, new_figure, number_in, operating_points, output_probs,
+                    pick_device, plot_pr_curve, plot_reliability, preprocess_settings, preprocessing_differences,
+                    ranking_metrics, read_json, recalibrated, save_figure, save_image_grid, threshold_metrics,
+                    to_model_tensor, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -145,21 +145,6 @@ def plot_roc_curve(labels, probs, table, path):
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="chance")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity (recall)", xlim=(0, 1), ylim=(0, 1.01), title="ROC curve")
     ax.legend(loc="lower right", fontsize=8)
-    save_figure(fig, path)
-
-
-def plot_calibration(labels, probs, path, calibrated=None, bins=10):
-    from sklearn.calibration import calibration_curve
-    fig, ax = new_figure()
-    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
-    for p, name in ((probs, "model"), (calibrated, "recalibrated to the clinic")):
-        if p is not None:
-            observed, predicted = calibration_curve(labels, p, n_bins=bins, strategy="quantile")
-            brier, ece = calibration_errors(labels, p)
-            ax.plot(predicted, observed, "o-", label=f"{name} (Brier {brier:.3f}, ECE {ece:.3f})")
-    ax.set(xlabel="predicted malignancy probability", ylabel="observed share malignant", xlim=(0, 1),
-           ylim=(0, 1), title=f"reliability diagram ({bins} equal-count bins)")
-    ax.legend(loc="upper left", fontsize=8)
     save_figure(fig, path)
 
 
@@ -311,11 +296,9 @@ def main(args):
     models = load_run_models(args.run, device)
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
-    points_dir = clinic_dir(args.run, args.clinic) if args.clinic else args.run  # whose images chose the thresholds
-    calibration = read_calibration(points_dir) if args.clinic else None
-    thresholds = read_thresholds(points_dir)
+    thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
     if args.tta is None:
-        args.tta = chosen_with_tta(points_dir)
+        args.tta = chosen_tta
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}
     if args.cache is None and len(training_caches) > 1:
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
@@ -360,7 +343,7 @@ def main(args):
     plot_confusion_matrices(table, out_dir / "confusion_matrix.png")
     plot_roc_curve(labels, probs, table, out_dir / "roc_curve.png")
     plot_pr_curve(labels, probs, thresholds, out_dir / "pr_curve.png", f"{args.split} precision-recall")
-    plot_calibration(labels, probs, out_dir / "calibration.png",
+    plot_reliability(labels, probs, out_dir / "calibration.png",
                      None if calibration is None else test["calibrated_prob"].to_numpy())
     summary = None
     if class_probs is not None:

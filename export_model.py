@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from common import (ENSEMBLE_FILE, ArgumentParser, fail, file_digest, git_commit, load_checkpoint, load_segmenter,
-                    lock_output, read_json, read_thresholds, save_checkpoint, shown, write_json)
+                    lock_output, read_json, read_thresholds, replace_folder, save_checkpoint, shown, write_json)
 
 
 def parse_args(argv=None):
@@ -59,12 +59,7 @@ def main(args):
             for kept in args.out.iterdir():
                 if kept.is_file() and not (build / kept.name).exists():
                     shutil.copy2(kept, build / kept.name)
-            old = args.out.with_name(f".{args.out.name}.old{os.getpid()}")
-            args.out.rename(old)
-            build.rename(args.out)
-            shutil.rmtree(old)
-        else:
-            build.rename(args.out)
+        replace_folder(build, args.out)
     except OSError as e:
         fail(args.out, f"could not be written ({e.strerror or e})")
     finally:

@@ -31,9 +31,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES, check_writable,
-                    chosen_with_tta, classify_files, clinic_dir, default_operating_point, fail, load_run_models,
-                    metadata_features, number_in, pick_device, read_calibration, read_rgb, read_thresholds,
-                    recalibrated, run_preprocessing, shown, write_csv, write_png)
+                    classify_files, default_operating_point, fail, load_run_models, metadata_features, number_in,
+                    operating_points, pick_device, read_rgb, recalibrated, run_preprocessing, shown, write_csv,
+                    write_png)
 
 
 def parse_args(argv=None):
@@ -118,15 +118,13 @@ def main(args):
     run = args.run or REFERENCE_MODEL
     models = load_run_models(run, device)
     settings = run_preprocessing(models, run)
-    points_dir = clinic_dir(run, args.clinic) if args.clinic else run  # whose images chose the thresholds
-    calibration = read_calibration(points_dir) if args.clinic else None
-    thresholds = read_thresholds(points_dir)
+    thresholds, chosen_tta, calibration, points_dir = operating_points(run, args.clinic)
     operating_point = args.operating_point or default_operating_point(thresholds)
     if operating_point not in thresholds:
         fail(points_dir / "thresholds.json", f"has no operating point '{operating_point}' "
              f"(it has {', '.join(thresholds) or 'none'})")
     threshold = thresholds[operating_point]
-    tta = chosen_with_tta(points_dir) if args.tta is None else args.tta
+    tta = chosen_tta if args.tta is None else args.tta
     out = args.out or (run / "predictions.csv" if args.run else Path("predictions.csv"))
     for folder in [out.parent] + ([args.overlay] if args.overlay else []):
         check_writable(folder)  # before the work, not after it

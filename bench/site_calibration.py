@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (atomic_path, calibration_errors, fit_recalibration, new_figure, recalibrated,  # noqa: E402
-                    save_figure, site_operating_points, threshold_metrics, write_json)
+from common import (atomic_path, calibration_errors, exact_interval, fit_recalibration, new_figure,  # noqa: E402
+                    recalibrated, save_figure, site_operating_points, threshold_metrics, write_json)
 
 
 def parse_args(argv=None):
@@ -46,14 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
-
-
-def exact_interval(k, n):
-    from scipy.stats import binomtest
-    if n == 0:
-        return (np.nan, np.nan)
-    ci = binomtest(int(k), int(n)).proportion_ci(0.95, method="exact")
-    return (float(ci.low), float(ci.high))
 
 
 def scored(labels, probs, threshold):

@@ -2,14 +2,12 @@
 predict.py / evaluate.py --clinic through their command lines on the synthetic run."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from test_bad_input import run_script
 
 import common
 
@@ -57,15 +55,11 @@ def test_recalibration_rule_and_its_effect_on_held_out_images():
         assert common.calibration_errors(held_labels, after)[1] < common.calibration_errors(held_labels, held_probs)[1] / 2
 
 
-def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd)
-
-
 @pytest.fixture(scope="module")
 def calibrated_run(trained_run, synthetic_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("calibrated") / "run"
     shutil.copytree(trained_run, run)
-    result = run_script(ROOT / "calibrate.py", "--run", run, "--data", synthetic_data, "--name", "site_a",
+    result = run_script("calibrate.py", "--run", run, "--data", synthetic_data, "--name", "site_a",
                         "--split", "test", "--target-specificity", "0.8")
     assert result.returncode == 0, result.stderr
     return run, result.stdout
@@ -99,17 +93,17 @@ def test_predict_and_evaluate_apply_the_clinic(calibrated_run, synthetic_data, t
     calibration = json.loads((folder / "calibration.json").read_text())
     images = sorted((synthetic_data / "images").iterdir())[:3]
     out = tmp_path / "p.csv"
-    result = run_script(ROOT / "predict.py", "--run", run, "--clinic", "site_a", *images, "--out", out)
+    result = run_script("predict.py", "--run", run, "--clinic", "site_a", *images, "--out", out)
     assert result.returncode == 0, result.stderr
     rows = pd.read_csv(out)
     assert (rows["threshold"] == points["thresholds"]["recall_bound"]).all()
     assert np.allclose(rows["malignancy_prob"], common.recalibrated(rows["model_prob"], calibration))
     assert ((rows["model_prob"] >= rows["threshold"]) == (rows["decision"] == "malignant")).all()
-    plain = run_script(ROOT / "predict.py", "--run", run, *images, "--out", tmp_path / "plain.csv")
+    plain = run_script("predict.py", "--run", run, *images, "--out", tmp_path / "plain.csv")
     assert plain.returncode == 0 and "model_prob" not in pd.read_csv(tmp_path / "plain.csv")  # nothing changes without it
     assert np.allclose(pd.read_csv(tmp_path / "plain.csv")["malignancy_prob"], rows["model_prob"], atol=1e-6)
 
-    result = run_script(ROOT / "evaluate.py", "--run", run, "--clinic", "site_a", "--bootstrap", "0",
+    result = run_script("evaluate.py", "--run", run, "--clinic", "site_a", "--bootstrap", "0",
                         "--out-dir", tmp_path / "eval")
     assert result.returncode == 0, result.stderr
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv").set_index("operating_point")
@@ -124,7 +118,7 @@ def test_predict_and_evaluate_apply_the_clinic(calibrated_run, synthetic_data, t
 def test_calibrate_bad_input_is_one_line_and_writes_nothing(calibrated_run, synthetic_data, args, words):
     run, _ = calibrated_run
     before = sorted(p.name for p in (run / "clinics").iterdir())
-    result = run_script(ROOT / "calibrate.py", "--run", run, "--data", synthetic_data, *args)
+    result = run_script("calibrate.py", "--run", run, "--data", synthetic_data, *args)
     assert result.returncode == 1 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (run / "clinics").iterdir()) == before
 
@@ -132,7 +126,7 @@ def test_calibrate_bad_input_is_one_line_and_writes_nothing(calibrated_run, synt
 def test_an_unknown_clinic_is_one_line_naming_the_known_ones(calibrated_run, synthetic_data):
     run, _ = calibrated_run
     image = sorted((synthetic_data / "images").iterdir())[0]
-    result = run_script(ROOT / "predict.py", "--run", run, "--clinic", "site_b", image)
+    result = run_script("predict.py", "--run", run, "--clinic", "site_b", image)
     assert result.returncode == 1 and "calibrated: site_a" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -143,6 +137,6 @@ def test_a_damaged_calibration_is_one_line_naming_it(calibrated_run, synthetic_d
     shutil.copytree(run, damaged)
     (damaged / "clinics" / "site_a" / "calibration.json").write_text('{"method": "magic"}')
     image = sorted((synthetic_data / "images").iterdir())[0]
-    result = run_script(ROOT / "predict.py", "--run", damaged, "--clinic", "site_a", image, "--out", tmp_path / "p.csv")
+    result = run_script("predict.py", "--run", damaged, "--clinic", "site_a", image, "--out", tmp_path / "p.csv")
     assert result.returncode == 1 and "calibration.json" in result.stderr and "not a recalibration" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()
