@@ -292,11 +292,12 @@ def check_preprocessing(cache, models):
 
 
 def main(args):
+    # the small file first: a malformed thresholds.json ends the run before the models' load
+    thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
     device = pick_device(args.device)
     models = load_run_models(args.run, device)
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
-    thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
     if args.tta is None:
         args.tta = chosen_tta
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}

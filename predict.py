@@ -114,10 +114,10 @@ def print_table(rows, limit=20):
 
 def main(args):
     started = time.time()
-    device = pick_device(args.device)
     run = args.run or REFERENCE_MODEL
-    models = load_run_models(run, device)
-    settings = run_preprocessing(models, run)
+    if not run.is_dir():
+        fail(run, "is no run folder (one holding model.pt and thresholds.json)")
+    # the small files first: a malformed one ends the run before torch's import and the models' load
     thresholds, chosen_tta, calibration, points_dir = operating_points(run, args.clinic)
     operating_point = args.operating_point or default_operating_point(thresholds)
     if operating_point not in thresholds:
@@ -132,6 +132,9 @@ def main(args):
     if not files:
         fail(" ".join(map(shown, args.images)), "no images found")
 
+    device = pick_device(args.device)
+    models = load_run_models(run, device)
+    settings = run_preprocessing(models, run)
     metadata = metadata_features(pd.DataFrame({"age": [args.age], "sex": [args.sex], "localization": [args.site]}))
     rows, skipped, first_image = [], 0, time.time()
     names = overlay_names(files)

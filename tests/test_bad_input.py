@@ -23,6 +23,20 @@ def run_script(*args, cwd=None):
                           text=True, timeout=300)
 
 
+def run_scripts_together(*commands, preexec_fns=None):
+    """Several command lines at once, each a CompletedProcess in order: most of a short failing
+    run is Python's and torch's start-up, which two cores share out. preexec_fns: one per command
+    (or None), run in its child before the script starts."""
+    processes = [subprocess.Popen([sys.executable, str(ROOT / command[0]), *map(str, command[1:])], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+                 for command, preexec_fn in zip(commands, preexec_fns or [None] * len(commands))]
+    done = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return done
+
+
 def assert_one_line_error(out, *words):
     """Exit status 1 and one error line, on a line of its own after any progress bars."""
     assert out.returncode == 1, out.stderr
@@ -34,6 +48,37 @@ def assert_one_line_error(out, *words):
 
 def files_under(folder):
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """60 synthetic images (both classes in each split): a bad-input test needs a run folder's
+    files, not a good model, so this file trains its own small run in seconds."""
+    import fetch_data
+    out = tmp_path_factory.mktemp("small") / "synthetic"
+    fetch_data.main(fetch_data.parse_args(["--synthetic", "60", "--out", str(out), "--seed", "1"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_cache(small_data, tmp_path_factory):
+    import preprocess
+    out = tmp_path_factory.mktemp("small_cache") / "synthetic_32"
+    preprocess.main(preprocess.parse_args(["--data", str(small_data), "--img-size", "32", "--out", str(out),
+                                           "--workers", "1"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_run(small_cache, tmp_path_factory):
+    """EfficientNet-Lite0, one epoch at 32 px, thresholds chosen on validation."""
+    import threshold
+    import train
+    run = tmp_path_factory.mktemp("small_runs") / "run"
+    train.main(train.parse_args(["--cache", str(small_cache), "--run-dir", str(run), "--arch", "efficientnet_lite0",
+                                 "--epochs", "1", "--batch-size", "32", "--seed", "0", "--precision", "fp32"]))
+    threshold.main(threshold.parse_args(["--run", str(run)]))
+    return run
 
 
 def test_an_id_that_would_leave_the_folder_is_refused_by_fetch_data_and_preprocess(tmp_path):
@@ -97,9 +142,9 @@ def awkward_images(tmp_path_factory):
     return folder
 
 
-def test_predict_skips_degenerate_images_flags_blank_ones_and_keeps_every_overlay(trained_run, awkward_images,
+def test_predict_skips_degenerate_images_flags_blank_ones_and_keeps_every_overlay(small_run, awkward_images,
                                                                                    tmp_path):
-    out = run_script("predict.py", "--run", trained_run, awkward_images, "--out", tmp_path / "pred.csv",
+    out = run_script("predict.py", "--run", small_run, awkward_images, "--out", tmp_path / "pred.csv",
                      "--overlay", tmp_path / "overlays")
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
@@ -117,9 +162,9 @@ def test_predict_skips_degenerate_images_flags_blank_ones_and_keeps_every_overla
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(pred["overlay"])
 
 
-def test_predict_checks_its_output_folder_before_predicting(trained_run, awkward_images, tmp_path):
+def test_predict_checks_its_output_folder_before_predicting(small_run, awkward_images, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    out = run_script("predict.py", "--run", trained_run, awkward_images, "--out", tmp_path / "a_file" / "pred.csv")
+    out = run_script("predict.py", "--run", small_run, awkward_images, "--out", tmp_path / "a_file" / "pred.csv")
     assert_one_line_error(out, "a_file", "cannot be written")
     assert "predicting" not in out.stderr  # no image was read
 
@@ -136,22 +181,25 @@ def test_fetch_data_reports_degenerate_images_and_imports_the_rest(awkward_image
     assert "skipped 3 of 5 images" in out.stdout
 
 
-def test_a_second_run_on_the_same_output_folder_ends_with_one_line(synthetic_data, tmp_path):
+def test_a_second_run_on_the_same_output_folder_ends_with_one_line(small_data, tmp_path):
     import common
     cache = tmp_path / "cache"
     common.lock_output(cache)  # this test process is the first run, still writing
     try:
-        out = run_script("preprocess.py", "--data", synthetic_data, "--img-size", "24", "--out", cache)
+        out = run_script("preprocess.py", "--data", small_data, "--img-size", "24", "--out", cache)
         assert_one_line_error(out, str(cache), "another run")
         assert not cache.exists()
     finally:
         common._HELD_LOCKS.pop(cache.with_name(".cache.lock")).close()
 
 
-def test_a_cache_missing_an_array_is_rebuilt_not_taken_as_up_to_date(synthetic_data, tmp_path):
-    args = ["preprocess.py", "--data", synthetic_data, "--img-size", "24", "--out", tmp_path / "cache",
+def test_a_cache_missing_an_array_is_rebuilt_not_taken_as_up_to_date(small_data, tmp_path):
+    args = ["preprocess.py", "--data", small_data, "--img-size", "24", "--out", tmp_path / "cache",
             "--workers", "1"]
-    assert run_script(*args).returncode == 0
+    import common
+    import preprocess
+    preprocess.main(preprocess.parse_args(list(map(str, args[1:]))))  # the first run, in this process
+    common._HELD_LOCKS.pop(tmp_path / ".cache.lock").close()  # as the first run's exit would
     (tmp_path / "cache" / "crops.npy").unlink()  # what an interrupted second writer used to leave
     out = run_script(*args)
     assert out.returncode == 0 and "up to date" not in out.stdout
@@ -160,10 +208,10 @@ def test_a_cache_missing_an_array_is_rebuilt_not_taken_as_up_to_date(synthetic_d
 
 @pytest.mark.parametrize("prob, words", [("", ["line 3", "prob"]), ("nan", ["line 3", "prob"]),
                                          ("high", ["line 3", "'high'"]), ("1.5", ["line 3", "1.5"])])
-def test_a_bad_value_in_val_probs_names_the_file_line_and_field(trained_run, tmp_path, prob, words):
+def test_a_bad_value_in_val_probs_names_the_file_line_and_field(small_run, tmp_path, prob, words):
     run = tmp_path / "run"
     run.mkdir()
-    val = pd.read_csv(trained_run / "val_probs.csv", dtype=str)
+    val = pd.read_csv(small_run / "val_probs.csv", dtype=str)
     val.loc[1, "prob"] = prob
     val.to_csv(run / "val_probs.csv", index=False)
     out = run_script("threshold.py", "--run", run)
@@ -171,43 +219,59 @@ def test_a_bad_value_in_val_probs_names_the_file_line_and_field(trained_run, tmp
     assert not (run / "thresholds.json").exists()
 
 
-def test_a_malformed_thresholds_json_names_the_file(trained_run, synthetic_data, tmp_path):
+def test_a_malformed_thresholds_json_names_the_file(small_run, small_data, tmp_path):
     """Three malformed files, each given to evaluate.py and predict.py, all six runs at once."""
-    runs = []
+    runs, commands = [], []
     for k, content in enumerate(['[0.5, 0.3]', '{"thresholds": {"recall_target": "0.4"}}', '{"thresholds": []}']):
         run = tmp_path / f"run{k}"
         run.mkdir()
-        shutil.copy(trained_run / "model.pt", run / "model.pt")
+        shutil.copy(small_run / "model.pt", run / "model.pt")
         (run / "thresholds.json").write_text(content)
-        for args in (["evaluate.py", "--run", run, "--bootstrap", "0"],
-                     ["predict.py", "--run", run, synthetic_data / "images", "--out", run / "p.csv"]):
-            runs.append((run, subprocess.Popen([sys.executable, str(ROOT / args[0]), *map(str, args[1:])], text=True,
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
-    for run, process in runs:
-        stdout, stderr = process.communicate(timeout=300)
-        assert_one_line_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
-                              "thresholds.json")
+        runs += [run, run]
+        commands += [["evaluate.py", "--run", run, "--bootstrap", "0"],
+                     ["predict.py", "--run", run, small_data / "images", "--out", run / "p.csv"]]
+    for run, out in zip(runs, run_scripts_together(*commands)):
+        assert_one_line_error(out, "thresholds.json")
+        assert "predicting" not in out.stderr  # ended before any image was read
         assert not (run / "p.csv").exists() and not (run / "metrics.csv").exists()
 
 
-def test_resume_with_a_missing_or_foreign_checkpoint_names_it(trained_run, synthetic_cache, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(trained_run / "last.pt", run / "last.pt")
-    args = ["train.py", "--cache", synthetic_cache, "--run-dir", run, "--epochs", "5", "--resume"]
-    assert_one_line_error(run_script(*args), "model.pt", "not found")
-    shutil.copy(trained_run / "model.pt", run / "model.pt")
-    out = run_script(*args, "--task", "multiclass")  # the checkpoint is a binary model's
-    assert_one_line_error(out, "last.pt", "does not fit this run")
+def test_resume_names_a_missing_or_foreign_checkpoint_and_a_full_disk_keeps_the_previous_ones(
+        small_run, small_cache, tmp_path):
+    """train.py --resume beside small_run's checkpoints, three runs at once: with model.pt gone;
+    with a checkpoint of another task; on a disk that fills while it saves the next epoch (a file
+    size limit below a checkpoint's size stands in for one). Each ends with one line naming the
+    file, and the full disk leaves the previous model.pt and last.pt intact for the next --resume."""
+    import resource
+    lacking, foreign, full = tmp_path / "lacking", tmp_path / "foreign", tmp_path / "full"
+    for run in (lacking, foreign, full):
+        run.mkdir()
+        shutil.copy(small_run / "last.pt", run / "last.pt")
+        if run != lacking:
+            shutil.copy(small_run / "model.pt", run / "model.pt")
+    before = {name: (full / name).read_bytes() for name in ("model.pt", "last.pt")}
+
+    def small_disk():  # room for the logs, not for a 14 MB checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+    args = ["train.py", "--cache", small_cache, "--batch-size", "32", "--precision", "fp32", "--epochs", "5",
+            "--resume", "--run-dir"]
+    out_lacking, out_foreign, out_full = run_scripts_together(
+        [*args, lacking], [*args, foreign, "--task", "multiclass"], [*args, full], preexec_fns=[None, None, small_disk])
+    assert_one_line_error(out_lacking, "model.pt", "not found")
+    assert_one_line_error(out_foreign, "last.pt", "does not fit this run")  # the checkpoint is a binary model's
+    assert "resumed" in out_full.stdout, out_full.stdout  # an epoch was trained, and its save is what failed
+    assert_one_line_error(out_full, ".pt", "could not be written")
+    assert {name: (full / name).read_bytes() for name in before} == before
+    assert not [p for p in full.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]  # no temporary file left
 
 
-def test_running_out_of_disk_space_is_one_line_and_leaves_no_half_cache(synthetic_data, tmp_path):
+def test_running_out_of_disk_space_is_one_line_and_leaves_no_half_cache(small_data, tmp_path):
     """A file size limit stands in for a full disk: writes past it fail as they would on one."""
     import resource
 
     def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-    out = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--data", str(synthetic_data), "--img-size",
+    out = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--data", str(small_data), "--img-size",
                           "64", "--out", str(tmp_path / "cache"), "--workers", "1"], capture_output=True, text=True,
                          timeout=300, preexec_fn=small_disk)
     assert_one_line_error(out, "could not be written")
@@ -216,7 +280,8 @@ def test_running_out_of_disk_space_is_one_line_and_leaves_no_half_cache(syntheti
 
 def test_a_preprocessing_worker_that_dies_ends_the_run_with_one_line(synthetic_data, tmp_path):
     """A worker killed mid-run (out of memory, a crash in native code) must not leave the pool
-    waiting for it forever: the run ends with one line and no cache."""
+    waiting for it forever: the run ends with one line and no cache. The 240 images of conftest's
+    data give the test time to find a worker before the run ends."""
     import signal
     import time
     process = subprocess.Popen([sys.executable, str(ROOT / "preprocess.py"), "--data", str(synthetic_data),
@@ -239,29 +304,9 @@ def test_a_preprocessing_worker_that_dies_ends_the_run_with_one_line(synthetic_d
     assert not (tmp_path / "cache").exists() and not (tmp_path / ".building.cache").exists()
 
 
-def test_a_disk_that_fills_while_train_saves_a_checkpoint_keeps_the_previous_ones(synthetic_cache, tmp_path):
-    """A file size limit below a checkpoint's size stands in for a disk that fills while train.py
-    saves: one line naming the file, and the previous model.pt and last.pt intact for --resume."""
-    import resource
-    run = tmp_path / "run"
-    train = ["train.py", "--cache", synthetic_cache, "--run-dir", run, "--arch", "efficientnet_lite0", "--img-size", "64",
-             "--batch-size", "32", "--precision", "fp32", "--aug", "none"]
-    first = run_script(*train, "--epochs", "1")
-    assert first.returncode == 0, first.stderr
-    before = {name: (run / name).read_bytes() for name in ("model.pt", "last.pt")}
-
-    def small_disk():  # room for the logs, not for a 14 MB checkpoint
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
-    out = subprocess.run([sys.executable, str(ROOT / train[0]), *map(str, train[1:]), "--epochs", "2", "--resume"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
-    assert_one_line_error(out, ".pt", "could not be written")
-    assert {name: (run / name).read_bytes() for name in before} == before
-    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]  # no temporary file left
-
-
-def test_a_ground_truth_mask_that_is_gone_costs_its_score_not_the_run(synthetic_data, tmp_path):
+def test_a_ground_truth_mask_that_is_gone_costs_its_score_not_the_run(small_data, tmp_path):
     data = tmp_path / "synthetic"
-    shutil.copytree(synthetic_data, data)
+    shutil.copytree(small_data, data)
     metadata = pd.read_csv(data / "metadata.csv")
     gone, damaged = metadata["image_id"].iloc[0], metadata["image_id"].iloc[1]
     (data / metadata["mask"].iloc[0]).unlink()
@@ -275,28 +320,30 @@ def test_a_ground_truth_mask_that_is_gone_costs_its_score_not_the_run(synthetic_
     assert "2 masks unreadable" in out.stdout
 
 
-@pytest.mark.parametrize("change, words", [
+MODEL_FILES_FROM_ELSEWHERE = [
     ({"model": "bare tensor"}, ["model.pt", "holds a Tensor"]),
     ({"num_outputs": 7}, ["model.pt", "do not fit", "7 output"]),
     ({"input": "sideways"}, ["model.pt", "input 'sideways'"]),
     ({"normalisation": {"mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}}, ["model.pt", "normalisation", "positive std"]),
     ({"arch": "alexnet"}, ["model.pt", "arch 'alexnet'"]),
-])
-def test_a_model_file_from_elsewhere_is_one_line_naming_file_field_and_value(trained_run, synthetic_data, tmp_path,
-                                                                             change, words):
+]
+
+
+def test_a_model_file_from_elsewhere_is_one_line_naming_file_field_and_value(small_run, small_data, tmp_path):
     """predict.py for each field; evaluate.py loads models the same way (load_run_models), once."""
     import torch
-    script = "evaluate.py" if "num_outputs" in change else "predict.py"
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("*.png", "test_probs.csv"))
-    checkpoint = torch.load(run / "model.pt", weights_only=True)
-    if change == {"model": "bare tensor"}:
-        torch.save(torch.zeros(3), run / "model.pt")
-    else:
-        torch.save({**checkpoint, **change}, run / "model.pt")
-    image = sorted((synthetic_data / "images").iterdir())[0]
-    args = [image, "--run", run, "--out", tmp_path / "p.csv"] if script == "predict.py" else \
-        ["--run", run, "--out-dir", tmp_path / "eval"]
-    out = run_script(script, *args)
-    assert_one_line_error(out, *words)
-    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "eval").exists()
+    checkpoint = torch.load(small_run / "model.pt", weights_only=True)
+    image = sorted((small_data / "images").iterdir())[0]
+    commands = []
+    for k, (change, _) in enumerate(MODEL_FILES_FROM_ELSEWHERE):
+        run = tmp_path / f"run{k}"
+        shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("*.png", "test_probs.csv"))
+        torch.save(torch.zeros(3) if change == {"model": "bare tensor"} else {**checkpoint, **change}, run / "model.pt")
+        commands.append(["evaluate.py", "--run", run, "--out-dir", tmp_path / f"eval{k}"] if "num_outputs" in change
+                        else ["predict.py", image, "--run", run, "--out", tmp_path / f"p{k}.csv"])
+    for k, ((change, words), out) in enumerate(zip(MODEL_FILES_FROM_ELSEWHERE, run_scripts_together(*commands))):
+        try:
+            assert_one_line_error(out, *words)
+        except AssertionError as e:
+            raise AssertionError(f"model.pt changed by {change}: {e}") from None
+        assert not (tmp_path / f"p{k}.csv").exists() and not (tmp_path / f"eval{k}").exists()
