@@ -47,9 +47,12 @@ PY_DEPS := $(VENV)/.installed
 endif
 
 DATA_DIR := data/$(DATA)
-SEG_DATA   ?= hamfull
-SEG_FROM   ?= $(SHARED)/ham10000_full
-SEG_EPOCHS ?= 10
+# The segmenter learns two clinics' annotators: HAM10000's masks and ISIC 2018 Task 1's, each
+# source half of every epoch's draws (docs/segmenter.md)
+SEG_DATA    ?= ham+isic2018
+SEG_FROM    ?= $(SHARED)/ham10000_full $(SHARED)/isic2018_task1
+SEG_WEIGHTS ?= ham10000_full=1 isic2018_task1=1
+SEG_EPOCHS  ?= 10
 SEG_RUN    ?= runs/segmenter
 # The U-Net that segments: one `make segmenter` trained, else the reference model's
 SEG_MODEL  ?= $(if $(wildcard $(SEG_RUN)/config.json),$(SEG_RUN)/model.pt,$(REFERENCE)/segmenter.pt)
@@ -98,13 +101,13 @@ cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | 
 		$(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
 
 # The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
-# masks, its epoch chosen on the val split (train_segmenter.py).
-segmenter: $(SEG_RUN)/config.json  ## train the U-Net lesion segmenter on ham10000_full's masks (make all then uses it)
+# masks, its epoch and mask threshold chosen on the val split of each source (train_segmenter.py).
+segmenter: $(SEG_RUN)/config.json  ## train the U-Net lesion segmenter on ham10000_full's and isic2018_task1's masks (make all then uses it)
 
 $(SEG_RUN)/config.json: | $(PY_DEPS)
-	$(MAKE) data/$(SEG_DATA)/metadata.csv DATA=$(SEG_DATA) FROM_DIR=$(SEG_FROM)
+	$(MAKE) data/$(SEG_DATA)/metadata.csv DATA=$(SEG_DATA) FROM_DIR="$(SEG_FROM)"
 	$(PYTHON) train_segmenter.py --data data/$(SEG_DATA) --run-dir $(SEG_RUN) --epochs $(SEG_EPOCHS) \
-		$(if $(wildcard $(SEG_RUN)/last.pt),--resume)
+		$(foreach weight,$(SEG_WEIGHTS),--source-weight $(weight)) $(if $(wildcard $(SEG_RUN)/last.pt),--resume)
 
 ifeq ($(MEMBERS),)
 # val_probs.csv is written when training ends (model.pt already after the first epoch), so an

@@ -984,6 +984,9 @@ def load_segmenter(path, sha256=None):
     checkpoint = load_torch_file(path, "segmenter checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("arch") != SEGMENTER_ARCH or "model" not in checkpoint:
         fail(path, f"not a {SEGMENTER_ARCH} checkpoint of train_segmenter.py")
+    threshold = checkpoint.get("mask_threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        fail(path, f"mask_threshold {threshold!r} is not a probability between 0 and 1")
     model, _ = build_segmenter(pretrained=False)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -1014,19 +1017,21 @@ def loaded_segmenter(path, sha256):
 
 def learned_lesion_masks(images, segmenter, segmenter_sha256):
     """The U-Net's lesion mask of each RGB image, at its size: the largest component of its
-    probability > 0.5, holes filled. Returns [(mask, plausible)] as lesion_mask does; an
-    implausible mask (an area outside PLAUSIBLE_AREA) is for the caller to replace with the
-    classical one."""
+    probability above the checkpoint's mask_threshold (chosen on validation; 0.5 in older files),
+    holes filled. Returns [(mask, plausible)] as lesion_mask does; an implausible mask (an area
+    outside PLAUSIBLE_AREA) is for the caller to replace with the classical one."""
     import cv2
     from scipy import ndimage
     if not images:
         return []
     model, checkpoint = loaded_segmenter(segmenter, segmenter_sha256)
     small = np.stack([cv2.resize(rgb, tuple(checkpoint["input_size"]), interpolation=cv2.INTER_AREA) for rgb in images])
+    threshold = checkpoint.get("mask_threshold", 0.5)
+    cut = math.log(threshold / (1 - threshold))  # as a logit
     masks = []
     for rgb, logits in zip(images, segmenter_logits(model, small, checkpoint["normalisation"])):
         h, w = rgb.shape[:2]
-        mask = cv2.resize(logits, (w, h), interpolation=cv2.INTER_LINEAR) > 0
+        mask = cv2.resize(logits, (w, h), interpolation=cv2.INTER_LINEAR) > cut
         count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
         if count < 2:
             masks.append((np.ones((h, w), bool), False))

@@ -26,9 +26,11 @@ hair_fraction in index.csv is the share of each image's pixels it repainted.
 Where the dataset has ground-truth masks (metadata.csv's mask column, which fetch_data.py fills
 from a source's masks), or --score-masks DIR names a folder of them (<image_id>.png or
 <image_id>_*.png), the cached masks are scored against them: segmentation_scores.csv (image_id,
-dx, split, dice, jaccard, mask_ok), segmentation_summary.json (mean Dice, mean Jaccard, share of
-images with Jaccard < 0.65, overall, per class and per split) and worst_overlays.png (the worst
-cases: ground truth green, ours red) go into the cache folder.
+dx, split, source, dice, jaccard, area_ratio = our mask's area / the expert's, crop_coverage = the
+share of the expert's lesion inside our lesion crop, mask_ok), segmentation_summary.json (mean
+Dice, mean Jaccard, share of images with Jaccard < 0.65, median area ratio, mean crop coverage
+and share of images whose crop holds >= 98% of the lesion; overall, per class, split and source)
+and worst_overlays.png (the worst cases: ground truth green, ours red) go into the cache folder.
 --overlay-sheet N draws N random images with their masks into overlays.png, for data without
 ground truth.
 
@@ -200,6 +202,20 @@ def dice_jaccard(predicted, truth):
     return (2 * intersection / total if total else 1.0), (intersection / union if union else 1.0)
 
 
+def crop_coverage(row, truth):
+    """The share of the expert's lesion pixels inside the cached crop box (index.csv's crop_x0..y1,
+    in the image's pixels): what the classifier's crop input sees of the lesion."""
+    if not truth.any():
+        return np.nan
+    h, w = truth.shape
+    # the box is in the image's pixels, a truth mask may be of another size
+    width, height = (getattr(row, k, np.nan) for k in ("width", "height"))
+    width, height = (width, height) if np.isfinite(width) and np.isfinite(height) else (w, h)
+    x0, x1 = round(row.crop_x0 * w / width), round(row.crop_x1 * w / width)
+    y0, y1 = round(row.crop_y0 * h / height), round(row.crop_y1 * h / height)
+    return truth[y0:y1, x0:x1].sum() / truth.sum()
+
+
 def truth_masks(args, metadata):
     """Ground-truth mask path per image id: from --score-masks DIR, else the dataset's own mask
     column (fetch_data.py imports them); empty where there are none."""
@@ -229,15 +245,23 @@ def outlined(rgb, masks_and_colours, side=300):
     return tile
 
 
+CROP_HOLDS = 0.98  # a crop holds the lesion when this share of its pixels is inside
+
+
 def segmentation_summary(scores):
-    return {"images": len(scores), "mean_dice": scores["dice"].mean(), "mean_jaccard": scores["jaccard"].mean(),
-            "share_jaccard_below_0.65": (scores["jaccard"] < 0.65).mean(),
-            "flagged_mask_ok_0": int((scores["mask_ok"] == 0).sum())}
+    summary = {"images": len(scores), "mean_dice": scores["dice"].mean(), "mean_jaccard": scores["jaccard"].mean(),
+               "share_jaccard_below_0.65": (scores["jaccard"] < 0.65).mean(),
+               "flagged_mask_ok_0": int((scores["mask_ok"] == 0).sum())}
+    if "crop_coverage" in scores.columns:  # caches scored before these columns have only the above
+        summary.update({"median_area_ratio": scores["area_ratio"].median(),
+                        "mean_crop_coverage": scores["crop_coverage"].mean(),
+                        f"share_crop_holds_{CROP_HOLDS:.0%}": (scores["crop_coverage"] >= CROP_HOLDS).mean()})
+    return summary
 
 
 def score_masks(index, data_dir, cache_dir, truth_paths, worst, truth_name):
-    """Dice and Jaccard of every cached mask against its ground truth, at the truth's size, overall,
-    per class and per split; the worst cases on a sheet."""
+    """Dice, Jaccard, area ratio and crop coverage of every cached mask against its ground truth,
+    at the truth's size, overall, per class, split and source; the worst cases on a sheet."""
     import cv2
     import pandas as pd
     rows = []
@@ -253,15 +277,20 @@ def score_masks(index, data_dir, cache_dir, truth_paths, worst, truth_name):
         ours = read_mask(cache_dir / "masks" / f"{row.image_id}.png").astype(np.uint8)
         ours = cv2.resize(ours, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         dice, jaccard = dice_jaccard(ours, truth)
-        rows.append({"image_id": row.image_id, "dx": row.dx, "split": row.split, "dice": dice, "jaccard": jaccard,
-                     "mask_ok": row.mask_ok})
+        rows.append({"image_id": row.image_id, "dx": row.dx, "split": row.split,
+                     "source": row.source if isinstance(getattr(row, "source", None), str) else "",
+                     "dice": dice, "jaccard": jaccard,
+                     "area_ratio": ours.sum() / truth.sum() if truth.any() else np.nan,
+                     "crop_coverage": crop_coverage(row, truth), "mask_ok": row.mask_ok})
     if not rows:
         print(f"no mask of {truth_name} could be read: no mask scores written")
         return None
     scores = pd.DataFrame(rows)
     summary = {**segmentation_summary(scores), "truth": truth_name, "unreadable_masks": unreadable,
                "by_dx": {dx: segmentation_summary(group) for dx, group in scores.groupby("dx")},
-               "by_split": {split: segmentation_summary(group) for split, group in scores.groupby("split")}}
+               "by_split": {split: segmentation_summary(group) for split, group in scores.groupby("split")},
+               "by_source": {source: segmentation_summary(group) for source, group in scores.groupby("source")
+                             if source}}
     write_csv(scores, cache_dir / "segmentation_scores.csv")
     write_json(summary, cache_dir / "segmentation_summary.json")
 
@@ -316,7 +345,8 @@ def main(args):
     truth = truth_masks(args, metadata)
     # the dataset's own masks are scored once per cache; --score-masks DIR every time it is given
     if truth and (args.score_masks or rebuilt or not (out_dir / "segmentation_summary.json").is_file()):
-        index = read_csv(out_dir / "index.csv", ("image_id", "filename", "dx", "split", "mask_ok"))
+        index = read_csv(out_dir / "index.csv", ("image_id", "filename", "dx", "split", "mask_ok", "crop_x0", "crop_y0",
+                                                 "crop_x1", "crop_y1"))
         score_masks(index, args.data, out_dir, truth, args.worst,
                     str(args.score_masks) if args.score_masks else f"the mask column of {metadata_path}")
     if args.overlay_sheet:

@@ -1,23 +1,34 @@
 """Train the learned lesion segmenter: a U-Net with EfficientNet-Lite0's ImageNet weights as encoder.
 
 Reads data/<dataset>/metadata.csv and the ground-truth masks its mask column names (fetch_data.py
-imports them: ham10000_full's 10,015 expert masks, PH2's, the synthetic data's). It learns from the
-train split and chooses its epoch by mean Dice on the val split; the test split is never read.
+imports them: ham10000_full's 10,015 expert masks, isic2018_task1's, PH2's, the synthetic data's).
+It learns from the train split and chooses on the val split; the test split is never read.
+
+A dataset of several sources (fetch_data.py --from-dir A B: its source column) is several mask
+conventions: each source is scored on its own val images, and the epoch and the mask threshold
+are chosen on the mean of the sources' val Dice, each source counting once. --source-weight
+NAME=W sets a source's share of an epoch's draws (by default every train image once an epoch;
+with weights an epoch still draws as many images, each source's share W / sum of the weights).
 Writes into the run folder:
-  model.pt      the best epoch by validation Dice: weights, input size, normalisation (the file
+  model.pt      the best epoch by validation Dice: weights, input size, normalisation and
+                mask_threshold, the probability cut chosen on validation (the file
                 preprocess.py --segmenter unet --segmenter-model reads)
   last.pt       the latest epoch with optimiser, scheduler and RNG state, for --resume
-  history.csv   epoch, train_loss, val_dice, val_jaccard, val_share_jaccard_below_0.65, lr, seconds,
-                images_per_s
+  history.csv   epoch, train_loss, val_dice, val_jaccard, val_share_jaccard_below_0.65 (means over
+                the sources), the same per source (val_dice_<source>, ...), lr, seconds, images_per_s
+  thresholds.csv  the best epoch's validation scores at each mask threshold tried, per source
 Images and masks are read once, at the network's input size (160x128), and augmented on the
 fly as whole batches: flips, rotation, zoom and shift (the same for image and mask), brightness,
 contrast, colour balance, noise. The loss is BCE + soft Dice.
 
-Example: python train_segmenter.py --data data/hamfull --run-dir runs/segmenter
+Examples: python train_segmenter.py --data data/hamfull --run-dir runs/segmenter
+          python train_segmenter.py --data data/ham+isic2018 --source-weight ham10000_full=1 \
+              --source-weight isic2018_task1=1 --run-dir runs/segmenter
 """
 import math
 import os
 import time
+from argparse import ArgumentTypeError
 from pathlib import Path
 
 import cv2
@@ -49,14 +60,33 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=number_in(int, 1), help="CPU threads for torch (default: all cores)")
+    p.add_argument("--source-weight", action="append", default=[], metavar="SOURCE=W", type=source_weight,
+                   help="a source's relative share of each epoch's draws (repeat per source; default: as many "
+                        "draws as it has train images)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     return p.parse_args(argv)
 
 
+def source_weight(text):
+    name, _, weight = text.partition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not name or not math.isfinite(value) or value <= 0:
+        raise ArgumentTypeError(f"'{text}' is not SOURCE=W with a positive weight W")
+    return name, value
+
+
+MASK_THRESHOLDS = np.round(np.arange(0.30, 0.701, 0.05), 2)  # the probability cuts tried on validation
+
+
 def load_split(metadata, data_dir, split, limit):
-    """(images N x H x W x 3 uint8, masks N x H x W uint8 0-255) of a split's rows that have a mask,
-    resized once to the network's input size (a mask's border pixels keep their partial cover)."""
-    rows = metadata[(metadata["split"] == split) & metadata["mask"].notna()].head(limit)
+    """(images N x H x W x 3 uint8, masks N x H x W uint8 0-255, source of each) of a split's rows
+    that have a mask, resized once to the network's input size (a mask's border pixels keep their
+    partial cover). limit: the first N of each source."""
+    rows = metadata[(metadata["split"] == split) & metadata["mask"].notna()]
+    rows = rows.groupby("source", sort=False).head(limit) if limit else rows
     width, height = SEGMENTER_SIZE
     images = np.zeros((len(rows), height, width, 3), np.uint8)
     masks = np.zeros((len(rows), height, width), np.uint8)
@@ -64,7 +94,7 @@ def load_split(metadata, data_dir, split, limit):
         images[i] = cv2.resize(read_rgb(data_dir / row.filename), SEGMENTER_SIZE, interpolation=cv2.INTER_AREA)
         mask = read_mask(data_dir / row.mask).astype(np.float32)
         masks[i] = np.round(255 * cv2.resize(mask, SEGMENTER_SIZE, interpolation=cv2.INTER_AREA))
-    return images, masks
+    return images, masks, rows["source"].to_numpy()
 
 
 def augment(images, masks, normalisation):
@@ -102,22 +132,34 @@ def dice_bce_loss(logits, masks):
     return F.binary_cross_entropy_with_logits(logits, masks) + (1 - dice).mean()
 
 
-def validation_scores(model, images, masks, normalisation, batch_size=64):
-    """Mean Dice and Jaccard of the thresholded masks (logit > 0 against cover >= 50%) at the
-    network's size, and the share of images with Jaccard < 0.65."""
+def validation_scores(model, images, masks, sources, normalisation, thresholds=(0.5,), batch_size=64):
+    """Per mask threshold (a probability cut, against cover >= 50%), at the network's size: mean
+    Dice, mean Jaccard and share of images with Jaccard < 0.65, per source (val_dice_<source>, ...)
+    and as means over the sources (val_dice, ...), each source counting once."""
     model.eval()
-    dice, jaccard = [], []
+    cuts = np.log(np.asarray(thresholds) / (1 - np.asarray(thresholds)))  # as logits
+    dice, jaccard = np.zeros((len(cuts), len(images))), np.zeros((len(cuts), len(images)))
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        predicted = segmenter_logits(model, batch, normalisation) > 0
+        logits = segmenter_logits(model, images[start:start + batch_size], normalisation)
         truth = masks[start:start + batch_size] >= 128
-        overlap = (predicted & truth).sum(axis=(1, 2))
-        total = predicted.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
-        dice += list(np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0))
-        jaccard += list(np.where(total > 0, overlap / np.maximum(total - overlap, 1), 1.0))
-    dice, jaccard = np.array(dice), np.array(jaccard)
-    return {"val_dice": float(dice.mean()), "val_jaccard": float(jaccard.mean()),
-            "val_share_jaccard_below_0.65": float((jaccard < 0.65).mean())}
+        for k, cut in enumerate(cuts):
+            predicted = logits > cut
+            overlap = (predicted & truth).sum(axis=(1, 2))
+            total = predicted.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+            dice[k, start:start + len(truth)] = np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
+            jaccard[k, start:start + len(truth)] = np.where(total > 0, overlap / np.maximum(total - overlap, 1), 1.0)
+    results = []
+    for k in range(len(cuts)):
+        per_source = {}
+        for source in np.unique(sources):
+            chosen = sources == source
+            per_source.update({f"val_dice_{source}": float(dice[k, chosen].mean()),
+                               f"val_jaccard_{source}": float(jaccard[k, chosen].mean()),
+                               f"val_share_jaccard_below_0.65_{source}": float((jaccard[k, chosen] < 0.65).mean())})
+        means = {name: float(np.mean([v for key, v in per_source.items() if key.startswith(name + "_")]))
+                 for name in ("val_dice", "val_jaccard", "val_share_jaccard_below_0.65")}
+        results.append({**means, **per_source})
+    return results
 
 
 def main(args):
@@ -131,10 +173,25 @@ def main(args):
     if "mask" not in metadata.columns or metadata["mask"].isna().all():
         fail(metadata_path, "has no ground-truth masks (a mask column); import a source that has them, "
              "e.g. fetch_data.py --from-dir ../shared/data/ham10000_full")
-    train_images, train_masks = load_split(metadata, args.data, "train", args.limit)
-    val_images, val_masks = load_split(metadata, args.data, "val", args.limit)
+    if "source" not in metadata.columns:
+        metadata["source"] = args.data.name
+    metadata["source"] = metadata["source"].fillna(args.data.name).astype(str)
+    train_images, train_masks, train_sources = load_split(metadata, args.data, "train", args.limit)
+    val_images, val_masks, val_sources = load_split(metadata, args.data, "val", args.limit)
     if len(train_images) < 2 or len(val_images) == 0:
         fail(metadata_path, "needs masks for at least 2 train and 1 val images")
+    weights = dict(args.source_weight)
+    sources = sorted(set(train_sources))
+    unknown = sorted(set(weights) - set(sources))
+    if unknown:
+        fail(metadata_path, f"has no train masks of source {', '.join(unknown)} (--source-weight; its sources: "
+             f"{', '.join(sources)})")
+    if weights and set(weights) != set(sources):
+        fail(metadata_path, f"has train masks of {', '.join(sorted(set(sources) - set(weights)))} too: give every "
+             "source a --source-weight, or none")
+    unvalidated = sorted(set(sources) - set(val_sources))
+    if unvalidated:
+        fail(metadata_path, f"has no val masks of source {', '.join(unvalidated)}: a source is chosen on too")
 
     model, normalisation = build_segmenter(args.pretrained)
     model = prepare_model(model, device)
@@ -165,15 +222,17 @@ def main(args):
                  "train into another --run-dir")
         print(f"resumed {args.run_dir} after epoch {start_epoch}")
     args.run_dir.mkdir(parents=True, exist_ok=True)
+    counts = {source: (int((train_sources == source).sum()), int((val_sources == source).sum())) for source in sources}
     print(f"training the {SEGMENTER_ARCH} segmenter on {len(train_images)} masks, choosing the epoch on "
-          f"{len(val_images)}; {SEGMENTER_SIZE[0]}x{SEGMENTER_SIZE[1]} px, device {device}")
+          f"{len(val_images)} ({'; '.join(f'{s}: {t} train, {v} val' for s, (t, v) in counts.items())}); "
+          f"{SEGMENTER_SIZE[0]}x{SEGMENTER_SIZE[1]} px, device {device}")
 
     all_images = torch.from_numpy(train_images).permute(0, 3, 1, 2)  # N x 3 x H x W uint8, a view
     all_masks = torch.from_numpy(train_masks)[:, None]
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         model.train()
-        order = torch.from_numpy(np.random.default_rng(args.seed + epoch).permutation(len(train_images)))
+        order = torch.from_numpy(epoch_order(train_sources, weights, np.random.default_rng(args.seed + epoch)))
         total, seen = 0.0, 0
         bar = tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for start in bar:
@@ -190,25 +249,59 @@ def main(args):
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         speed = seen / (time.time() - started)
-        scores = validation_scores(model, val_images, val_masks, normalisation)
+        scores = validation_scores(model, val_images, val_masks, val_sources, normalisation)[0]
         history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1),
                         "images_per_s": round(speed, 1)})
+        by_source = "  ".join(f"{s} {scores[f'val_dice_{s}']:.4f}" for s in sources) if len(sources) > 1 else ""
         print(f"epoch {epoch + 1:3d}  train_loss {history[-1]['train_loss']:.4f}  val_dice {scores['val_dice']:.4f}  "
-              f"Jaccard < 0.65 {scores['val_share_jaccard_below_0.65']:.1%}  {history[-1]['seconds']:.0f}s  "
-              f"{speed:.0f} img/s")
+              f"{by_source}  Jaccard < 0.65 {scores['val_share_jaccard_below_0.65']:.1%}  "
+              f"{history[-1]['seconds']:.0f}s  {speed:.0f} img/s")
         if scores["val_dice"] > best_dice:
             best_dice = scores["val_dice"]
-            save_checkpoint({**checkpoint_base, "model": model.state_dict(), "epoch": epoch + 1, **scores},
-                            args.run_dir / "model.pt")
+            save_checkpoint({**checkpoint_base, "model": model.state_dict(), "epoch": epoch + 1, **scores,
+                             "mask_threshold": 0.5}, args.run_dir / "model.pt")
         save_checkpoint({**checkpoint_base, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng_state": torch.get_rng_state(), "epoch": epoch,
                          "best_val_dice": best_dice, "history": history}, args.run_dir / "last.pt")
         write_csv(pd.DataFrame(history), args.run_dir / "history.csv")
+    threshold, best_scores = choose_mask_threshold(model, args.run_dir, val_images, val_masks, val_sources,
+                                                   normalisation)
     write_json({"args": checkpoint_base["args"], "device": str(device), "n_train": len(train_images),
-                "n_val": len(val_images), "best_val_dice": best_dice, "git_commit": git_commit(),
+                "n_val": len(val_images), "sources": counts, "best_val_dice": best_scores["val_dice"],
+                "mask_threshold": threshold, "val_scores": best_scores, "git_commit": git_commit(),
                 "torch": torch.__version__}, args.run_dir / "config.json")
-    print(f"best validation Dice {best_dice:.4f}; wrote {args.run_dir / 'model.pt'}")
+    print(f"best validation Dice {best_scores['val_dice']:.4f} at mask threshold {threshold:.2f}"
+          + "".join(f"; {s} {best_scores[f'val_dice_{s}']:.4f}" for s in sources if len(sources) > 1)
+          + f"; wrote {args.run_dir / 'model.pt'}")
+
+
+def epoch_order(sources, weights, rng):
+    """The train rows one epoch visits, shuffled: each once, or with weights, each source's share of
+    len(sources) draws (its images in turn, reshuffled each time round, so none twice before all once)."""
+    if not weights:
+        return rng.permutation(len(sources))
+    total = sum(weights.values())
+    draws = []
+    for source, weight in weights.items():
+        rows = np.flatnonzero(sources == source)
+        wanted = round(len(sources) * weight / total)
+        rounds = [rng.permutation(rows) for _ in range(math.ceil(wanted / len(rows)))]
+        draws.append(np.concatenate(rounds)[:wanted])
+    return rng.permutation(np.concatenate(draws))
+
+
+def choose_mask_threshold(model, run_dir, images, masks, sources, normalisation):
+    """The probability cut of the best epoch's masks with the highest validation Dice (the mean over
+    sources), written into model.pt beside its scores there; every cut's scores to thresholds.csv."""
+    best = load_torch_file(run_dir / "model.pt", "checkpoint")
+    model.load_state_dict(best["model"])
+    results = validation_scores(model, images, masks, sources, normalisation, MASK_THRESHOLDS)
+    write_csv(pd.DataFrame([{"mask_threshold": t, **r} for t, r in zip(MASK_THRESHOLDS, results)]),
+              run_dir / "thresholds.csv")
+    k = int(np.argmax([r["val_dice"] for r in results]))
+    save_checkpoint({**best, **results[k], "mask_threshold": float(MASK_THRESHOLDS[k])}, run_dir / "model.pt")
+    return float(MASK_THRESHOLDS[k]), results[k]
 
 
 if __name__ == "__main__":
