@@ -54,6 +54,9 @@ SEG_FROM    ?= $(SHARED)/ham10000_full $(SHARED)/isic2018_task1
 SEG_WEIGHTS ?= ham10000_full=1 isic2018_task1=1
 SEG_EPOCHS  ?= 10
 SEG_RUN    ?= runs/segmenter
+# The first segmenter's recipe, HAM10000's masks alone: the second edition's and the shipped
+# reference model's (make segmenter $(HAM_SEGMENTER) trains it again)
+HAM_SEGMENTER := SEG_RUN=runs/segmenter_ham10000 SEG_DATA=hamfull SEG_FROM=$(SHARED)/ham10000_full SEG_WEIGHTS=
 # The U-Net that segments: one `make segmenter` trained, else the reference model's
 SEG_MODEL  ?= $(if $(wildcard $(SEG_RUN)/config.json),$(SEG_RUN)/model.pt,$(REFERENCE)/segmenter.pt)
 # config.json is written when the segmenter's training ends (model.pt already after its first epoch)
@@ -73,7 +76,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict reference-bench reference-test site-bench source-test external external-val study study2-screen study2-levers study2-final study2-tta study2-test hair-study demo test \
+.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict reference-bench reference-test site-bench segmenter-bench source-test external external-val demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -179,9 +182,9 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX) --split all \
 		--out-dir $(RUN_DIR)/isic2017_trainval
 
-# The reference model (models/reference/MODEL_CARD.md). Retrained: make segmenter, then make
-# threshold DATA=hamfull FROM_DIR=$(SHARED)/ham10000_full (the defaults' recipe), then make export
-# DATA=hamfull EXPORT_DIR=models/reference. Checked and read through caches its own compact
+# The reference model (models/reference/MODEL_CARD.md). Retrained: make threshold DATA=hamfull
+# FROM_DIR=$(SHARED)/ham10000_full $(HAM_SEGMENTER) (the defaults' recipe with its segmenter, which
+# that trains first), then make export DATA=hamfull EXPORT_DIR=models/reference. Checked and read through caches its own compact
 # segmenter made; the full-precision run's folder holds the compact model's evaluations.
 REF_RUN ?= runs/hamfull_efficientnet_lite0
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
@@ -231,147 +234,6 @@ reference-test: | $(PY_DEPS)  ## read the HAM10000 test split, ISIC 2017 test an
 		"$(REF_RUN)/compact_isic2017_test:ISIC 2017 test" "$(REF_RUN)/compact_ph2:PH2" \
 		--out bench/results/reference_test --plots docs/results/reference
 
-# The study of README "Results": the reference study's stages, each a run of its own on the same
-# lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
-# are not run again; an interrupted one resumes.
-STUDY_DATA   ?= ham224
-STUDY_FROM   ?= $(SHARED)/ham10000_224
-STUDY_EPOCHS ?= 10
-STUDY_TRAIN_SIZE ?= 160
-STUDY_IMG_SIZE ?= 224
-# The first study's caches were built with the legacy hair removal; its stages keep it, so that
-# `make study` reproduces what README "Results" reports.
-STUDY_HAIR   ?= legacy
-# The first study's recipe where a stage does not set it: before the reference recipe's defaults
-STUDY1_PINS := SEGMENTER=classical COLOUR=none METADATA=off TTA=off
-# $(1) run folder under runs/, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training
-# size, $(7) more train flags, $(8) more make variables and goals
-recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
-	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)" $(STUDY1_PINS) $(8)
-# $(1) run name, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training size, $(7) more flags
-study_stage = $(call recipe_run,study/$(1),$(2),$(3),$(4),$(5),$(6),$(7),HAIR=$(STUDY_HAIR))
-# $(1) run name, $(2) the member stages, whose mean probability it is
-study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) \
-	HAIR=$(STUDY_HAIR) RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))" $(STUDY1_PINS)
-
-# Stage 5 trains the recipe of stages 3-4 with the highest validation ROC-AUC again at the cache's
-# full 224 px: full images (validation ROC-AUC 0.936, masked 0.916, crop 0.913 in our study run).
-# bench/study.py then reports whichever binary run is best on validation at best_f1 and recall_target.
-# Added after the first round, each choice made on validation: two more 7-class runs (6b a balanced
-# sampler, 6c another seed) and their ensemble (9); the ensemble of the weighted-BCE runs of
-# stages 2-5 (8: validation ROC-AUC 0.945 against 0.936 for the best run alone, 0.943 with stage 1
-# too); stage 3's recipe for 30 epochs at Adam 3e-4 (10: the longer schedule, whose learning rate
-# ranked first in a short validation-only trial on a GPU).
-# Third round, planned before any of its runs was trained: the larger EfficientNet-Lite2 on stage 3's
-# recipe at 160 px (11) and at 224 px (12), and the ensemble of every pretrained weighted-BCE binary
-# run (13). The final system stays the binary run or ensemble with the highest validation ROC-AUC.
-STUDY_BEST_INPUT ?= full
-# the weighted-BCE stages 2-5, members of both ensembles 8 and 13
-STUDY_WBCE_2_TO_5 = 2_wbce 3_wbce_aug 4a_wbce_aug_masked 4b_wbce_aug_crop 5_wbce_aug_$(STUDY_BEST_INPUT)_224
-study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 CPU cores)
-	$(call study_stage,1_baseline,efficientnet_lite0,ce,none,full,$(STUDY_TRAIN_SIZE),)
-	$(call study_stage,2_wbce,efficientnet_lite0,wbce,none,full,$(STUDY_TRAIN_SIZE),)
-	$(call study_stage,3_wbce_aug,efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),)
-	$(call study_stage,4a_wbce_aug_masked,efficientnet_lite0,wbce,full,masked,$(STUDY_TRAIN_SIZE),)
-	$(call study_stage,4b_wbce_aug_crop,efficientnet_lite0,wbce,full,crop,$(STUDY_TRAIN_SIZE),)
-	$(call study_stage,5_wbce_aug_$(STUDY_BEST_INPUT)_224,efficientnet_lite0,wbce,full,$(STUDY_BEST_INPUT),224,)
-	$(call study_stage,6_multiclass,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --class-weights balanced)
-	$(call study_stage,6b_multiclass_sampler,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --sampler balanced)
-	$(call study_stage,6c_multiclass_seed1,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --class-weights balanced --seed 1)
-	$(call study_stage,7_resnet18_scratch,resnet18,wbce,full,full,$(STUDY_TRAIN_SIZE),--no-pretrained)
-	$(call study_ensemble,8_ensemble_wbce,$(STUDY_WBCE_2_TO_5))
-	$(call study_ensemble,9_ensemble_multiclass,6_multiclass 6b_multiclass_sampler 6c_multiclass_seed1)
-	$(call study_stage,10_wbce_aug_long,efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),--epochs 30 --lr 3e-4)
-	$(call study_stage,11_lite2_wbce_aug,efficientnet_lite2,wbce,full,full,$(STUDY_TRAIN_SIZE),)
-	$(call study_stage,12_lite2_wbce_aug_224,efficientnet_lite2,wbce,full,full,224,)
-	$(call study_ensemble,13_ensemble_all_wbce,$(STUDY_WBCE_2_TO_5) 10_wbce_aug_long 11_lite2_wbce_aug 12_lite2_wbce_aug_224)
-	$(PYTHON) bench/study.py --runs runs/study --out bench/results/study --plots docs/results
-
-# Study, second edition (README "Study, second edition: protocol"). Stage S screens levers cheaply
-# on validation only: ham10000_full's val split and ISIC 2017 train+val (external validation); no
-# test split and no PH2 image is read. $(1) arm name, $(2) input, $(3) segmenter, $(4) colour constancy
-STUDY2_FROM ?= $(SHARED)/ham10000_full
-# the segmenter the study trained (make segmenter), and each stage's own flags for the rest
-STUDY2_PINS := SEG_MODEL=$(SEG_RUN)/model.pt METADATA=off TTA=off
-screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) IMG_SIZE=224 EPOCHS=3 \
-	RUN=study2/screen/$(1) ARCH=efficientnet_lite0 LOSS=wbce AUG=full INPUT=$(2) SEGMENTER=$(3) COLOUR=$(4) \
-	TRAIN_FLAGS="--img-size 128 --seed 0" $(STUDY2_PINS)
-STUDY2_SCREEN = S1_full S2_full_sog S3_crop_unet S4_crop_unet_sog
-study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on validation and ISIC 2017 train+val (about 25 min)
-	$(call screen_run,S1_full,full,classical,none)
-	$(call screen_run,S2_full_sog,full,classical,shades_of_gray)
-	$(call screen_run,S3_crop_unet,crop,unet,none)
-	$(call screen_run,S4_crop_unet_sog,crop,unet,shades_of_gray)
-	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/study2/screen/,$(STUDY2_SCREEN)) --out bench/results/study2_screen
-
-# Stage T: the remaining levers, each one change to S4's recipe; T4 trains on a second source, so it
-# is scored on ISIC 2017's val images (not its train ones) beside S4. $(1) arm, $(2) arch, $(3) loss,
-# $(4) more train.py flags
-STUDY2_S4 := runs/study2/screen/S4_crop_unet_sog
-lever_run = $(MAKE) validate $(if $(5),,external-val) DATA=$(if $(5),ham+isic2017,hamfull) \
-	FROM_DIR="$(STUDY2_FROM) $(5)" IMG_SIZE=224 EPOCHS=3 RUN=study2/levers/$(1) ARCH=$(2) LOSS=$(3) AUG=full \
-	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 128 --seed 0 $(4)" $(STUDY2_PINS)
-isic2017_val = $(PYTHON) evaluate.py --run $(1) --cache cache/ham+isic2017_224_unet_sog --split val --source isic2017 \
-	--out-dir $(1)/isic2017_val
-STUDY2_LEVERS = T1_meta T2_lite1 T3_7class
-study2-levers: | $(PY_DEPS)  ## study, 2nd edition, stage T: metadata, Lite1, 7-class trunk, second source (validation only)
-	$(call lever_run,T1_meta,efficientnet_lite0,wbce,--metadata)
-	$(call lever_run,T2_lite1,efficientnet_lite1,wbce)
-	$(call lever_run,T3_7class,efficientnet_lite0,ce,--task multiclass --class-weights balanced)
-	$(call lever_run,T4_isic_train,efficientnet_lite0,wbce,,$(SHARED)/isic2017)
-	$(call isic2017_val,$(STUDY2_S4))
-	$(call isic2017_val,runs/study2/levers/T4_isic_train)
-	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) $(addprefix runs/study2/levers/,$(STUDY2_LEVERS)) \
-		--out bench/results/study2_levers
-	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) runs/study2/levers/T4_isic_train --out bench/results/study2_second_source
-
-# Stage F: full length, S4's recipe with the levers stage T kept (README), 10 epochs at 160 px.
-# F1 is the final system; F2 the same recipe with ISIC 2017 train as a second source; F3 the
-# 7-class model. $(1) run, $(2) data, $(3) its folders, $(4) loss, $(5) more train.py flags
-STUDY2_F       := runs/study2/final
-STUDY2_F_ARCH  ?= efficientnet_lite0
-STUDY2_F_FLAGS ?= --metadata
-final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
-	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
-	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)" $(STUDY2_PINS)
-study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 95 min on 2 cores)
-	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
-	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
-	$(call final_run,F3_7class,hamfull,$(STUDY2_FROM),ce,--task multiclass --class-weights balanced)
-	$(if $(STUDY2_TTA),$(MAKE) study2-tta)
-
-# Test-time augmentation, used because it raised F1's validation ROC-AUC (README): each run's
-# thresholds are then chosen on its own augmented validation probabilities
-STUDY2_TTA ?= --tta
-study2-tta: | $(PY_DEPS)  ## study, 2nd edition: augmented validation probabilities and thresholds of the F runs
-	for run in F1 F2 F3_7class; do \
-		$(PYTHON) evaluate.py --run $(STUDY2_F)/$$run --split val --tta --out-dir $(STUDY2_F)/$$run/val_tta && \
-		$(PYTHON) threshold.py --run $(STUDY2_F)/$$run --probs $(STUDY2_F)/$$run/val_tta/test_probs.csv || exit 1; \
-	done
-
-# The single reading of the three test sets, by the final system committed in README beforehand
-study2-test: | $(PY_DEPS)  ## study, 2nd edition: read the HAM10000 test split, ISIC 2017 test and PH2 once
-	$(MAKE) data/isic2017/metadata.csv cache/isic2017_224_unet_sog/index.csv cache/ph2_224_unet_sog/index.csv \
-		DATA=isic2017 FROM_DIR=$(SHARED)/isic2017 SEGMENTER=unet COLOUR=shades_of_gray $(STUDY2_PINS)
-	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 $(STUDY2_TTA)
-	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/isic2017_224_unet_sog --split test \
-		--out-dir $(STUDY2_F)/F1/isic2017_test $(STUDY2_TTA)
-	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/ph2_224_unet_sog --split all --out-dir $(STUDY2_F)/F1/ph2 \
-		$(STUDY2_TTA)
-	$(PYTHON) evaluate.py --run $(STUDY2_F)/F2 --source isic2017 --out-dir $(STUDY2_F)/F2/source_isic2017 $(STUDY2_TTA)
-	$(PYTHON) evaluate.py --run $(STUDY2_F)/F3_7class $(STUDY2_TTA)
-	$(PYTHON) bench/study2.py --read "$(STUDY2_F)/F1:HAM10000 test" "$(STUDY2_F)/F1/isic2017_test:ISIC 2017 test" \
-		"$(STUDY2_F)/F1/ph2:PH2" "$(STUDY2_F)/F2/source_isic2017:ISIC 2017 test, second source" \
-		"$(STUDY2_F)/F3_7class:HAM10000 test, 7 classes" --out bench/results/study2_final --plots docs/results/study2
-
-# Hair removal judged by what it does to the diagnosis: stage 3's recipe (the study's best single
-# recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on
-# validation, on ISIC 2017 train+val (external validation) and on PH2.
-HAIR_STUDY_MODES = legacy on off
-hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation, ISIC 2017 train+val, PH2 (1-2 h)
-	$(foreach mode,$(HAIR_STUDY_MODES),$(call recipe_run,hair/$(mode),efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),,HAIR=$(mode) external-val) &&) true
-	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/hair/,$(HAIR_STUDY_MODES)) --out bench/results/hair_study
-
 # fp32: at 64 px bf16 autocast trains slower on a CPU than fp32 (17 s an epoch against 10 here)
 demo:  ## the whole pipeline on synthetic images, under 2 minutes on 2 CPU cores
 	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo IMG_SIZE=64 TRAIN_SIZE=64 EPOCHS=6 ARCH=efficientnet_lite0 \
@@ -390,12 +252,25 @@ bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (about an hour w
 	$(PYTHON) bench/hair_removal.py --shared $(SHARED) --out bench/results/hair_removal
 	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
 	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
-	$(MAKE) segmenter
-	$(PYTHON) preprocess.py --data data/hamfull --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt
-	$(PYTHON) preprocess.py --data data/ph2 --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt
-	$(PYTHON) bench/segmenter.py --data data/hamfull --split test --classical cache/hamfull_224 \
-		--unet cache/hamfull_224_unet --name hamfull_test --model $(SEG_RUN)/model.pt
-	$(PYTHON) bench/segmenter.py --data data/ph2 --classical cache/ph2_224 --unet cache/ph2_224_unet --name ph2
+	$(MAKE) segmenter-bench
+
+# The segmenters side by side on expert masks (docs/segmenter.md): the classical recipe, the
+# reference model's U-Net (HAM10000's masks alone) and make segmenter's (two sources), per source
+# on the val splits that chose it, then on ham10000_full's test split and PH2.
+seg_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --out cache/$(1)_224 && \
+	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(REFERENCE)/segmenter.pt \
+		--out cache/$(1)_224_unet_reference && \
+	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt \
+		--out cache/$(1)_224_unet
+seg_bench = $(PYTHON) bench/segmenter.py --data data/$(1) --cache classical=cache/$(1)_224 \
+	--cache unet_ham10000=cache/$(1)_224_unet_reference --cache unet_two_sources=cache/$(1)_224_unet
+segmenter-bench: $(SEG_RUN)/config.json | $(PY_DEPS)  ## classical, reference and make segmenter's masks side by side (bench/results/segmenter)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
+	$(call seg_caches,$(SEG_DATA))
+	$(call seg_caches,ph2)
+	$(call seg_bench,$(SEG_DATA)) --split val --name val
+	$(call seg_bench,$(SEG_DATA)) --split test --name hamfull_test --model $(SEG_RUN)/model.pt
+	$(call seg_bench,ph2) --name ph2
 
 clean:  ## remove caches, runs and synthetic data (keeps downloaded data and the venv)
 	rm -rf cache runs data/synthetic
@@ -403,10 +278,15 @@ clean:  ## remove caches, runs and synthetic data (keeps downloaded data and the
 distclean: clean  ## also remove all data and the virtual environment
 	rm -rf data $(VENV)
 
+list_targets = grep -E '^[a-z0-9-]+:.*\#\# ' $(1) | sed -E 's/^([a-z0-9-]+):.*\#\# (.*)/  \1\t\2/' | expand -t 18
 help:  ## list targets and variables
 	@echo "targets:"
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 16
+	@$(call list_targets,Makefile)
+	@echo "studies (studies.mk; their write-ups in docs/):"
+	@$(call list_targets,studies.mk)
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
 		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
 		SHARED RUN EXPORT_DIR IMAGES MODEL PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+
+include studies.mk

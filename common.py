@@ -251,7 +251,7 @@ def chosen_with_tta(run_dir):
 
 def default_operating_point(thresholds):
     """recall_bound where the thresholds have it: the screening point whose recall held on new
-    images (README, second edition); recall_target for older files, else the first point."""
+    images (docs/second_edition.md); recall_target for older files, else the first point."""
     return next((name for name in ("recall_bound", "recall_target") if name in thresholds), next(iter(thresholds)))
 
 

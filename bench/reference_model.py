@@ -17,7 +17,6 @@ Examples: python bench/reference_model.py --full-probs runs/F1/val_tta/test_prob
           python bench/reference_model.py --speed --n 500 --out bench/results/reference_speed
 """
 import argparse
-import json
 import re
 import statistics
 import subprocess

@@ -1,6 +1,6 @@
-"""Site calibration measured on other clinics' images (calibrate.py; README "Using it at another
-clinic"): the HAM10000 threshold against the site's own, chosen on one set of the site's images
-and scored on another, with nothing chosen on the scored images.
+"""Site calibration measured on other clinics' images (calibrate.py; docs/clinic_calibration.md):
+the HAM10000 threshold against the site's own, chosen on one set of the site's images and scored
+on another, with nothing chosen on the scored images.
 
 - PH2 (100 images, 20 melanomas): two folds drawn once (seed 0, stratified by diagnosis);
   calibrate on one half, score the other, both ways.

@@ -1,9 +1,9 @@
-"""Collect the study's runs into one results table (README "Results").
+"""Collect the study's runs into one results table (docs/first_edition.md).
 
 Reads every run folder under --runs (config.json, history.csv, thresholds.json, metrics.csv, and
 ph2/metrics.csv and multiclass_metrics.csv where present; for an ensemble of ensemble.py its
 members.json, and its members' training time, which is its cost). Writes <out>.csv (one row per stage,
-data set and operating point, with 95% intervals) and <out>.md (the table for the README), and
+data set and operating point, with 95% intervals) and <out>.md (the table for docs/first_edition.md), and
 prints the Markdown.
 
 Stage 5 of the study, "the best of the above", is chosen among the binary runs (ensembles

@@ -1,5 +1,5 @@
-"""Collect the second edition's single reading of its test sets into one table (README "Results,
-second edition").
+"""Collect the second edition's single reading of its test sets into one table (docs/second_edition.md,
+"Results, second edition").
 
 Each --read names an evaluation folder written by evaluate.py (metrics.csv, and
 multiclass_metrics.csv for 7-class models) and the label of its test set, as FOLDER:LABEL. The

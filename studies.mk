@@ -1,0 +1,144 @@
+# The studies' targets (docs/first_edition.md, docs/second_edition.md, docs/hair_removal.md):
+# included by the Makefile, whose variables, macros and pipeline targets they run.
+.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study
+
+# The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
+# lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
+# are not run again; an interrupted one resumes.
+STUDY_DATA   ?= ham224
+STUDY_FROM   ?= $(SHARED)/ham10000_224
+STUDY_EPOCHS ?= 10
+STUDY_TRAIN_SIZE ?= 160
+STUDY_IMG_SIZE ?= 224
+# The first study's caches were built with the legacy hair removal; its stages keep it, so that
+# `make study` reproduces what docs/first_edition.md reports.
+STUDY_HAIR   ?= legacy
+# The first study's recipe where a stage does not set it: before the reference recipe's defaults
+STUDY1_PINS := SEGMENTER=classical COLOUR=none METADATA=off TTA=off
+# $(1) run folder under runs/, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training
+# size, $(7) more train flags, $(8) more make variables and goals
+recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
+	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)" $(STUDY1_PINS) $(8)
+# $(1) run name, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training size, $(7) more flags
+study_stage = $(call recipe_run,study/$(1),$(2),$(3),$(4),$(5),$(6),$(7),HAIR=$(STUDY_HAIR))
+# $(1) run name, $(2) the member stages, whose mean probability it is
+study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) \
+	HAIR=$(STUDY_HAIR) RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))" $(STUDY1_PINS)
+
+# Stage 5 trains the recipe of stages 3-4 with the highest validation ROC-AUC again at the cache's
+# full 224 px: full images (validation ROC-AUC 0.936, masked 0.916, crop 0.913 in our study run).
+# bench/study.py then reports whichever binary run is best on validation at best_f1 and recall_target.
+# Added after the first round, each choice made on validation: two more 7-class runs (6b a balanced
+# sampler, 6c another seed) and their ensemble (9); the ensemble of the weighted-BCE runs of
+# stages 2-5 (8: validation ROC-AUC 0.945 against 0.936 for the best run alone, 0.943 with stage 1
+# too); stage 3's recipe for 30 epochs at Adam 3e-4 (10: the longer schedule, whose learning rate
+# ranked first in a short validation-only trial on a GPU).
+# Third round, planned before any of its runs was trained: the larger EfficientNet-Lite2 on stage 3's
+# recipe at 160 px (11) and at 224 px (12), and the ensemble of every pretrained weighted-BCE binary
+# run (13). The final system stays the binary run or ensemble with the highest validation ROC-AUC.
+STUDY_BEST_INPUT ?= full
+# the weighted-BCE stages 2-5, members of both ensembles 8 and 13
+STUDY_WBCE_2_TO_5 = 2_wbce 3_wbce_aug 4a_wbce_aug_masked 4b_wbce_aug_crop 5_wbce_aug_$(STUDY_BEST_INPUT)_224
+study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 CPU cores)
+	$(call study_stage,1_baseline,efficientnet_lite0,ce,none,full,$(STUDY_TRAIN_SIZE),)
+	$(call study_stage,2_wbce,efficientnet_lite0,wbce,none,full,$(STUDY_TRAIN_SIZE),)
+	$(call study_stage,3_wbce_aug,efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),)
+	$(call study_stage,4a_wbce_aug_masked,efficientnet_lite0,wbce,full,masked,$(STUDY_TRAIN_SIZE),)
+	$(call study_stage,4b_wbce_aug_crop,efficientnet_lite0,wbce,full,crop,$(STUDY_TRAIN_SIZE),)
+	$(call study_stage,5_wbce_aug_$(STUDY_BEST_INPUT)_224,efficientnet_lite0,wbce,full,$(STUDY_BEST_INPUT),224,)
+	$(call study_stage,6_multiclass,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --class-weights balanced)
+	$(call study_stage,6b_multiclass_sampler,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --sampler balanced)
+	$(call study_stage,6c_multiclass_seed1,efficientnet_lite0,ce,full,full,$(STUDY_TRAIN_SIZE),--task multiclass --class-weights balanced --seed 1)
+	$(call study_stage,7_resnet18_scratch,resnet18,wbce,full,full,$(STUDY_TRAIN_SIZE),--no-pretrained)
+	$(call study_ensemble,8_ensemble_wbce,$(STUDY_WBCE_2_TO_5))
+	$(call study_ensemble,9_ensemble_multiclass,6_multiclass 6b_multiclass_sampler 6c_multiclass_seed1)
+	$(call study_stage,10_wbce_aug_long,efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),--epochs 30 --lr 3e-4)
+	$(call study_stage,11_lite2_wbce_aug,efficientnet_lite2,wbce,full,full,$(STUDY_TRAIN_SIZE),)
+	$(call study_stage,12_lite2_wbce_aug_224,efficientnet_lite2,wbce,full,full,224,)
+	$(call study_ensemble,13_ensemble_all_wbce,$(STUDY_WBCE_2_TO_5) 10_wbce_aug_long 11_lite2_wbce_aug 12_lite2_wbce_aug_224)
+	$(PYTHON) bench/study.py --runs runs/study --out bench/results/study --plots docs/results
+
+# Study, second edition (docs/second_edition.md, its protocol). Stage S screens levers cheaply
+# on validation only: ham10000_full's val split and ISIC 2017 train+val (external validation); no
+# test split and no PH2 image is read. $(1) arm name, $(2) input, $(3) segmenter, $(4) colour constancy
+STUDY2_FROM ?= $(SHARED)/ham10000_full
+# the segmenter the study trained (HAM10000's masks alone), and each stage's own flags for the rest
+STUDY2_PINS := $(HAM_SEGMENTER) SEG_MODEL=runs/segmenter_ham10000/model.pt METADATA=off TTA=off
+screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) IMG_SIZE=224 EPOCHS=3 \
+	RUN=study2/screen/$(1) ARCH=efficientnet_lite0 LOSS=wbce AUG=full INPUT=$(2) SEGMENTER=$(3) COLOUR=$(4) \
+	TRAIN_FLAGS="--img-size 128 --seed 0" $(STUDY2_PINS)
+STUDY2_SCREEN = S1_full S2_full_sog S3_crop_unet S4_crop_unet_sog
+study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on validation and ISIC 2017 train+val (about 25 min)
+	$(call screen_run,S1_full,full,classical,none)
+	$(call screen_run,S2_full_sog,full,classical,shades_of_gray)
+	$(call screen_run,S3_crop_unet,crop,unet,none)
+	$(call screen_run,S4_crop_unet_sog,crop,unet,shades_of_gray)
+	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/study2/screen/,$(STUDY2_SCREEN)) --out bench/results/study2_screen
+
+# Stage T: the remaining levers, each one change to S4's recipe; T4 trains on a second source, so it
+# is scored on ISIC 2017's val images (not its train ones) beside S4. $(1) arm, $(2) arch, $(3) loss,
+# $(4) more train.py flags
+STUDY2_S4 := runs/study2/screen/S4_crop_unet_sog
+lever_run = $(MAKE) validate $(if $(5),,external-val) DATA=$(if $(5),ham+isic2017,hamfull) \
+	FROM_DIR="$(STUDY2_FROM) $(5)" IMG_SIZE=224 EPOCHS=3 RUN=study2/levers/$(1) ARCH=$(2) LOSS=$(3) AUG=full \
+	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 128 --seed 0 $(4)" $(STUDY2_PINS)
+isic2017_val = $(PYTHON) evaluate.py --run $(1) --cache cache/ham+isic2017_224_unet_sog --split val --source isic2017 \
+	--out-dir $(1)/isic2017_val
+STUDY2_LEVERS = T1_meta T2_lite1 T3_7class
+study2-levers: | $(PY_DEPS)  ## study, 2nd edition, stage T: metadata, Lite1, 7-class trunk, second source (validation only)
+	$(call lever_run,T1_meta,efficientnet_lite0,wbce,--metadata)
+	$(call lever_run,T2_lite1,efficientnet_lite1,wbce)
+	$(call lever_run,T3_7class,efficientnet_lite0,ce,--task multiclass --class-weights balanced)
+	$(call lever_run,T4_isic_train,efficientnet_lite0,wbce,,$(SHARED)/isic2017)
+	$(call isic2017_val,$(STUDY2_S4))
+	$(call isic2017_val,runs/study2/levers/T4_isic_train)
+	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) $(addprefix runs/study2/levers/,$(STUDY2_LEVERS)) \
+		--out bench/results/study2_levers
+	$(PYTHON) bench/hair_study.py --runs $(STUDY2_S4) runs/study2/levers/T4_isic_train --out bench/results/study2_second_source
+
+# Stage F: full length, S4's recipe with the levers stage T kept (docs/second_edition.md), 10 epochs at 160 px.
+# F1 is the final system; F2 the same recipe with ISIC 2017 train as a second source; F3 the
+# 7-class model. $(1) run, $(2) data, $(3) its folders, $(4) loss, $(5) more train.py flags
+STUDY2_F       := runs/study2/final
+STUDY2_F_ARCH  ?= efficientnet_lite0
+STUDY2_F_FLAGS ?= --metadata
+final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
+	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
+	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)" $(STUDY2_PINS)
+study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 95 min on 2 cores)
+	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
+	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
+	$(call final_run,F3_7class,hamfull,$(STUDY2_FROM),ce,--task multiclass --class-weights balanced)
+	$(if $(STUDY2_TTA),$(MAKE) study2-tta)
+
+# Test-time augmentation, used because it raised F1's validation ROC-AUC (docs/second_edition.md): each run's
+# thresholds are then chosen on its own augmented validation probabilities
+STUDY2_TTA ?= --tta
+study2-tta: | $(PY_DEPS)  ## study, 2nd edition: augmented validation probabilities and thresholds of the F runs
+	for run in F1 F2 F3_7class; do \
+		$(PYTHON) evaluate.py --run $(STUDY2_F)/$$run --split val --tta --out-dir $(STUDY2_F)/$$run/val_tta && \
+		$(PYTHON) threshold.py --run $(STUDY2_F)/$$run --probs $(STUDY2_F)/$$run/val_tta/test_probs.csv || exit 1; \
+	done
+
+# The single reading of the three test sets, by the final system committed in docs/second_edition.md beforehand
+study2-test: | $(PY_DEPS)  ## study, 2nd edition: read the HAM10000 test split, ISIC 2017 test and PH2 once
+	$(MAKE) data/isic2017/metadata.csv cache/isic2017_224_unet_sog/index.csv cache/ph2_224_unet_sog/index.csv \
+		DATA=isic2017 FROM_DIR=$(SHARED)/isic2017 SEGMENTER=unet COLOUR=shades_of_gray $(STUDY2_PINS)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 $(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/isic2017_224_unet_sog --split test \
+		--out-dir $(STUDY2_F)/F1/isic2017_test $(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F1 --cache cache/ph2_224_unet_sog --split all --out-dir $(STUDY2_F)/F1/ph2 \
+		$(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F2 --source isic2017 --out-dir $(STUDY2_F)/F2/source_isic2017 $(STUDY2_TTA)
+	$(PYTHON) evaluate.py --run $(STUDY2_F)/F3_7class $(STUDY2_TTA)
+	$(PYTHON) bench/study2.py --read "$(STUDY2_F)/F1:HAM10000 test" "$(STUDY2_F)/F1/isic2017_test:ISIC 2017 test" \
+		"$(STUDY2_F)/F1/ph2:PH2" "$(STUDY2_F)/F2/source_isic2017:ISIC 2017 test, second source" \
+		"$(STUDY2_F)/F3_7class:HAM10000 test, 7 classes" --out bench/results/study2_final --plots docs/results/study2
+
+# Hair removal judged by what it does to the diagnosis: stage 3's recipe (the study's best single
+# recipe at 160 px) trained on caches with each hair removal, same data and seed, compared on
+# validation, on ISIC 2017 train+val (external validation) and on PH2.
+HAIR_STUDY_MODES = legacy on off
+hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation, ISIC 2017 train+val, PH2 (1-2 h)
+	$(foreach mode,$(HAIR_STUDY_MODES),$(call recipe_run,hair/$(mode),efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),,HAIR=$(mode) external-val) &&) true
+	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/hair/,$(HAIR_STUDY_MODES)) --out bench/results/hair_study
