@@ -189,3 +189,69 @@ def test_export_writes_a_compact_folder_that_predicts_as_the_run(unet_run, unet_
     evaluated = pd.read_csv(tmp_path / "eval" / "test_probs.csv").set_index("image_id")
     assert (evaluated["tta"] == 1).all()
     np.testing.assert_allclose(compact["malignancy_prob"], evaluated.loc[val["image_id"], "prob"], atol=1e-5)
+
+
+def test_an_epoch_draws_each_source_its_share_and_no_image_twice_before_all_once():
+    sources = np.array(["a"] * 30 + ["b"] * 10)
+    order = train_segmenter.epoch_order(sources, {"a": 1, "b": 1}, np.random.default_rng(0))
+    assert len(order) == 40 and (sources[order] == "b").sum() == 20
+    b_draws = order[sources[order] == "b"]
+    assert sorted(b_draws) == sorted(list(range(30, 40)) * 2)  # each b image twice, as its share asks
+    a_draws = order[sources[order] == "a"]
+    assert len(set(a_draws)) == 20  # 20 of the 30 a images, none twice
+    plain = train_segmenter.epoch_order(sources, {}, np.random.default_rng(0))
+    assert sorted(plain) == list(range(40))
+
+
+def test_two_sources_are_scored_each_on_their_own_val_images(synthetic_data, tmp_path):
+    """Two mask sources: history.csv scores each one's val images, val_dice is their mean (each
+    source once), the mask threshold is chosen on it; a weight for no source, or a source left
+    without one, ends with one line."""
+    data = tmp_path / "two"
+    shutil.copytree(synthetic_data, data)
+    metadata = pd.read_csv(data / "metadata.csv")
+    metadata["source"] = np.where(np.arange(len(metadata)) % 3 == 0, "clinic_b", "clinic_a")
+    metadata.to_csv(data / "metadata.csv", index=False)
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--run-dir", str(run), "--epochs", "1", "--batch-size", "16", "--limit", "24"]
+    train_segmenter.main(train_segmenter.parse_args([*args, "--source-weight", "clinic_a=1",
+                                                     "--source-weight", "clinic_b=1"]))
+    history = pd.read_csv(run / "history.csv")
+    assert history["val_dice"][0] == pytest.approx((history["val_dice_clinic_a"][0] + history["val_dice_clinic_b"][0]) / 2)
+    config = json.loads((run / "config.json").read_text())
+    assert set(config["sources"]) == {"clinic_a", "clinic_b"}
+    assert all(0 < n <= 24 for counts in config["sources"].values() for n in counts)  # --limit: per source
+    cuts = pd.read_csv(run / "thresholds.csv")
+    assert {"val_dice_clinic_a", "val_dice_clinic_b"} <= set(cuts.columns)
+    assert config["mask_threshold"] == cuts.loc[cuts["val_dice"].idxmax(), "mask_threshold"]
+    for weights, words in ((["clinic_c=1"], "no train masks of source clinic_c"),
+                           (["clinic_a=1"], "clinic_b too")):
+        with pytest.raises(SystemExit) as exc:
+            train_segmenter.main(train_segmenter.parse_args(
+                [*args[:3], str(tmp_path / "other"), *args[4:], *[f"--source-weight={w}" for w in weights]]))
+        assert words in str(exc.value)
+    with pytest.raises(SystemExit):
+        train_segmenter.parse_args([*args, "--source-weight", "clinic_a=0"])
+
+
+def test_scores_hold_area_ratio_and_crop_coverage_and_the_bench_sets_segmenters_side_by_side(
+        unet_cache, synthetic_cache, synthetic_data, tmp_path):
+    import subprocess
+    import sys
+    truth = np.zeros((10, 20), bool)
+    truth[2:8, 4:14] = True  # 60 pixels, 30 of them left of x = 9
+    box = pd.Series({"crop_x0": 0, "crop_y0": 0, "crop_x1": 9, "crop_y1": 10})
+    assert preprocess.crop_coverage(box, truth) == pytest.approx(0.5)
+    scores = pd.read_csv(unet_cache / "segmentation_scores.csv")
+    assert scores["area_ratio"].between(0.5, 2).mean() > 0.9 and scores["crop_coverage"].between(0, 1).all()
+    summary = json.loads((unet_cache / "segmentation_summary.json").read_text())
+    assert summary["share_crop_holds_98%"] == pytest.approx((scores["crop_coverage"] >= 0.98).mean())
+    out = subprocess.run([sys.executable, str(common.Path(preprocess.__file__).parent / "bench" / "segmenter.py"),
+                          "--data", str(synthetic_data), "--cache", f"classical={synthetic_cache}",
+                          "--cache", f"unet={unet_cache}", "--name", "synthetic", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    bench = pd.read_csv(tmp_path / "synthetic_summary.csv").set_index("segmenter")
+    assert bench.loc["unet", "mean_dice"] == pytest.approx(summary["mean_dice"])
+    assert bench.loc["unet", "median_area_ratio"] == pytest.approx(scores["area_ratio"].median())
+    assert (tmp_path / "synthetic_worst.png").is_file()
