@@ -33,8 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (REFERENCE_MODEL, ArgumentParser, binary_metrics, calibration_errors, check_names, chosen_with_tta,
-                    classify_files, clinic_dir, fail, fit_recalibration, load_run_models, lock_output,
-                    metadata_features, number_in, pick_device, plot_reliability, ranking_metrics, read_csv,
+                    classify_files, clinic_dir, fail, fit_recalibration, hidden_metadata, load_run_models,
+                    lock_output, metadata_features, number_in, pick_device, plot_reliability, ranking_metrics, read_csv,
                     recalibrated, replace_folder, run_preprocessing, shown, site_operating_points, write_csv,
                     write_json)
 
@@ -86,7 +86,7 @@ def main(args):
     tta = chosen_with_tta(run) if args.tta is None else args.tta
     lock_output(out)
 
-    known = rows.assign(age=np.nan, sex=None, localization=None) if args.hide_metadata else rows
+    known = hidden_metadata(rows) if args.hide_metadata else rows
     probs = np.full(len(rows), np.nan)
     for i, result in tqdm(classify_files(models, settings, files, metadata_features(known), device, tta),
                           total=len(files), desc="predicting"):

@@ -726,6 +726,11 @@ METADATA_FIELDS = (("age", 0, 2), ("sex", 2, len(SEXES)), ("site", 2 + len(SEXES
 METADATA_SIZE = sum(size for _, _, size in METADATA_FIELDS)
 
 
+def hidden_metadata(rows):
+    """The rows with age, sex and site unknown: how a metadata model scores images that come without them."""
+    return rows.assign(age=np.nan, sex=None, localization=None)
+
+
 def metadata_features(rows):
     """float32 (N, METADATA_SIZE) from a table's age, sex and localization columns: age standardised
     ((age - 50) / 20, about HAM10000's mean and spread) with a flag that it is known, sex and site

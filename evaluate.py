@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    default_operating_point, ensemble_probs, fail, load_cache, load_run_models, lock_output,
-                    metadata_features, model_inputs, new_figure, number_in, operating_points, output_probs,
+                    default_operating_point, ensemble_probs, fail, hidden_metadata, load_cache, load_run_models,
+                    lock_output, metadata_features, model_inputs, new_figure, number_in, operating_points, output_probs,
                     pick_device, plot_pr_curve, plot_reliability, preprocess_settings, preprocessing_differences,
                     ranking_metrics, read_json, recalibrated, save_figure, save_image_grid, threshold_metrics,
                     to_model_tensor, write_csv)
@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average over flips and right-angle rotations (default: as the thresholds were chosen, "
                         "thresholds.json's tta)")
+    p.add_argument("--hide-metadata", action="store_true",
+                   help="score the images without their age, sex and site (for a model trained with --metadata): "
+                        "as on a test set that has none")
     p.add_argument("--gradcam", type=number_in(int, 0), default=0, metavar="N",
                    help="Grad-CAM grid of N cases per outcome")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -257,7 +260,8 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots, 
              + (f", source `{args.source}`" if args.source else "") + "; thresholds chosen on validation "
              f"(`{args.run / 'thresholds.json'}`)",
              f"- intervals: 95% bootstrap over images ({args.bootstrap} resamples)" + (", test-time augmentation"
-                                                                                        if args.tta else ""), "",
+                                                                                        if args.tta else "")
+             + (", age, sex and site hidden" if args.hide_metadata else ""), "",
              "| operating point | threshold | " + " | ".join(METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for row in table.to_dict("records"):
@@ -318,8 +322,9 @@ def main(args):
         fail(cache / "index.csv", f"has no rows in split '{args.split}'" + (f" of source '{args.source}'"
                                                                             if args.source else ""))
 
+    known = hidden_metadata(rows) if args.hide_metadata else rows
     probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta,
-                                        metadata=metadata_features(rows))
+                                        metadata=metadata_features(known))
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()

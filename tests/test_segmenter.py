@@ -217,7 +217,8 @@ def test_two_sources_are_scored_each_on_their_own_val_images(synthetic_data, tmp
     train_segmenter.main(train_segmenter.parse_args([*args, "--source-weight", "clinic_a=1",
                                                      "--source-weight", "clinic_b=1"]))
     history = pd.read_csv(run / "history.csv")
-    assert history["val_dice"][0] == pytest.approx((history["val_dice_clinic_a"][0] + history["val_dice_clinic_b"][0]) / 2)
+    by_source = history[["val_dice_clinic_a", "val_dice_clinic_b"]].iloc[0]
+    assert history["val_dice"][0] == pytest.approx(by_source.mean())
     config = json.loads((run / "config.json").read_text())
     assert set(config["sources"]) == {"clinic_a", "clinic_b"}
     assert all(0 < n <= 24 for counts in config["sources"].values() for n in counts)  # --limit: per source
@@ -255,3 +256,24 @@ def test_scores_hold_area_ratio_and_crop_coverage_and_the_bench_sets_segmenters_
     assert bench.loc["unet", "mean_dice"] == pytest.approx(summary["mean_dice"])
     assert bench.loc["unet", "median_area_ratio"] == pytest.approx(scores["area_ratio"].median())
     assert (tmp_path / "synthetic_worst.png").is_file()
+
+
+def test_evaluate_hides_age_sex_and_site_on_request(unet_run, unet_cache, tmp_path):
+    """A metadata model scored with --hide-metadata scores as on a cache without those columns
+    (as ISIC 2017's test images come), and otherwise differently."""
+    import evaluate
+    cache = tmp_path / "with_metadata"
+    shutil.copytree(unet_cache, cache)
+    index = pd.read_csv(cache / "index.csv")
+    rng = np.random.default_rng(0)
+    index["age"] = rng.integers(20, 90, len(index))
+    index["sex"] = rng.choice(["male", "female"], len(index))
+    index["localization"] = rng.choice(common.SITES, len(index))
+    index.to_csv(cache / "index.csv", index=False)
+    for name, source, extra in (("shown", cache, []), ("hidden", cache, ["--hide-metadata"]), ("none", unet_cache, [])):
+        evaluate.main(evaluate.parse_args(["--run", str(unet_run), "--cache", str(source), "--split", "val",
+                                           "--bootstrap", "0", "--no-tta", "--out-dir", str(tmp_path / name), *extra]))
+    shown, hidden, none = (pd.read_csv(tmp_path / name / "test_probs.csv")["prob"] for name in ("shown", "hidden", "none"))
+    np.testing.assert_allclose(hidden, none, atol=1e-6)
+    assert np.abs(shown - none).max() > 1e-4
+    assert "age, sex and site hidden" in (tmp_path / "hidden" / "report.md").read_text()
