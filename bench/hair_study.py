@@ -26,6 +26,7 @@ from common import (atomic_path, fail, ranking_metrics, read_probs, read_thresho
                     write_csv)
 
 EXTERNAL = {"isic2017_trainval": "ISIC 2017 train+val (external validation)",
+            "isic2017_trainval_hidden": "ISIC 2017 train+val, age and sex hidden (evaluate.py --hide-metadata)",
             "isic2017_val": "ISIC 2017 val (external, or a second source's validation)", "ph2": "PH2 (external)"}
 POINTS = ("recall_target", "recall_bound")
 
