@@ -1031,8 +1031,7 @@ def learned_lesion_masks(images, segmenter, segmenter_sha256):
         return []
     model, checkpoint = loaded_segmenter(segmenter, segmenter_sha256)
     small = np.stack([cv2.resize(rgb, tuple(checkpoint["input_size"]), interpolation=cv2.INTER_AREA) for rgb in images])
-    threshold = checkpoint.get("mask_threshold", 0.5)
-    cut = math.log(threshold / (1 - threshold))  # as a logit
+    cut = float(logit(checkpoint.get("mask_threshold", 0.5)))
     masks = []
     for rgb, logits in zip(images, segmenter_logits(model, small, checkpoint["normalisation"])):
         h, w = rgb.shape[:2]

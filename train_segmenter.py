@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype,
-                    build_segmenter, cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, number_in,
-                    optimisation_step, pick_device, prepare_model, read_csv, read_mask, read_rgb, save_checkpoint,
-                    segmenter_logits, write_csv, write_json)
+                    build_segmenter, cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, logit,
+                    number_in, optimisation_step, pick_device, prepare_model, read_csv, read_mask, read_rgb,
+                    save_checkpoint, segmenter_logits, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -79,6 +79,7 @@ def source_weight(text):
 
 
 MASK_THRESHOLDS = np.round(np.arange(0.30, 0.701, 0.05), 2)  # the probability cuts tried on validation
+VAL_SCORES = ("val_dice", "val_jaccard", "val_share_jaccard_below_0.65")  # per source, and their means
 
 
 def load_split(metadata, data_dir, split, limit):
@@ -137,7 +138,7 @@ def validation_scores(model, images, masks, sources, normalisation, thresholds=(
     Dice, mean Jaccard and share of images with Jaccard < 0.65, per source (val_dice_<source>, ...)
     and as means over the sources (val_dice, ...), each source counting once."""
     model.eval()
-    cuts = np.log(np.asarray(thresholds) / (1 - np.asarray(thresholds)))  # as logits
+    cuts = logit(thresholds)
     dice, jaccard = np.zeros((len(cuts), len(images))), np.zeros((len(cuts), len(images)))
     for start in range(0, len(images), batch_size):
         logits = segmenter_logits(model, images[start:start + batch_size], normalisation)
@@ -150,15 +151,13 @@ def validation_scores(model, images, masks, sources, normalisation, thresholds=(
             jaccard[k, start:start + len(truth)] = np.where(total > 0, overlap / np.maximum(total - overlap, 1), 1.0)
     results = []
     for k in range(len(cuts)):
-        per_source = {}
-        for source in np.unique(sources):
-            chosen = sources == source
-            per_source.update({f"val_dice_{source}": float(dice[k, chosen].mean()),
-                               f"val_jaccard_{source}": float(jaccard[k, chosen].mean()),
-                               f"val_share_jaccard_below_0.65_{source}": float((jaccard[k, chosen] < 0.65).mean())})
-        means = {name: float(np.mean([v for key, v in per_source.items() if key.startswith(name + "_")]))
-                 for name in ("val_dice", "val_jaccard", "val_share_jaccard_below_0.65")}
-        results.append({**means, **per_source})
+        by_source = {source: {"val_dice": dice[k, sources == source].mean(),
+                              "val_jaccard": jaccard[k, sources == source].mean(),
+                              "val_share_jaccard_below_0.65": (jaccard[k, sources == source] < 0.65).mean()}
+                     for source in np.unique(sources)}
+        row = {name: float(np.mean([scores[name] for scores in by_source.values()])) for name in VAL_SCORES}
+        row.update({f"{name}_{source}": float(scores[name]) for source, scores in by_source.items() for name in scores})
+        results.append(row)
     return results
 
 

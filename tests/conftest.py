@@ -17,32 +17,42 @@ import threshold  # noqa: E402
 import train  # noqa: E402
 
 
+def synthetic_dataset(out, n):
+    fetch_data.main(fetch_data.parse_args(["--synthetic", str(n), "--out", str(out), "--seed", "1"]))
+    return out
+
+
+def preprocessed(data, out, img_size, workers):
+    preprocess.main(preprocess.parse_args(["--data", str(data), "--img-size", str(img_size), "--out", str(out),
+                                           "--workers", str(workers)]))
+    return out
+
+
+def trained_with_thresholds(cache, run, *flags):
+    """EfficientNet-Lite0 from its packaged ImageNet weights, batch 32, seed 0, in fp32 (what the
+    tests assert of it must not hang on whether this CPU has native bf16), and `flags`; thresholds
+    chosen on validation."""
+    train.main(train.parse_args(["--cache", str(cache), "--run-dir", str(run), "--arch", "efficientnet_lite0",
+                                 "--batch-size", "32", "--seed", "0", "--precision", "fp32", *flags]))
+    threshold.main(threshold.parse_args(["--run", str(run)]))
+    return run
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    fetch_data.main(fetch_data.parse_args(["--synthetic", "240", "--out", str(out), "--seed", "1"]))
-    return out
+    return synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", 240)
 
 
 @pytest.fixture(scope="session")
 def synthetic_cache(synthetic_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache") / "synthetic_64"
-    preprocess.main(preprocess.parse_args(["--data", str(synthetic_data), "--img-size", "64",
-                                           "--out", str(out), "--workers", "2"]))
-    return out
+    return preprocessed(synthetic_data, tmp_path_factory.mktemp("cache") / "synthetic_64", 64, workers=2)
 
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_cache, tmp_path_factory):
-    """EfficientNet-Lite0 from its packaged ImageNet weights, a few epochs at 64 px with flips (so
-    that test-time flips and rotations see a model used to them), thresholds chosen on validation.
-    In fp32: what the tests assert of it must not hang on whether this CPU has native bf16."""
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(run), "--arch", "efficientnet_lite0",
-                                 "--epochs", "4", "--batch-size", "32", "--aug", "basic",
-                                 "--seed", "0", "--precision", "fp32"]))
-    threshold.main(threshold.parse_args(["--run", str(run)]))
-    return run
+    """A few epochs at 64 px with flips, so that test-time flips and rotations see a model used to them."""
+    return trained_with_thresholds(synthetic_cache, tmp_path_factory.mktemp("runs") / "tiny", "--epochs", "4",
+                                   "--aug", "basic")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, preprocessed, synthetic_dataset, trained_with_thresholds
 from fake_remote import FakeRemote
 from test_download import fetch, isic_images
 
@@ -54,31 +54,18 @@ def files_under(folder):
 def small_data(tmp_path_factory):
     """60 synthetic images (both classes in each split): a bad-input test needs a run folder's
     files, not a good model, so this file trains its own small run in seconds."""
-    import fetch_data
-    out = tmp_path_factory.mktemp("small") / "synthetic"
-    fetch_data.main(fetch_data.parse_args(["--synthetic", "60", "--out", str(out), "--seed", "1"]))
-    return out
+    return synthetic_dataset(tmp_path_factory.mktemp("small") / "synthetic", 60)
 
 
 @pytest.fixture(scope="module")
 def small_cache(small_data, tmp_path_factory):
-    import preprocess
-    out = tmp_path_factory.mktemp("small_cache") / "synthetic_32"
-    preprocess.main(preprocess.parse_args(["--data", str(small_data), "--img-size", "32", "--out", str(out),
-                                           "--workers", "1"]))
-    return out
+    return preprocessed(small_data, tmp_path_factory.mktemp("small_cache") / "synthetic_32", 32, workers=1)
 
 
 @pytest.fixture(scope="module")
 def small_run(small_cache, tmp_path_factory):
-    """EfficientNet-Lite0, one epoch at 32 px, thresholds chosen on validation."""
-    import threshold
-    import train
-    run = tmp_path_factory.mktemp("small_runs") / "run"
-    train.main(train.parse_args(["--cache", str(small_cache), "--run-dir", str(run), "--arch", "efficientnet_lite0",
-                                 "--epochs", "1", "--batch-size", "32", "--seed", "0", "--precision", "fp32"]))
-    threshold.main(threshold.parse_args(["--run", str(run)]))
-    return run
+    """One epoch at 32 px."""
+    return trained_with_thresholds(small_cache, tmp_path_factory.mktemp("small_runs") / "run", "--epochs", "1")
 
 
 def test_an_id_that_would_leave_the_folder_is_refused_by_fetch_data_and_preprocess(tmp_path):
