@@ -142,3 +142,25 @@ HAIR_STUDY_MODES = legacy on off
 hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation, ISIC 2017 train+val, PH2 (1-2 h)
 	$(foreach mode,$(HAIR_STUDY_MODES),$(call recipe_run,hair/$(mode),efficientnet_lite0,wbce,full,full,$(STUDY_TRAIN_SIZE),,HAIR=$(mode) external-val) &&) true
 	$(PYTHON) bench/hair_study.py --runs $(addprefix runs/hair/,$(HAIR_STUDY_MODES)) --out bench/results/hair_study
+
+# Issue 25's classifier screen (docs/segmenter.md): the reference recipe for 3 epochs at 128 px on
+# crops cut by the first U-Net and by make segmenter's two-source one, scored on validation only:
+# HAM10000 val, ISIC 2017 train+val with its age and sex and with them hidden
+SCREEN_RUN ?= runs/screen25
+SCREEN_FIRST_SEG ?= runs/segmenter_ham10000/model.pt
+screen_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
+	--segmenter-model $(3) --out cache/$(1)_224_screen_$(2)
+screen_arm = $(call screen_cache,hamfull,$(1),$(2)) && $(call screen_cache,isic2017_trainval,$(1),$(2)) && \
+	$(PYTHON) train.py --cache cache/hamfull_224_screen_$(1) --run-dir $(SCREEN_RUN)/$(1) --arch efficientnet_lite0 \
+		--input crop --metadata --loss wbce --aug full --img-size 128 --epochs 3 --seed 0 && \
+	$(PYTHON) threshold.py --run $(SCREEN_RUN)/$(1) && \
+	$(PYTHON) evaluate.py --run $(SCREEN_RUN)/$(1) --cache cache/isic2017_trainval_224_screen_$(1) --split all --no-tta \
+		--bootstrap 0 --out-dir $(SCREEN_RUN)/$(1)/isic2017_trainval && \
+	$(PYTHON) evaluate.py --run $(SCREEN_RUN)/$(1) --cache cache/isic2017_trainval_224_screen_$(1) --split all --no-tta \
+		--bootstrap 0 --hide-metadata --out-dir $(SCREEN_RUN)/$(1)/isic2017_trainval_hidden
+segmenter-screen: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the classifier on the first and the two-source segmenter's crops, 3 epochs each, validation only (40 min)
+	$(MAKE) data/isic2017_trainval/metadata.csv
+	test -f data/hamfull/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --out data/hamfull
+	$(call screen_arm,first,$(SCREEN_FIRST_SEG))
+	$(call screen_arm,two,$(SEG_RUN)/model.pt)
+	$(PYTHON) bench/hair_study.py --runs $(SCREEN_RUN)/first $(SCREEN_RUN)/two --out bench/results/segmenter/classifier_screen
