@@ -23,6 +23,7 @@ INPUT         ?= crop
 HAIR          ?= on
 SEGMENTER     ?= unet
 COLOUR        ?= shades_of_gray
+CROP_FIT      ?= inside
 METADATA      ?= on
 TTA           ?= on
 TARGET_RECALL ?= 0.90
@@ -64,7 +65,7 @@ SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(if $(filter $(SEG_RUN)/model.pt
 # caches of another hair removal or segmenter than the default live beside it (preprocess.py's
 # default names)
 CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)$(if \
-	$(filter shades_of_gray,$(COLOUR)),_sog)
+	$(filter shades_of_gray,$(COLOUR)),_sog)$(if $(filter pad,$(CROP_FIT)),_pad)
 CACHE    := cache/$(DATA)_$(IMG_SIZE)$(CACHE_SUFFIX)
 RUN_DIR  := runs/$(RUN)
 
@@ -101,7 +102,7 @@ $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 
 cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
 	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --colour-constancy $(COLOUR) \
-		$(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
+		$(if $(filter pad,$(CROP_FIT)),--crop-fit pad) $(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
 
 # The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
 # masks, its epoch and mask threshold chosen on the val split of each source (train_segmenter.py).
@@ -286,7 +287,7 @@ help:  ## list targets and variables
 	@$(call list_targets,studies.mk)
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
-		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
+		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR CROP_FIT METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
 		SHARED RUN EXPORT_DIR IMAGES MODEL PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
 
 include studies.mk

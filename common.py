@@ -541,19 +541,39 @@ def lesion_mask(rgb):
     return mask, True
 
 
-def crop_box(mask, margin=0.15):
+CROP_FITS = ("inside", "pad")
+
+
+def crop_box(mask, margin=0.15, fit="inside"):
     """Square box (x0, y0, x1, y1) around the lesion's outer contour, widened by `margin`
-    of its side so the border and some skin stay in view, clipped to the image."""
+    of its side so the border and some skin stay in view. fit "inside" keeps the box inside the
+    image, so a lesion wider than the image's short side loses its edges; "pad" centres it on the
+    lesion, beyond the image where need be (cut_box fills the outside with black)."""
     import cv2
     h, w = mask.shape
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return 0, 0, w, h
     x, y, bw, bh = cv2.boundingRect(max(contours, key=cv2.contourArea))
-    side = min(int(round(max(bw, bh) * (1 + 2 * margin))), h, w)
+    side = int(round(max(bw, bh) * (1 + 2 * margin)))
+    if fit == "pad":
+        x0, y0 = int(round(x + bw / 2 - side / 2)), int(round(y + bh / 2 - side / 2))
+        return x0, y0, x0 + side, y0 + side
+    side = min(side, h, w)
     x0 = int(np.clip(x + bw / 2 - side / 2, 0, w - side))
     y0 = int(np.clip(y + bh / 2 - side / 2, 0, h - side))
     return x0, y0, x0 + side, y0 + side
+
+
+def cut_box(rgb, box):
+    """The image inside box (x0, y0, x1, y1), black where the box reaches beyond the image (as a
+    dermatoscope's vignette is)."""
+    x0, y0, x1, y1 = box
+    h, w = rgb.shape[:2]
+    out = np.zeros((y1 - y0, x1 - x0, *rgb.shape[2:]), rgb.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    return out
 
 
 def apply_mask(rgb, mask):
@@ -581,7 +601,8 @@ def preprocess_settings(cache_key):
     used the legacy hair mask; before the segmenter was, the classical one; before colour constancy
     was, none."""
     return {"img_size": cache_key["img_size"], "work_size": cache_key["work_size"],
-            "crop_margin": cache_key["crop_margin"], "hair_removal": cache_key.get("hair_removal", "legacy"),
+            "crop_margin": cache_key["crop_margin"], "crop_fit": cache_key.get("crop_fit", "inside"),
+            "hair_removal": cache_key.get("hair_removal", "legacy"),
             "segmenter": cache_key.get("segmenter_model"), "segmenter_sha256": cache_key.get("segmenter_sha256"),
             "colour_constancy": cache_key.get("colour_constancy", "none")}
 
@@ -614,7 +635,7 @@ def cleaned_image(path, work_size, hair_removal="on"):
 
 
 def prepare_cleaned(cleaned, img_size, crop_margin, segmenter=None, segmenter_sha256=None,
-                    colour_constancy="none"):
+                    colour_constancy="none", crop_fit="inside"):
     """The second half of preprocess_image, for several cleaned_image results at once: a segmenter
     sees them in one forward pass (twice as fast as one by one on a CPU)."""
     unet = learned_lesion_masks([clean for clean, _, _ in cleaned], segmenter, segmenter_sha256) \
@@ -624,17 +645,18 @@ def prepare_cleaned(cleaned, img_size, crop_margin, segmenter=None, segmenter_sh
         source = "unet"
         if not plausible:
             (mask, plausible), source = lesion_mask(clean), "classical"
-        x0, y0, x1, y1 = crop_box(mask, crop_margin)
+        x0, y0, x1, y1 = box = crop_box(mask, crop_margin, crop_fit)
         if colour_constancy == "shades_of_gray":  # what the classifier sees; the masks come from the colours as taken
             clean = shades_of_gray(clean)
         prepared.append({
             "image": resize_to(clean, img_size),
-            "crop": resize_to(clean[y0:y1, x0:x1], img_size),
+            "crop": resize_to(cut_box(clean, box), img_size),
             "mask_small": (resize_to(mask.astype(np.uint8), img_size) > 0).astype(np.uint8),
             "mask": mask.astype(np.uint8) * 255,
             "mask_area": float(mask.mean()), "hair_fraction": float(hair.mean()),
             "mask_ok": int(plausible), "mask_source": source,
             # the box in the original image's pixels, for users who crop the full-size image
+            # (beyond its edges with crop_fit "pad")
             "crop_x0": round(x0 / scale), "crop_y0": round(y0 / scale),
             "crop_x1": round(x1 / scale), "crop_y1": round(y1 / scale),
         })
@@ -642,13 +664,13 @@ def prepare_cleaned(cleaned, img_size, crop_margin, segmenter=None, segmenter_sh
 
 
 def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", segmenter=None,
-                     segmenter_sha256=None, colour_constancy="none"):
+                     segmenter_sha256=None, colour_constancy="none", crop_fit="inside"):
     """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
     segmentation at a working resolution, then the cached arrays and the index values. With a
     segmenter checkpoint the U-Net segments, and the classical recipe where its mask is implausible.
     Colour constancy, where asked, changes the cached images and crops, not the segmentation."""
     return prepare_cleaned([cleaned_image(path, work_size, hair_removal)], img_size, crop_margin, segmenter,
-                           segmenter_sha256, colour_constancy)[0]
+                           segmenter_sha256, colour_constancy, crop_fit)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1124,7 +1146,7 @@ def classify_files(models, settings, files, metadata, device, tta):
         if not readable:
             continue
         prepared = prepare_cleaned(cleaned, settings["img_size"], settings["crop_margin"], settings["segmenter"],
-                                   settings["segmenter_sha256"], settings["colour_constancy"])
+                                   settings["segmenter_sha256"], settings["colour_constancy"], settings["crop_fit"])
         arrays = {name: np.stack([p[key] for p in prepared])
                   for name, key in (("full", "image"), ("crop", "crop"), ("mask", "mask_small"))}
         probs, class_probs = ensemble_probs(models, arrays, np.arange(len(readable)), device, tta=tta,

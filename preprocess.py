@@ -4,11 +4,12 @@ Reads data/<dataset>/metadata.csv and its images. Writes a cache folder (default
 cache/<dataset>_<img-size>) holding:
   masks/<image_id>.png   lesion masks at working resolution (open them to check the segmentation)
   images.npy             images after hair removal, N x S x S x 3 uint8 (S = --img-size)
-  crops.npy              square lesion crops with a margin, N x S x S x 3 uint8
+  crops.npy              square lesion crops with a margin, N x S x S x 3 uint8 (--crop-fit pad:
+                         never cut by the image's edges, black beyond them)
   masks.npy              lesion masks at S x S, N x S x S uint8 (0/1), for masked input
   index.csv              image_id, lesion_id, dx, malignant, split, row (into the arrays),
                          mask_area, hair_fraction, mask_ok, mask_source (unet or classical),
-                         crop_x0, crop_y0, crop_x1, crop_y1
+                         crop_x0, crop_y0, crop_x1, crop_y1 (the crop box in the image's pixels)
   cache_key.json         every setting that changes the content; an unchanged key redoes nothing
 Images that cannot be read are reported by name and left out of index.csv.
 
@@ -49,10 +50,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (ArgumentParser, CACHE_ARRAYS, COLOUR_CONSTANCY, HAIR_REMOVAL_MODES, METADATA_COLUMNS, SEGMENTERS,
-                    check_names, fail, file_digest, load_segmenter, lock_output, masks_by_image_id, number_in,
-                    preprocess_image, preprocess_settings, read_csv, read_json, read_mask, read_rgb, save_image_grid,
-                    write_csv, write_json, write_png)
+from common import (ArgumentParser, CACHE_ARRAYS, COLOUR_CONSTANCY, CROP_FITS, HAIR_REMOVAL_MODES, METADATA_COLUMNS,
+                    SEGMENTERS, check_names, fail, file_digest, load_segmenter, lock_output, masks_by_image_id,
+                    number_in, preprocess_image, preprocess_settings, read_csv, read_json, read_mask, read_rgb,
+                    save_image_grid, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -68,6 +69,9 @@ def parse_args(argv=None):
                    help="longest side at which hair removal and segmentation run")
     p.add_argument("--crop-margin", type=number_in(float, 0, 2), default=0.15,
                    help="crop margin, fraction of the lesion box")
+    p.add_argument("--crop-fit", choices=CROP_FITS, default="inside",
+                   help="inside: the square crop stays inside the image (default); pad: it stays centred on the "
+                        "lesion and holds all of it, black beyond the image's edges")
     p.add_argument("--hair-removal", choices=HAIR_REMOVAL_MODES, default="on",
                    help="on: inpaint hair-shaped structures only (default); legacy: every thin dark structure, "
                         "as the first study did (pigment network too); off: leave the images as they are")
@@ -108,6 +112,8 @@ def cache_key(args, metadata_path):
            "work_size": args.work_size, "crop_margin": args.crop_margin, "hair_removal": args.hair_removal,
            "segmenter": args.segmenter, "colour_constancy": args.colour_constancy,
            "metadata_sha256": file_digest(metadata_path)}
+    if args.crop_fit != "inside":  # a key without it means inside: the caches built before it stay valid
+        key["crop_fit"] = args.crop_fit
     if args.segmenter == "unet":
         load_segmenter(args.segmenter_model)  # a missing or foreign file ends here, before any work
         key.update(segmenter_model=str(args.segmenter_model), segmenter_sha256=file_digest(args.segmenter_model))
@@ -211,8 +217,9 @@ def crop_coverage(row, truth):
     # the box is in the image's pixels, a truth mask may be of another size
     width, height = (getattr(row, k, np.nan) for k in ("width", "height"))
     width, height = (width, height) if np.isfinite(width) and np.isfinite(height) else (w, h)
-    x0, x1 = round(row.crop_x0 * w / width), round(row.crop_x1 * w / width)
-    y0, y1 = round(row.crop_y0 * h / height), round(row.crop_y1 * h / height)
+    # a padded crop's box reaches beyond the image: count what lies inside it
+    x0, x1 = max(round(row.crop_x0 * w / width), 0), round(row.crop_x1 * w / width)
+    y0, y1 = max(round(row.crop_y0 * h / height), 0), round(row.crop_y1 * h / height)
     return truth[y0:y1, x0:x1].sum() / truth.sum()
 
 
@@ -332,7 +339,7 @@ def main(args):
     check_names(metadata, metadata_path)  # image ids name the mask files; filenames are read
     suffix = ("" if args.hair_removal == "on" else f"_hair-{args.hair_removal}") + \
         ("_unet" if args.segmenter == "unet" else "") + \
-        ("_sog" if args.colour_constancy == "shades_of_gray" else "")
+        ("_sog" if args.colour_constancy == "shades_of_gray" else "") + ("_pad" if args.crop_fit == "pad" else "")
     out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
     key = cache_key(args, metadata_path)
     lock_output(out_dir)

@@ -149,8 +149,8 @@ hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation
 SCREEN_RUN ?= runs/screen25
 SCREEN_FIRST_SEG ?= runs/segmenter_ham10000/model.pt
 screen_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
-	--segmenter-model $(3) --out cache/$(1)_224_screen_$(2)
-screen_arm = $(call screen_cache,hamfull,$(1),$(2)) && $(call screen_cache,isic2017_trainval,$(1),$(2)) && \
+	--segmenter-model $(3) $(4) --out cache/$(1)_224_screen_$(2)
+screen_arm = $(call screen_cache,hamfull,$(1),$(2),$(3)) && $(call screen_cache,isic2017_trainval,$(1),$(2),$(3)) && \
 	$(PYTHON) train.py --cache cache/hamfull_224_screen_$(1) --run-dir $(SCREEN_RUN)/$(1) --arch efficientnet_lite0 \
 		--input crop --metadata --loss wbce --aug full --img-size 128 --epochs 3 --seed 0 && \
 	$(PYTHON) threshold.py --run $(SCREEN_RUN)/$(1) && \
@@ -164,3 +164,24 @@ segmenter-screen: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the classifier on the 
 	$(call screen_arm,first,$(SCREEN_FIRST_SEG))
 	$(call screen_arm,two,$(SEG_RUN)/model.pt)
 	$(PYTHON) bench/hair_study.py --runs $(SCREEN_RUN)/first $(SCREEN_RUN)/two --out bench/results/segmenter/classifier_screen
+
+# Issue 25's crop coverage: the square crop centred on the lesion and padded beyond the image
+# (preprocess.py --crop-fit pad) beside the crop kept inside it, both U-Nets' masks scored against
+# the experts' (after make segmenter-bench, whose caches are the inside ones); then the screen's
+# third arm, the first U-Net's padded crops (against make segmenter-screen's arm first)
+crop_fit_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --crop-fit pad \
+		--segmenter-model $(REFERENCE)/segmenter.pt --out cache/$(1)_224_unet_reference_pad && \
+	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --crop-fit pad \
+		--segmenter-model $(SEG_RUN)/model.pt --out cache/$(1)_224_unet_pad
+crop_fit_bench = $(PYTHON) bench/segmenter.py --data data/$(1) --cache unet_ham10000=cache/$(1)_224_unet_reference \
+	--cache unet_ham10000_pad=cache/$(1)_224_unet_reference_pad --cache unet_two_sources=cache/$(1)_224_unet \
+	--cache unet_two_sources_pad=cache/$(1)_224_unet_pad --out bench/results/crop_fit
+crop-fit-study: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the padded crop's lesion coverage, then its classifier screen arm (30 min)
+	$(call crop_fit_caches,$(SEG_DATA))
+	$(call crop_fit_caches,ph2)
+	$(call crop_fit_bench,$(SEG_DATA)) --split val --name val
+	$(call crop_fit_bench,$(SEG_DATA)) --split test --name hamfull_test
+	$(call crop_fit_bench,ph2) --name ph2
+	$(call screen_arm,first_pad,$(SCREEN_FIRST_SEG),--crop-fit pad)
+	$(PYTHON) bench/hair_study.py --runs $(SCREEN_RUN)/first $(SCREEN_RUN)/two $(SCREEN_RUN)/first_pad \
+		--out bench/results/crop_fit/classifier_screen

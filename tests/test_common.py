@@ -173,10 +173,11 @@ def test_hair_mask_finds_long_hairs_and_leaves_pigment_network_dots_and_globules
 
 def test_cache_keys_from_before_a_setting_mean_what_was_done_then():
     """Keys older than the hair removal setting used the legacy mask; older than the segmenter
-    setting, the classical segmentation; older than colour constancy, none."""
+    setting, the classical segmentation; older than colour constancy, none; older than the crop's
+    fit, a crop inside the image."""
     old = {"pipeline_version": 3, "img_size": 224, "work_size": 384, "crop_margin": 0.15, "metadata_sha256": "x"}
     assert common.preprocess_settings(old) == {"img_size": 224, "work_size": 384, "crop_margin": 0.15,
-                                               "hair_removal": "legacy", "segmenter": None,
+                                               "crop_fit": "inside", "hair_removal": "legacy", "segmenter": None,
                                                "segmenter_sha256": None, "colour_constancy": "none"}
     assert common.preprocess_settings({**old, "hair_removal": "off"})["hair_removal"] == "off"
     unet = common.preprocess_settings({**old, "segmenter": "unet", "segmenter_model": "s.pt", "segmenter_sha256": "y"})
@@ -206,6 +207,25 @@ def test_crop_box_is_square_holds_the_lesion_and_stays_inside():
     x0, y0, x1, y1 = common.crop_box(mask, margin=0.15)
     assert x1 - x0 == y1 - y0
     assert 0 <= x0 <= 120 and x1 >= 190 and x1 <= 200 and 0 <= y0 <= 30 and y1 >= 90 and y1 <= 150
+
+
+def test_a_padded_crop_holds_a_lesion_wider_than_the_image_is_high_black_beyond_its_edges():
+    mask = np.zeros((150, 200), bool)
+    mask[10:140, 20:190] = True  # 170 wide: with the margin wider than the image is high
+    inside = common.crop_box(mask, margin=0.15)
+    assert inside[3] - inside[1] == 150 and not (inside[0] <= 20 and inside[2] >= 190)
+    x0, y0, x1, y1 = common.crop_box(mask, margin=0.15, fit="pad")
+    assert x1 - x0 == y1 - y0 == round(170 * 1.3) and x0 < 20 and x1 > 190 and y0 < 0 and y1 > 150
+    assert abs((x0 + x1) / 2 - 105) <= 1 and abs((y0 + y1) / 2 - 75) <= 1  # centred on the lesion
+    image = np.full((150, 200, 3), 200, np.uint8)
+    crop = common.cut_box(image, (x0, y0, x1, y1))
+    assert crop.shape == (y1 - y0, x1 - x0, 3)
+    assert (crop[-y0:-y0 + 150, -x0:-x0 + 200] == 200).all()  # the image, where it lies
+    assert crop.sum() == image.sum()  # and black around it
+    small = np.zeros((150, 200), bool)
+    small[60:80, 90:110] = True  # a small lesion: both fits cut the same box
+    assert common.crop_box(small, fit="pad") == common.crop_box(small)
+    assert (common.cut_box(image, (10, 20, 60, 70)) == image[20:70, 10:60]).all()
 
 
 def test_apply_mask_blacks_out_the_background():

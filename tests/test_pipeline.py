@@ -102,12 +102,29 @@ def test_preprocess_redoes_nothing_unless_a_setting_changes(synthetic_data, tmp_
     args = ["--data", str(synthetic_data), "--img-size", "24", "--out", str(out), "--workers", "1"]
     preprocess.main(preprocess.parse_args(args))
     stamp = (out / "index.csv").stat().st_mtime_ns
-    preprocess.main(preprocess.parse_args(args))
+    preprocess.main(preprocess.parse_args(args + ["--crop-fit", "inside"]))  # the default, as caches before it
     assert "up to date" in capsys.readouterr().out
     assert (out / "index.csv").stat().st_mtime_ns == stamp
     preprocess.main(preprocess.parse_args(args + ["--crop-margin", "0.3"]))
     assert json.loads((out / "cache_key.json").read_text())["crop_margin"] == 0.3
     assert (out / "index.csv").stat().st_mtime_ns != stamp
+
+
+def test_a_padded_crop_cache_is_what_predict_prepares_from_its_key(synthetic_data, tmp_path):
+    out = tmp_path / "cache"
+    preprocess.main(preprocess.parse_args(["--data", str(synthetic_data), "--img-size", "24", "--out", str(out),
+                                           "--workers", "1", "--crop-margin", "0.6", "--crop-fit", "pad"]))
+    key = json.loads((out / "cache_key.json").read_text())
+    assert key["crop_fit"] == "pad"
+    index, arrays = common.load_cache(out)
+    beyond = (index["crop_x0"] < 0) | (index["crop_y0"] < 0)
+    assert beyond.any()  # a margin of 0.6 takes some synthetic lesions' boxes past the image's edges
+    settings = common.preprocess_settings(key)  # what a model trained on this cache keeps, predict.py reads
+    meta = pd.read_csv(synthetic_data / "metadata.csv").set_index("image_id")
+    for row in index[beyond].head(2).itertuples():
+        prepared = common.preprocess_image(synthetic_data / meta.loc[row.image_id, "filename"], **settings)
+        assert (prepared["crop"] == arrays["crop"][row.row]).all()
+        assert (prepared["crop"][0] == 0).all() or (prepared["crop"][:, 0] == 0).all()  # black beyond the edge
 
 
 def test_preprocess_reports_an_unreadable_image_and_goes_on(synthetic_data, tmp_path, capsys):

@@ -243,6 +243,8 @@ def test_scores_hold_area_ratio_and_crop_coverage_and_the_bench_sets_segmenters_
     truth[2:8, 4:14] = True  # 60 pixels, 30 of them left of x = 9
     box = pd.Series({"crop_x0": 0, "crop_y0": 0, "crop_x1": 9, "crop_y1": 10})
     assert preprocess.crop_coverage(box, truth) == pytest.approx(0.5)
+    beyond = pd.Series({"crop_x0": -5, "crop_y0": -5, "crop_x1": 9, "crop_y1": 15})  # a padded crop's box
+    assert preprocess.crop_coverage(beyond, truth) == pytest.approx(0.5)
     scores = pd.read_csv(unet_cache / "segmentation_scores.csv")
     assert scores["area_ratio"].between(0.5, 2).mean() > 0.9 and scores["crop_coverage"].between(0, 1).all()
     summary = json.loads((unet_cache / "segmentation_summary.json").read_text())
