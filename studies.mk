@@ -175,7 +175,7 @@ crop_fit_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segm
 		--segmenter-model $(SEG_RUN)/model.pt --out cache/$(1)_224_unet_pad
 crop_fit_bench = $(PYTHON) bench/segmenter.py --data data/$(1) --cache unet_ham10000=cache/$(1)_224_unet_reference \
 	--cache unet_ham10000_pad=cache/$(1)_224_unet_reference_pad --cache unet_two_sources=cache/$(1)_224_unet \
-	--cache unet_two_sources_pad=cache/$(1)_224_unet_pad --out bench/results/crop_fit
+	--cache unet_two_sources_pad=cache/$(1)_224_unet_pad --crops 8 --out bench/results/crop_fit
 crop-fit-study: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the padded crop's lesion coverage, then its classifier screen arm (30 min)
 	$(call crop_fit_caches,$(SEG_DATA))
 	$(call crop_fit_caches,ph2)

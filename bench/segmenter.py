@@ -10,7 +10,9 @@ keeps the rows of --split (and --source), and writes into --out:
                        per-class Dice
   <name>_worst.png     each segmenter's worst cases, every segmenter side by side on each (ground
                        truth green, the segmenter's mask in its colour)
-and with --model, the network's own speed on 160x128 inputs (<name>_speed.json): one image at a
+with --crops N, <name>_crops.png: the N images whose crop holds the least of the expert's lesion
+under the first --cache, each cache's crop (crops.npy, what the classifier sees) side by side, and
+with --model, the network's own speed on 160x128 inputs (<name>_speed.json): one image at a
 time on one thread (a preprocess.py worker) and batches of 32 on all threads.
 
 Example: python bench/segmenter.py --data data/hamfull --split test --cache classical=cache/hamfull_224 \
@@ -28,8 +30,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (DX_CODES, SEGMENTER_SIZE, atomic_path, load_segmenter, read_csv, read_mask,  # noqa: E402
-                    read_rgb, save_image_grid, segmenter_logits, write_csv)
+from common import (DX_CODES, SEGMENTER_SIZE, atomic_path, load_cache, load_segmenter, read_csv,  # noqa: E402
+                    read_mask, read_rgb, save_image_grid, segmenter_logits, write_csv)
 from preprocess import outlined, segmentation_summary  # noqa: E402
 
 GREEN = (0, 255, 0)
@@ -52,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--source", help="keep only the rows of this source (index.csv's source column)")
     p.add_argument("--name", required=True, help="prefix of the output files")
     p.add_argument("--worst", type=int, default=6, help="cases per segmenter on the sheet")
+    p.add_argument("--crops", type=int, default=0, metavar="N",
+                   help="draw the N images whose first cache's crop holds least of the lesion, every cache's crop")
     p.add_argument("--model", type=Path, help="segmenter checkpoint to time")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "segmenter")
     return p.parse_args(argv)
@@ -93,6 +97,22 @@ def worst_sheet(data, caches, dice, worst, path):
             tiles.append(outlined(rgb, [(truth, GREEN), (ours, colour)]))
             titles.append(f"{image_id} {metadata.loc[image_id, 'dx']} {name}: Dice {dice.loc[image_id, name]:.2f}")
     save_image_grid(tiles, titles, path, columns=len(caches) * (2 if len(caches) == 2 else 1))
+
+
+def crop_sheet(caches, coverage, n, path):
+    """A row per image, the first cache's n lowest crop coverages: each cache's cached crop."""
+    chosen = coverage.iloc[:, 0].nsmallest(n).index
+    tiles, titles = [], []
+    for name, cache in caches.items():
+        index, arrays = load_cache(cache)
+        rows = index.set_index("image_id")["row"]
+        for image_id in chosen:
+            tiles.append(np.asarray(arrays["crop"][rows[image_id]]))
+            titles.append(f"{image_id} {name}: holds {coverage.loc[image_id, name]:.0%} of the lesion")
+    # the tiles were gathered cache by cache; the sheet shows them image by image
+    order = [k * len(chosen) + i for i in range(len(chosen)) for k in range(len(caches))]
+    save_image_grid([tiles[j] for j in order], [titles[j] for j in order], path, columns=len(caches),
+                    tile_inches=(2.6, 2.8))
 
 
 def network_speed(model_path, repeats=30):
@@ -137,6 +157,9 @@ def main(args):
     write_csv(summary, args.out / f"{args.name}_summary.csv")
     dice = pd.DataFrame({name: s.set_index("image_id")["dice"] for name, s in scores.items()})
     worst_sheet(args.data, caches, dice, args.worst, args.out / f"{args.name}_worst.png")
+    if args.crops:
+        coverage = pd.DataFrame({name: s.set_index("image_id")["crop_coverage"] for name, s in scores.items()})
+        crop_sheet(caches, coverage, args.crops, args.out / f"{args.name}_crops.png")
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
         print(summary.to_string(index=False))
     if args.model:

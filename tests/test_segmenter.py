@@ -251,13 +251,14 @@ def test_scores_hold_area_ratio_and_crop_coverage_and_the_bench_sets_segmenters_
     assert summary["share_crop_holds_98%"] == pytest.approx((scores["crop_coverage"] >= 0.98).mean())
     out = subprocess.run([sys.executable, str(common.Path(preprocess.__file__).parent / "bench" / "segmenter.py"),
                           "--data", str(synthetic_data), "--cache", f"classical={synthetic_cache}",
-                          "--cache", f"unet={unet_cache}", "--name", "synthetic", "--out", str(tmp_path)],
+                          "--cache", f"unet={unet_cache}", "--name", "synthetic", "--out", str(tmp_path),
+                          "--crops", "3"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     bench = pd.read_csv(tmp_path / "synthetic_summary.csv").set_index("segmenter")
     assert bench.loc["unet", "mean_dice"] == pytest.approx(summary["mean_dice"])
     assert bench.loc["unet", "median_area_ratio"] == pytest.approx(scores["area_ratio"].median())
-    assert (tmp_path / "synthetic_worst.png").is_file()
+    assert (tmp_path / "synthetic_worst.png").is_file() and (tmp_path / "synthetic_crops.png").is_file()
 
 
 def test_evaluate_hides_age_sex_and_site_on_request(unet_run, unet_cache, tmp_path):
