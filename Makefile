@@ -188,8 +188,10 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 # that trains first), then make export DATA=hamfull EXPORT_DIR=models/reference. Checked and read through caches its own compact
 # segmenter made; the full-precision run's folder holds the compact model's evaluations.
 REF_RUN ?= runs/hamfull_efficientnet_lite0
+# the reference model's crop (model.pt's preprocess key; a test holds them equal)
+REF_CROP_FIT ?= inside
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
-	--segmenter-model $(REFERENCE)/segmenter.pt --out cache/$(1)_224_reference
+	--segmenter-model $(REFERENCE)/segmenter.pt --crop-fit $(REF_CROP_FIT) --out cache/$(1)_224_reference
 reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision run (validation), predict.py's speed
 	$(MAKE) data/hamfull_valtest/metadata.csv
 	$(call ref_cache,hamfull_valtest)

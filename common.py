@@ -599,7 +599,7 @@ def preprocess_settings(cache_key):
     """The arguments of preprocess_image that a cache was built with, from its cache_key.json (a
     model's checkpoint holds its training cache's). Keys written before hair removal was a setting
     used the legacy hair mask; before the segmenter was, the classical one; before colour constancy
-    was, none."""
+    was, none; a key without crop_fit, a crop inside the image."""
     return {"img_size": cache_key["img_size"], "work_size": cache_key["work_size"],
             "crop_margin": cache_key["crop_margin"], "crop_fit": cache_key.get("crop_fit", "inside"),
             "hair_removal": cache_key.get("hair_removal", "legacy"),

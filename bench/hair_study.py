@@ -2,7 +2,8 @@
 caches with each hair removal) on validation and on external images, with paired intervals.
 
 Reads from each run folder: val_probs.csv (its validation split), thresholds.json, and the
-probabilities of every external evaluation that all runs have (isic2017_trainval/test_probs.csv,
+probabilities of every further evaluation that all runs have (val_tta/test_probs.csv: validation
+read with test-time augmentation, which make threshold writes; isic2017_trainval/test_probs.csv,
 ph2/test_probs.csv, written by make external-val and make external). A run's own test split is
 not read.
 
@@ -25,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from common import (atomic_path, fail, ranking_metrics, read_probs, read_thresholds, threshold_metrics,  # noqa: E402
                     write_csv)
 
-EXTERNAL = {"isic2017_trainval": "ISIC 2017 train+val (external validation)",
+EXTERNAL = {"val_tta": "validation (HAM10000), test-time augmentation (evaluate.py --tta)",
+            "isic2017_trainval": "ISIC 2017 train+val (external validation)",
             "isic2017_trainval_hidden": "ISIC 2017 train+val, age and sex hidden (evaluate.py --hide-metadata)",
             "isic2017_val": "ISIC 2017 val (external, or a second source's validation)", "ph2": "PH2 (external)"}
 POINTS = ("recall_target", "recall_bound")

@@ -10,8 +10,9 @@ keeps the rows of --split (and --source), and writes into --out:
                        per-class Dice
   <name>_worst.png     each segmenter's worst cases, every segmenter side by side on each (ground
                        truth green, the segmenter's mask in its colour)
-with --crops N, <name>_crops.png: the N images whose crop holds the least of the expert's lesion
-under the first --cache, each cache's crop (crops.npy, what the classifier sees) side by side, and
+with --crops N, <name>_crops.png: the N images whose crops hold the most different shares of the
+expert's lesion across the caches, each cache's crop (crops.npy, what the classifier sees) side by
+side, and
 with --model, the network's own speed on 160x128 inputs (<name>_speed.json): one image at a
 time on one thread (a preprocess.py worker) and batches of 32 on all threads.
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--name", required=True, help="prefix of the output files")
     p.add_argument("--worst", type=int, default=6, help="cases per segmenter on the sheet")
     p.add_argument("--crops", type=int, default=0, metavar="N",
-                   help="draw the N images whose first cache's crop holds least of the lesion, every cache's crop")
+                   help="draw every cache's crop of the N images where the caches' crop coverages differ most")
     p.add_argument("--model", type=Path, help="segmenter checkpoint to time")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "segmenter")
     return p.parse_args(argv)
@@ -100,15 +101,15 @@ def worst_sheet(data, caches, dice, worst, path):
 
 
 def crop_sheet(caches, coverage, n, path):
-    """A row per image, the first cache's n lowest crop coverages: each cache's cached crop."""
-    chosen = coverage.iloc[:, 0].nsmallest(n).index
+    """A row per image, the n whose crop coverage differs most between caches: each cache's crop."""
+    chosen = (coverage.max(axis=1) - coverage.min(axis=1)).nlargest(n).index
     tiles, titles = [], []
     for name, cache in caches.items():
         index, arrays = load_cache(cache)
         rows = index.set_index("image_id")["row"]
         for image_id in chosen:
             tiles.append(np.asarray(arrays["crop"][rows[image_id]]))
-            titles.append(f"{image_id} {name}: holds {coverage.loc[image_id, name]:.0%} of the lesion")
+            titles.append(f"{image_id} {name}: {coverage.loc[image_id, name]:.0%} of the lesion")
     # the tiles were gathered cache by cache; the sheet shows them image by image
     order = [k * len(chosen) + i for i in range(len(chosen)) for k in range(len(caches))]
     save_image_grid([tiles[j] for j in order], [titles[j] for j in order], path, columns=len(caches),

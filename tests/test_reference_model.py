@@ -51,6 +51,20 @@ def test_the_reference_folder_is_compact_complete_and_the_recipe_it_claims():
     assert chosen["thresholds"]["recall_bound"] <= chosen["thresholds"]["recall_target"]
 
 
+def test_the_make_targets_that_read_the_reference_model_prepare_images_as_it_was_trained():
+    """make reference-test and reference-bench build their caches with the model's own crop and
+    colour constancy (evaluate.py would refuse a cache prepared otherwise, after the work)."""
+    settings = common.preprocess_settings(torch.load(REFERENCE / "model.pt", weights_only=True)["preprocess"])
+    for target in ("reference-test", "reference-bench"):
+        out = subprocess.run(["make", "-n", target, "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        caches = [line for line in out.stdout.splitlines() if "preprocess.py" in line]
+        assert caches, out.stdout + out.stderr
+        for line in caches:
+            assert f"--crop-fit {settings['crop_fit']}" in line
+            assert f"--colour-constancy {settings['colour_constancy']}" in line
+
+
 def test_predict_with_no_run_uses_the_reference_model(tmp_path):
     rows = real_rows(1, 1)
     (tmp_path / "images").symlink_to(HAM / "images")
@@ -81,6 +95,7 @@ def test_predict_gives_what_evaluate_gives_on_real_images(tmp_path):
     preprocess.main(preprocess.parse_args([
         "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--img-size", str(settings["img_size"]),
         "--work-size", str(settings["work_size"]), "--crop-margin", str(settings["crop_margin"]),
+        "--crop-fit", settings["crop_fit"],
         "--hair-removal", settings["hair_removal"], "--colour-constancy", settings["colour_constancy"],
         "--segmenter", "unet", "--segmenter-model", str(REFERENCE / "segmenter.pt")]))
     evaluate.main(evaluate.parse_args(["--run", str(REFERENCE), "--cache", str(tmp_path / "cache"), "--split", "val",

@@ -2,7 +2,9 @@
 import importlib.util
 import json
 
+import numpy as np
 import pandas as pd
+import pytest
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
@@ -100,3 +102,36 @@ def test_reference_bench_compares_the_compact_model_point_by_point(tmp_path):
     assert abs(rows["recall_bound recall (t=0.3800)"]["difference"] + 1 / 3) < 1e-12
     assert rows["recall_bound specificity (t=0.3800)"]["difference"] == 0
     assert abs(result["largest_probability_change"] - 0.1) < 1e-12
+
+
+def test_run_comparison_pairs_the_runs_on_every_evaluation_they_all_have(tmp_path):
+    """bench/hair_study.py (the screens' table): each data set every run was read on, the
+    difference from the first run, and recall at each run's own validation threshold."""
+    spec = importlib.util.spec_from_file_location("hair_study", ROOT / "bench" / "hair_study.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    noise = {"a": 0.5, "b": 0.2}  # run b separates the classes better
+    runs = []
+    for name, scale in noise.items():
+        run = tmp_path / name
+        for relative in ("val_probs.csv", "val_tta/test_probs.csv", "isic2017_trainval/test_probs.csv"):
+            probs = np.clip(0.3 + 0.4 * labels + rng.normal(0, scale, len(labels)), 0, 1)
+            (run / relative).parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"image_id": [f"I{i}" for i in range(len(labels))], "label": labels,
+                          "prob": probs}).to_csv(run / relative, index=False)
+        (run / "thresholds.json").write_text(json.dumps({"thresholds": {"recall_target": 0.4}}))
+        runs.append(run)
+    (runs[0] / "ph2").mkdir()  # only one run read PH2: no row for it
+    bench.main(bench.parse_args(["--runs", *map(str, runs), "--out", str(tmp_path / "table"), "--bootstrap", "200"]))
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert table["data"].unique().tolist() == ["validation (HAM10000, lesion-level)",
+                                               bench.EXTERNAL["val_tta"], bench.EXTERNAL["isic2017_trainval"]]
+    for data, rows in table.groupby("data", sort=False):
+        a, b = rows.set_index("run").loc[[str(runs[0]), str(runs[1])]].to_dict("records")
+        assert a["roc_auc_minus_first"] == 0 and b["roc_auc_minus_first"] == pytest.approx(b["roc_auc"] - a["roc_auc"])
+        assert b["roc_auc_minus_first_lo"] > 0  # clearly better: the paired interval excludes 0
+        probs = pd.read_csv(runs[1] / ("val_probs.csv" if data.startswith("validation (HAM10000, lesion")
+                                       else {v: k for k, v in bench.EXTERNAL.items()}[data] + "/test_probs.csv"))
+        assert b["recall_recall_target"] == pytest.approx((probs["prob"][probs["label"] == 1] >= 0.4).mean())
