@@ -102,7 +102,7 @@ $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 
 cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
 	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --colour-constancy $(COLOUR) \
-		$(if $(filter pad,$(CROP_FIT)),--crop-fit pad) $(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
+		--crop-fit $(CROP_FIT) $(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
 
 # The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
 # masks, its epoch and mask threshold chosen on the val split of each source (train_segmenter.py).
@@ -260,11 +260,12 @@ bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (about an hour w
 # The segmenters side by side on expert masks (docs/segmenter.md): the classical recipe, the
 # reference model's U-Net (HAM10000's masks alone) and make segmenter's (two sources), per source
 # on the val splits that chose it, then on ham10000_full's test split and PH2.
-seg_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --out cache/$(1)_224 && \
-	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(REFERENCE)/segmenter.pt \
-		--out cache/$(1)_224_unet_reference && \
+# unet_caches: both U-Nets' caches of data/$(1), with further preprocess.py flags $(2) and a name suffix $(3)
+unet_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(REFERENCE)/segmenter.pt \
+		$(2) --out cache/$(1)_224_unet_reference$(3) && \
 	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt \
-		--out cache/$(1)_224_unet
+		$(2) --out cache/$(1)_224_unet$(3)
+seg_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --out cache/$(1)_224 && $(call unet_caches,$(1))
 seg_bench = $(PYTHON) bench/segmenter.py --data data/$(1) --cache classical=cache/$(1)_224 \
 	--cache unet_ham10000=cache/$(1)_224_unet_reference --cache unet_two_sources=cache/$(1)_224_unet
 segmenter-bench: $(SEG_RUN)/config.json | $(PY_DEPS)  ## classical, reference and make segmenter's masks side by side (bench/results/segmenter)

@@ -169,16 +169,12 @@ segmenter-screen: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the classifier on the 
 # (preprocess.py --crop-fit pad) beside the crop kept inside it, both U-Nets' masks scored against
 # the experts' (after make segmenter-bench, whose caches are the inside ones); then the screen's
 # third arm, the first U-Net's padded crops (against make segmenter-screen's arm first)
-crop_fit_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --crop-fit pad \
-		--segmenter-model $(REFERENCE)/segmenter.pt --out cache/$(1)_224_unet_reference_pad && \
-	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --crop-fit pad \
-		--segmenter-model $(SEG_RUN)/model.pt --out cache/$(1)_224_unet_pad
 crop_fit_bench = $(PYTHON) bench/segmenter.py --data data/$(1) --cache unet_ham10000=cache/$(1)_224_unet_reference \
 	--cache unet_ham10000_pad=cache/$(1)_224_unet_reference_pad --cache unet_two_sources=cache/$(1)_224_unet \
 	--cache unet_two_sources_pad=cache/$(1)_224_unet_pad --crops 8 --out bench/results/crop_fit
 crop-fit-study: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the padded crop's lesion coverage, then its classifier screen arm (30 min)
-	$(call crop_fit_caches,$(SEG_DATA))
-	$(call crop_fit_caches,ph2)
+	$(call unet_caches,$(SEG_DATA),--crop-fit pad,_pad)
+	$(call unet_caches,ph2,--crop-fit pad,_pad)
 	$(call crop_fit_bench,$(SEG_DATA)) --split val --name val
 	$(call crop_fit_bench,$(SEG_DATA)) --split test --name hamfull_test
 	$(call crop_fit_bench,ph2) --name ph2

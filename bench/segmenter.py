@@ -103,17 +103,16 @@ def worst_sheet(data, caches, dice, worst, path):
 def crop_sheet(caches, coverage, n, path):
     """A row per image, the n whose crop coverage differs most between caches: each cache's crop."""
     chosen = (coverage.max(axis=1) - coverage.min(axis=1)).nlargest(n).index
-    tiles, titles = [], []
+    crops = {}
     for name, cache in caches.items():
         index, arrays = load_cache(cache)
-        rows = index.set_index("image_id")["row"]
-        for image_id in chosen:
-            tiles.append(np.asarray(arrays["crop"][rows[image_id]]))
+        crops[name] = (index.set_index("image_id")["row"], arrays["crop"])
+    tiles, titles = [], []
+    for image_id in chosen:
+        for name, (rows, crop) in crops.items():
+            tiles.append(np.asarray(crop[rows[image_id]]))
             titles.append(f"{image_id} {name}: {coverage.loc[image_id, name]:.0%} of the lesion")
-    # the tiles were gathered cache by cache; the sheet shows them image by image
-    order = [k * len(chosen) + i for i in range(len(chosen)) for k in range(len(caches))]
-    save_image_grid([tiles[j] for j in order], [titles[j] for j in order], path, columns=len(caches),
-                    tile_inches=(2.6, 2.8))
+    save_image_grid(tiles, titles, path, columns=len(caches), tile_inches=(2.6, 2.8))
 
 
 def network_speed(model_path, repeats=30):
