@@ -1,9 +1,10 @@
 # Skin lesion classification: `make all` runs the pipeline on real data, `make demo` on synthetic
 # data, `make test` the tests. Each step is a file target, so a second run redoes nothing.
 # The defaults are the reference model's recipe (models/reference/MODEL_CARD.md): the U-Net lesion
-# crop with Shades of Gray, EfficientNet-Lite0 with metadata, 10 epochs at 160 px, thresholds chosen
-# on test-time-augmented validation probabilities. The first study's recipe: SEGMENTER=classical
-# COLOUR=none INPUT=full METADATA=off TTA=off TRAIN_SIZE=224.
+# crop (centred on the lesion, padded beyond the image's edges) with Shades of Gray,
+# EfficientNet-Lite0 with metadata, 10 epochs at 160 px, thresholds chosen on test-time-augmented
+# validation probabilities. The first study's recipe: SEGMENTER=classical COLOUR=none CROP_FIT=inside
+# INPUT=full METADATA=off TTA=off TRAIN_SIZE=224.
 # Override any variable on the command line: make all DATA=hamfull FROM_DIR=../shared/data/ham10000_full
 # Several sources make one dataset: make all DATA=ham+isic2017 FROM_DIR="../shared/data/ham10000_full ../shared/data/isic2017"
 
@@ -23,7 +24,7 @@ INPUT         ?= crop
 HAIR          ?= on
 SEGMENTER     ?= unet
 COLOUR        ?= shades_of_gray
-CROP_FIT      ?= inside
+CROP_FIT      ?= pad
 METADATA      ?= on
 TTA           ?= on
 TARGET_RECALL ?= 0.90
@@ -184,12 +185,13 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 		--out-dir $(RUN_DIR)/isic2017_trainval
 
 # The reference model (models/reference/MODEL_CARD.md). Retrained: make threshold DATA=hamfull
-# FROM_DIR=$(SHARED)/ham10000_full $(HAM_SEGMENTER) (the defaults' recipe with its segmenter, which
-# that trains first), then make export DATA=hamfull EXPORT_DIR=models/reference. Checked and read through caches its own compact
-# segmenter made; the full-precision run's folder holds the compact model's evaluations.
-REF_RUN ?= runs/hamfull_efficientnet_lite0
+# FROM_DIR=$(SHARED)/ham10000_full RUN=hamfull_pad $(HAM_SEGMENTER) (the defaults' recipe with its
+# segmenter, which that trains first), then make export DATA=hamfull RUN=hamfull_pad
+# EXPORT_DIR=models/reference. Checked and read through caches its own compact segmenter made; the
+# full-precision run's folder holds the compact model's evaluations.
+REF_RUN ?= runs/hamfull_pad
 # the reference model's crop (model.pt's preprocess key; a test holds them equal)
-REF_CROP_FIT ?= inside
+REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
 	--segmenter-model $(REFERENCE)/segmenter.pt --crop-fit $(REF_CROP_FIT) --out cache/$(1)_224_reference
 reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision run (validation), predict.py's speed

@@ -14,7 +14,7 @@ STUDY_IMG_SIZE ?= 224
 # `make study` reproduces what docs/first_edition.md reports.
 STUDY_HAIR   ?= legacy
 # The first study's recipe where a stage does not set it: before the reference recipe's defaults
-STUDY1_PINS := SEGMENTER=classical COLOUR=none METADATA=off TTA=off
+STUDY1_PINS := SEGMENTER=classical COLOUR=none CROP_FIT=inside METADATA=off TTA=off
 # $(1) run folder under runs/, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training
 # size, $(7) more train flags, $(8) more make variables and goals
 recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
@@ -63,7 +63,7 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 # test split and no PH2 image is read. $(1) arm name, $(2) input, $(3) segmenter, $(4) colour constancy
 STUDY2_FROM ?= $(SHARED)/ham10000_full
 # the segmenter the study trained (HAM10000's masks alone), and each stage's own flags for the rest
-STUDY2_PINS := $(HAM_SEGMENTER) SEG_MODEL=runs/segmenter_ham10000/model.pt METADATA=off TTA=off
+STUDY2_PINS := $(HAM_SEGMENTER) SEG_MODEL=runs/segmenter_ham10000/model.pt CROP_FIT=inside METADATA=off TTA=off
 screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) IMG_SIZE=224 EPOCHS=3 \
 	RUN=study2/screen/$(1) ARCH=efficientnet_lite0 LOSS=wbce AUG=full INPUT=$(2) SEGMENTER=$(3) COLOUR=$(4) \
 	TRAIN_FLAGS="--img-size 128 --seed 0" $(STUDY2_PINS)

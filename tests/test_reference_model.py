@@ -45,6 +45,7 @@ def test_the_reference_folder_is_compact_complete_and_the_recipe_it_claims():
     key = checkpoint["preprocess"]
     assert (key["segmenter"], key["segmenter_model"], key["colour_constancy"]) == ("unet", "segmenter.pt",
                                                                                    "shades_of_gray")
+    assert common.preprocess_settings(key)["crop_fit"] == "pad"
     assert key["segmenter_sha256"] == common.file_digest(REFERENCE / "segmenter.pt")
     chosen = json.loads((REFERENCE / "thresholds.json").read_text())
     assert chosen["tta"] is True and "recall_bound" in chosen["thresholds"]
@@ -63,6 +64,22 @@ def test_the_make_targets_that_read_the_reference_model_prepare_images_as_it_was
         for line in caches:
             assert f"--crop-fit {settings['crop_fit']}" in line
             assert f"--colour-constancy {settings['colour_constancy']}" in line
+
+
+def test_the_make_defaults_are_the_reference_models_recipe():
+    """A user's `make all` trains what the shipped model was validated as, not an older recipe."""
+    checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
+    settings = common.preprocess_settings(checkpoint["preprocess"])
+    out = subprocess.run(["make", "help", "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    defaults = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.startswith("  ") and
+                    len(line.split()) == 2)
+    assert (defaults["ARCH"], defaults["INPUT"], defaults["TRAIN_SIZE"], defaults["LOSS"]) == (
+        checkpoint["arch"], checkpoint["input"], str(checkpoint["img_size"]), checkpoint["loss"])
+    assert defaults["METADATA"] == ("on" if checkpoint["metadata"] else "off")
+    assert (defaults["SEGMENTER"], defaults["COLOUR"], defaults["CROP_FIT"], defaults["HAIR"]) == (
+        checkpoint["preprocess"]["segmenter"], settings["colour_constancy"], settings["crop_fit"],
+        settings["hair_removal"])
+    assert defaults["TTA"] == ("on" if json.loads((REFERENCE / "thresholds.json").read_text())["tta"] else "off")
 
 
 def test_predict_with_no_run_uses_the_reference_model(tmp_path):
