@@ -5,7 +5,9 @@ Reads from each run folder: val_probs.csv (its validation split), thresholds.jso
 probabilities of every further evaluation that all runs have (val_tta/test_probs.csv: validation
 read with test-time augmentation, which make threshold writes; isic2017_trainval/test_probs.csv,
 ph2/test_probs.csv, written by make external-val and make external). A run's own test split is
-not read.
+not read, except with --test-reads: the test sets make reference-test read (compact_ham10000_test/,
+compact_isic2017_test/, compact_ph2/), to set a shipped model beside the one it replaced after
+that reading, nothing being chosen on it.
 
 For each data set: ROC-AUC with a 95% bootstrap interval, its difference from the first run with
 a paired interval (the same resampled images for every run), and recall and specificity at the
@@ -30,6 +32,9 @@ EXTERNAL = {"val_tta": "validation (HAM10000), test-time augmentation (evaluate.
             "isic2017_trainval": "ISIC 2017 train+val (external validation)",
             "isic2017_trainval_hidden": "ISIC 2017 train+val, age and sex hidden (evaluate.py --hide-metadata)",
             "isic2017_val": "ISIC 2017 val (external, or a second source's validation)", "ph2": "PH2 (external)"}
+TEST_READS = {"compact_ham10000_test": "HAM10000 test (make reference-test)",
+              "compact_isic2017_test": "ISIC 2017 test (make reference-test)",
+              "compact_ph2": "PH2 (make reference-test)"}
 POINTS = ("recall_target", "recall_bound")
 
 
@@ -39,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md are written)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-reads", action="store_true",
+                   help="also the test sets make reference-test read, where every run has them")
     return p.parse_args(argv)
 
 
@@ -111,7 +118,8 @@ def main(args):
     points = [point for point in POINTS if all(point in c for c in chosen)]
     thresholds = [[c[point] for point in points] for c in chosen]
     datasets = {"val_probs.csv": "validation (HAM10000, lesion-level)"}
-    datasets.update({f"{folder}/test_probs.csv": name for folder, name in EXTERNAL.items()
+    sets = {**EXTERNAL, **(TEST_READS if args.test_reads else {})}
+    datasets.update({f"{folder}/test_probs.csv": name for folder, name in sets.items()
                      if all((run / folder / "test_probs.csv").is_file() for run in args.runs)})
     rows = []
     for relative, name in datasets.items():

@@ -1,6 +1,7 @@
 """bench/study.py: the study's table picks its best run by validation only."""
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -135,3 +136,11 @@ def test_run_comparison_pairs_the_runs_on_every_evaluation_they_all_have(tmp_pat
         probs = pd.read_csv(runs[1] / ("val_probs.csv" if data.startswith("validation (HAM10000, lesion")
                                        else {v: k for k, v in bench.EXTERNAL.items()}[data] + "/test_probs.csv"))
         assert b["recall_recall_target"] == pytest.approx((probs["prob"][probs["label"] == 1] >= 0.4).mean())
+    for run in runs:  # the test sets make reference-test read: compared only when asked for
+        (run / "compact_ph2").mkdir()
+        shutil.copy(run / "val_probs.csv", run / "compact_ph2" / "test_probs.csv")
+    for flags, expected in (([], 3), (["--test-reads"], 4)):
+        bench.main(bench.parse_args(["--runs", *map(str, runs), "--out", str(tmp_path / "table"), "--bootstrap", "50",
+                                     *flags]))
+        data = pd.read_csv(tmp_path / "table.csv")["data"].unique().tolist()
+        assert len(data) == expected and (bench.TEST_READS["compact_ph2"] in data) == bool(flags)
