@@ -280,21 +280,31 @@ def main(args):
     noise, hue = (0.02, 0.02) if args.aug == "full" else (0.0, 0.0)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    checkpoint_base = {
-        "arch": args.arch, "num_outputs": num_outputs, "normalisation": normalisation, "task": args.task,
-        "classes": list(DX_CODES) if args.task == "multiclass" else ["benign", "malignant"],
-        "input": args.input, "img_size": img_size, "loss": args.loss, "metadata": args.metadata,
-        # how predict.py must prepare new images
-        "preprocess": keep_segmenter(read_json(args.cache / "cache_key.json"), args.run_dir) if is_main else None,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-    history, best_score, best_loss, start_epoch, stale = [], -math.inf, math.inf, 0, 0
-    best_state = None
+    cache_key = read_json(args.cache / "cache_key.json")
     if args.resume:
         last_path, model_path = args.run_dir / "last.pt", args.run_dir / "model.pt"
         if not last_path.is_file():
             fail(last_path, "nothing to resume")
         last = load_torch_file(last_path, "checkpoint")
+        # before keep_segmenter replaces the run's segmenter.pt: weights trained on other images
+        # would be resumed, and predict.py would then prepare images as they were not trained on
+        trained_on = last.get("preprocess") or {}
+        differing = sorted(k for k in {*trained_on, *cache_key} if k != "segmenter_model"
+                           and trained_on.get(k) != cache_key.get(k))
+        if trained_on and differing:
+            fail(args.cache / "cache_key.json", f"is not the cache {args.run_dir} was trained on (differs in "
+                 f"{', '.join(differing)}); resume with that cache, or train into another --run-dir")
+    checkpoint_base = {
+        "arch": args.arch, "num_outputs": num_outputs, "normalisation": normalisation, "task": args.task,
+        "classes": list(DX_CODES) if args.task == "multiclass" else ["benign", "malignant"],
+        "input": args.input, "img_size": img_size, "loss": args.loss, "metadata": args.metadata,
+        # how predict.py must prepare new images
+        "preprocess": keep_segmenter(cache_key, args.run_dir) if is_main else None,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    history, best_score, best_loss, start_epoch, stale = [], -math.inf, math.inf, 0, 0
+    best_state = None
+    if args.resume:
         best = load_torch_file(model_path, "checkpoint (the best epoch, needed beside last.pt to resume)")
         try:
             best_state = best["model"]

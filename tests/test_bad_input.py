@@ -1,6 +1,7 @@
 """Bad input, tried as a new user would, through the real command lines: each ends with one line
 naming the file or flag (exit status 1) or is reported by name and skipped, never a traceback, a
 hang, or a file written outside the output folder."""
+import json
 import os
 import shutil
 import subprocess
@@ -225,13 +226,18 @@ def test_a_malformed_thresholds_json_names_the_file(small_run, small_data, tmp_p
 
 def test_resume_names_a_missing_or_foreign_checkpoint_and_a_full_disk_keeps_the_previous_ones(
         small_run, small_cache, tmp_path):
-    """train.py --resume beside small_run's checkpoints, three runs at once: with model.pt gone;
-    with a checkpoint of another task; on a disk that fills while it saves the next epoch (a file
-    size limit below a checkpoint's size stands in for one). Each ends with one line naming the
-    file, and the full disk leaves the previous model.pt and last.pt intact for the next --resume."""
+    """train.py --resume beside small_run's checkpoints, four runs at once: with model.pt gone;
+    with a checkpoint of another task; with a cache prepared otherwise than the one it trained on (a
+    make default changed since); on a disk that fills while it saves the next epoch (a file size
+    limit below a checkpoint's size stands in for one). Each ends with one line naming the file,
+    and the full disk leaves the previous model.pt and last.pt intact for the next --resume."""
     import resource
-    lacking, foreign, full = tmp_path / "lacking", tmp_path / "foreign", tmp_path / "full"
-    for run in (lacking, foreign, full):
+    lacking, foreign, full, other = tmp_path / "lacking", tmp_path / "foreign", tmp_path / "full", tmp_path / "other"
+    other_cache = tmp_path / "other_cache"
+    shutil.copytree(small_cache, other_cache)
+    key = json.loads((other_cache / "cache_key.json").read_text())
+    (other_cache / "cache_key.json").write_text(json.dumps({**key, "crop_fit": "pad"}))
+    for run in (lacking, foreign, full, other):
         run.mkdir()
         shutil.copy(small_run / "last.pt", run / "last.pt")
         if run != lacking:
@@ -242,10 +248,13 @@ def test_resume_names_a_missing_or_foreign_checkpoint_and_a_full_disk_keeps_the_
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
     args = ["train.py", "--cache", small_cache, "--batch-size", "32", "--precision", "fp32", "--epochs", "5",
             "--resume", "--run-dir"]
-    out_lacking, out_foreign, out_full = run_scripts_together(
-        [*args, lacking], [*args, foreign, "--task", "multiclass"], [*args, full], preexec_fns=[None, None, small_disk])
+    out_lacking, out_foreign, out_full, out_other = run_scripts_together(
+        [*args, lacking], [*args, foreign, "--task", "multiclass"], [*args, full],
+        [*args, other, "--cache", other_cache], preexec_fns=[None, None, small_disk, None])
     assert_one_line_error(out_lacking, "model.pt", "not found")
     assert_one_line_error(out_foreign, "last.pt", "does not fit this run")  # the checkpoint is a binary model's
+    assert_one_line_error(out_other, "cache_key.json", "not the cache", "crop_fit")
+    assert "resumed" not in out_other.stdout
     assert "resumed" in out_full.stdout, out_full.stdout  # an epoch was trained, and its save is what failed
     assert_one_line_error(out_full, ".pt", "could not be written")
     assert {name: (full / name).read_bytes() for name in before} == before
