@@ -181,3 +181,20 @@ crop-fit-study: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the padded crop's lesion
 	$(call screen_arm,first_pad,$(SCREEN_FIRST_SEG),--crop-fit pad)
 	$(PYTHON) bench/hair_study.py --runs $(SCREEN_RUN)/first $(SCREEN_RUN)/two $(SCREEN_RUN)/first_pad \
 		--out bench/results/crop_fit/classifier_screen
+
+# Study, third edition (docs/third_edition.md, its protocol): ranking at clinics the model never
+# saw, every choice read on an outside panel (ISIC 2017, PH2, isic2020_dev) at two seeds. Data:
+# ham10000_full's train and val rows only (its test split is never imported here), and the panel's
+# sites; every cache is cut by the shipped model's U-Net. $(1) dataset, $(2) crop fit
+THIRD_SEG ?= $(REFERENCE)/segmenter.pt
+THIRD_SITES := isic2017_trainval ph2 isic2020_dev
+third_cache = test -f cache/$(1)_224_third_$(2)/index.csv || $(PYTHON) preprocess.py --data data/$(1) --img-size 224 \
+	--colour-constancy shades_of_gray --segmenter unet --segmenter-model $(THIRD_SEG) --crop-fit $(2) \
+	--out cache/$(1)_224_third_$(2)
+third-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEPS)  ## study, 3rd edition: its datasets and padded-crop caches
+	test -f data/hamfull_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
+		--only-split train val --out data/hamfull_trainval
+	test -f data/isic2020_dev/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2020_dev --out data/isic2020_dev
+	test -f data/ham+isic2017_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
+		$(SHARED)/isic2017 --only-split train val --out data/ham+isic2017_trainval
+	$(foreach data,hamfull_trainval ham+isic2017_trainval $(THIRD_SITES),$(call third_cache,$(data),pad) &&) true
