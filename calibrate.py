@@ -33,10 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (REFERENCE_MODEL, ArgumentParser, binary_metrics, calibration_errors, check_names, chosen_with_tta,
-                    classify_files, clinic_dir, fail, fit_recalibration, hidden_metadata, load_run_models,
-                    lock_output, metadata_features, number_in, pick_device, plot_reliability, ranking_metrics, read_csv,
-                    recalibrated, replace_folder, run_preprocessing, shown, site_operating_points, write_csv,
-                    write_json)
+                    classify_files, clinic_dir, fail, fit_recalibration, hidden_metadata, load_run_models, lock_output,
+                    metadata_features, number_in, pick_device, plot_reliability, ranking_metrics, read_csv,
+                    recalibrated, replace_folder, run_preprocessing, shown, site_operating_points, unknown_sites_line,
+                    write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -87,6 +87,8 @@ def main(args):
     lock_output(out)
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
+    if any(checkpoint.get("metadata") for _, checkpoint in models) and unknown_sites_line(known):
+        print(unknown_sites_line(known))
     probs = np.full(len(rows), np.nan)
     for i, result in tqdm(classify_files(models, settings, files, metadata_features(known), device, tta),
                           total=len(files), desc="predicting"):

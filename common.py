@@ -615,6 +615,17 @@ def preprocessing_differences(settings, reference):
             if k != "segmenter" and settings[k] != reference[k]]
 
 
+def check_preprocessing(cache, models):
+    """Images are scored only as their model's training images were prepared: a cache built with
+    other settings (hair removal, sizes, crop margin) would shift every probability unnoticed."""
+    cache_settings = preprocess_settings(read_json(cache / "cache_key.json"))
+    for _, checkpoint in models:
+        differ = preprocessing_differences(cache_settings, preprocess_settings(checkpoint["preprocess"]))
+        if differ:
+            fail(cache / "cache_key.json", f"was built with other preprocessing than {checkpoint['args']['cache']}, "
+                 f"the model's training cache: {', '.join(differ)}; rebuild it with preprocess.py and those settings")
+
+
 def working_image(rgb, work_size):
     """(image scaled down to at most work_size on its longest side, the scale): hair removal and
     segmentation run at this resolution, whatever the camera's."""
@@ -748,16 +759,55 @@ METADATA_FIELDS = (("age", 0, 2), ("sex", 2, len(SEXES)), ("site", 2 + len(SEXES
 METADATA_SIZE = sum(size for _, _, size in METADATA_FIELDS)
 
 
+# The ISIC Archive's anatom_site_general words (ISIC 2019 and 2020, isic2020_dev) are more general
+# than HAM10000's: each is read as the HAM10000 sites it covers, weighted by how often HAM10000's
+# 10,015 images record each (so the model's linear metadata layer sees the frequency-weighted mean
+# of what it learned for them; docs/third_edition.md, lever L6). A word neither vocabulary has is
+# counted by unknown_sites and read as site unknown.
+HAM10000_SITE_COUNTS = {"back": 2192, "trunk": 1404, "abdomen": 1022, "chest": 407, "face": 745, "neck": 168,
+                        "scalp": 128, "ear": 56, "acral": 7, "foot": 319, "hand": 90, "genital": 48}
+GENERAL_SITES = {"torso": ("back", "trunk", "abdomen", "chest"), "anterior torso": ("trunk", "abdomen", "chest"),
+                 "posterior torso": ("back",), "lateral torso": ("trunk",),
+                 "head/neck": ("face", "neck", "scalp", "ear"), "palms/soles": ("acral", "foot", "hand"),
+                 "oral/genital": ("genital",)}
+UNKNOWN_WORDS = ("", "nan", "none", "unknown")
+
+
+def site_words(rows):
+    """The localization column as lower-case words ('' where there is none)."""
+    if "localization" not in rows:
+        return np.full(len(rows), "", dtype=object)
+    return rows["localization"].fillna("").astype(str).str.strip().str.lower().to_numpy()
+
+
+def unknown_sites(rows, general_sites=True):
+    """{word: images} of the site words a metadata model cannot read (read as site unknown)."""
+    known = set(SITES) | set(UNKNOWN_WORDS) | (set(GENERAL_SITES) if general_sites else set())
+    words = pd.Series(site_words(rows))
+    return words[~words.isin(known)].value_counts().to_dict()
+
+
+def unknown_sites_line(rows, general_sites=True):
+    """One line naming the site words read as unknown, or None when every word is read."""
+    unknown = unknown_sites(rows, general_sites)
+    if not unknown:
+        return None
+    words = ", ".join(f"'{word}' ({n})" for word, n in sorted(unknown.items(), key=lambda kv: -kv[1]))
+    return (f"{sum(unknown.values())} of {len(rows)} images name a site the model does not know, read as site "
+            f"unknown: {words}")
+
+
 def hidden_metadata(rows):
     """The rows with age, sex and site unknown: how a metadata model scores images that come without them."""
     return rows.assign(age=np.nan, sex=None, localization=None)
 
 
-def metadata_features(rows):
+def metadata_features(rows, general_sites=True):
     """float32 (N, METADATA_SIZE) from a table's age, sex and localization columns: age standardised
     ((age - 50) / 20, about HAM10000's mean and spread) with a flag that it is known, sex and site
     one-hot. A missing column, an empty cell or 'unknown' leaves its field all zeros, which is also
-    what a model sees for images without metadata."""
+    what a model sees for images without metadata. general_sites: the ISIC Archive's general site
+    words (GENERAL_SITES) spread over the HAM10000 sites they cover; False reads them as unknown."""
     n = len(rows)
     features = np.zeros((n, METADATA_SIZE), np.float32)
     if "age" in rows:
@@ -771,6 +821,13 @@ def metadata_features(rows):
             cells = rows[column].astype(str).str.strip().str.lower().to_numpy()
             for k, value in enumerate(values):
                 features[cells == value, first + k] = 1
+    if general_sites:
+        first = METADATA_FIELDS[2][1]
+        words = site_words(rows)
+        for word, covered in GENERAL_SITES.items():
+            weights = np.array([HAM10000_SITE_COUNTS[site] for site in covered], np.float32)
+            for site, weight in zip(covered, weights / weights.sum()):
+                features[words == word, first + SITES.index(site)] = weight
     return features
 
 
@@ -1289,12 +1346,17 @@ def cosine_with_warmup(optimizer, warmup_steps, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast_dtype(precision, device):
-    """The dtype for torch.autocast, or None for plain fp32."""
+def autocast_dtype(precision, device, arch=None):
+    """The dtype for torch.autocast, or None for plain fp32. auto on a CPU with native bf16: bf16
+    for ResNets, fp32 for EfficientNet-Lite, whose depthwise convolutions gain nothing from it
+    (2 cores, channels-last, batch 32: Lite0 47.2 images/s in fp32 against 30.5 in bf16 at 128 px,
+    32.5 against 25.2 at 160; ResNet18 39.0 against 82.9; bench/train_speed.py --variants)."""
     import torch
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if arch is not None and arch.startswith("efficientnet_lite"):
+            return None
         if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
             return torch.bfloat16  # native bf16: measured 2x for resnet18 on such a CPU
         return None

@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    default_operating_point, ensemble_probs, fail, hidden_metadata, load_cache, load_run_models,
-                    lock_output, metadata_features, model_inputs, new_figure, number_in, operating_points, output_probs,
-                    pick_device, plot_pr_curve, plot_reliability, preprocess_settings, preprocessing_differences,
-                    ranking_metrics, read_json, recalibrated, save_figure, save_image_grid, threshold_metrics,
-                    to_model_tensor, write_csv)
+                    check_preprocessing, default_operating_point, ensemble_probs, fail, hidden_metadata, load_cache,
+                    load_run_models, lock_output, metadata_features, model_inputs, new_figure, number_in,
+                    operating_points, output_probs, pick_device, plot_pr_curve, plot_reliability, ranking_metrics,
+                    recalibrated, save_figure, save_image_grid, threshold_metrics, to_model_tensor, unknown_sites_line,
+                    write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -284,17 +284,6 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots, 
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def check_preprocessing(cache, models):
-    """Images are scored only as their model's training images were prepared: a cache built with
-    other settings (hair removal, sizes, crop margin) would shift every probability unnoticed."""
-    cache_settings = preprocess_settings(read_json(cache / "cache_key.json"))
-    for _, checkpoint in models:
-        differ = preprocessing_differences(cache_settings, preprocess_settings(checkpoint["preprocess"]))
-        if differ:
-            fail(cache / "cache_key.json", f"was built with other preprocessing than {checkpoint['args']['cache']}, "
-                 f"the model's training cache: {', '.join(differ)}; rebuild it with preprocess.py and those settings")
-
-
 def main(args):
     # the small file first: a malformed thresholds.json ends the run before the models' load
     thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
@@ -323,6 +312,9 @@ def main(args):
                                                                             if args.source else ""))
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
+    reads_metadata = any(checkpoint.get("metadata") for _, checkpoint in models)
+    if reads_metadata and unknown_sites_line(known):
+        print(unknown_sites_line(known))
     probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta,
                                         metadata=metadata_features(known))
     labels = rows["malignant"].to_numpy()

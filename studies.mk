@@ -198,3 +198,35 @@ third-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEP
 	test -f data/ham+isic2017_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
 		$(SHARED)/isic2017 --only-split train val --out data/ham+isic2017_trainval
 	$(foreach data,hamfull_trainval ham+isic2017_trainval $(THIRD_SITES),$(call third_cache,$(data),pad) &&) true
+	$(foreach data,hamfull_trainval $(THIRD_SITES),$(call third_cache,$(data),inside) &&) true
+
+# The screen: 3 epochs at 128 px, seeds 0 and 1, each arm one change to the baseline B (the shipped
+# recipe); a finished run is not trained again, an interrupted one resumes. $(1) arm, $(2) dataset,
+# $(3) crop fit, $(4) train.py flags that change B's
+THIRD_RUNS  ?= runs/third
+THIRD_SEEDS ?= 0 1
+THIRD_BUDGET ?= --img-size 128 --epochs 3
+third_arm = $(foreach seed,$(THIRD_SEEDS),(run=$(THIRD_RUNS)/$(1)_s$(seed); test -f $$run/config.json || \
+	$(PYTHON) train.py --cache cache/$(2)_224_third_$(3) --run-dir $$run --arch efficientnet_lite0 --input crop \
+		--metadata --loss wbce --aug full $(THIRD_BUDGET) --seed $(seed) $(4) $$(test -f $$run/last.pt && echo --resume)) &&) true
+third_runs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(THIRD_RUNS)/$(1)_s$(seed)))
+comma := ,
+# L1 trains on ISIC 2017 train, so it is set beside B on ISIC 2017 val alone, in a table of its own
+THIRD_ARMS ?= L3a L1 L2 L4 L3b L5a L5b
+THIRD_ARM_L1  := ham+isic2017_trainval,pad,--val-source ham10000_full
+THIRD_ARM_L2  := hamfull_trainval,pad,--aug shift
+THIRD_ARM_L3a := hamfull_trainval,pad,--input full
+THIRD_ARM_L3b := hamfull_trainval,inside,
+THIRD_ARM_L4  := hamfull_trainval,pad,--task multiclass --loss ce --class-weights balanced
+THIRD_ARM_L5a := hamfull_trainval,pad,--arch efficientnet_lite1
+THIRD_ARM_L5b := hamfull_trainval,pad,--img-size 192
+arm_field = $(word $(2),$(subst $(comma), ,$(subst $(eval) ,^,$(THIRD_ARM_$(1)))))
+third-screen: | $(PY_DEPS)  ## study, 3rd edition: the baseline and each arm for 3 epochs at 128 px, seeds 0 and 1, on the outside panel
+	$(call third_arm,B,hamfull_trainval,pad,)
+	$(PYTHON) bench/panel.py --arm B_unmapped=$(call third_runs,B) --arm L6=$(call third_runs,B) \
+		--sites-unmapped B_unmapped --out bench/results/third/L6_sites
+	$(foreach arm,$(THIRD_ARMS),$(call third_arm,$(arm),$(call arm_field,$(arm),1),$(call arm_field,$(arm),2),$(subst ^, ,$(call arm_field,$(arm),3))) &&) true
+	$(PYTHON) bench/panel.py --arm B=$(call third_runs,B) $(foreach arm,$(filter-out L1,$(THIRD_ARMS)),--arm \
+		$(arm)=$(call third_runs,$(arm))) --out bench/results/third/screen
+	$(if $(filter L1,$(THIRD_ARMS)),$(PYTHON) bench/panel.py --arm B=$(call third_runs,B) --arm L1=$(call third_runs,L1) \
+		--out bench/results/third/screen_L1)

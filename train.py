@@ -60,9 +60,14 @@ def parse_args(argv=None):
                    help="multiclass CE weights: balanced = inverse class frequency")
     p.add_argument("--sampler", default="none", choices=["none", "balanced"],
                    help="balanced: draw each class equally often (with replacement)")
-    p.add_argument("--aug", default="full", choices=["none", "basic", "full"],
-                   help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise")
+    p.add_argument("--aug", default="full", choices=AUGMENTATIONS,
+                   help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
+                        "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
+                        "re-compression, zoom out, aspect, colour gains (docs/third_edition.md, lever L2)")
     p.add_argument("--input", default="full", choices=INPUTS, help="whole image, masked, or lesion crop")
+    p.add_argument("--val-source", nargs="+", metavar="NAME",
+                   help="choose the epoch on these sources' val rows alone (a dataset of several sources): another "
+                        "source's val images then choose nothing, and stay fit to judge the model")
     p.add_argument("--metadata", action="store_true",
                    help="also feed age, sex and anatomical site (index.csv's age, sex, localization), where known")
     p.add_argument("--hide-metadata", type=number_in(float, 0, 1), default=0.25, metavar="P",
@@ -79,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=number_in(int, 1),
                    help="stop after this many epochs without a better validation score")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on CUDA (fp16 where bf16 is missing) and on CPUs with native bf16; "
-                        "fp32 on MPS and other CPUs")
+                   help="auto: bf16 on CUDA (fp16 where bf16 is missing) and, for ResNets, on CPUs with native "
+                        "bf16; fp32 on MPS, other CPUs and for EfficientNet-Lite on any CPU (faster there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=number_in(int, 1), help="CPU threads for torch (default: cores / processes)")
@@ -92,9 +97,15 @@ def parse_args(argv=None):
 # pieces of the recipe
 
 
+AUGMENTATIONS = ("none", "basic", "full", "shift")
+
+
 def make_augment(level, img_size):
     """Per-image random transforms on uint8 CHW tensors (torchvision.transforms.v2). Dermoscopy
-    has no up or down, so vertical flips and any rotation are fair."""
+    has no up or down, so vertical flips and any rotation are fair. shift adds what another
+    clinic's camera changes (the rest of it in acquisition_shift, on the batch): the lesion's scale
+    in the frame (zoom out with a black surround, a wider crop range), aspect, stronger brightness
+    and contrast, and JPEG re-compression."""
     if level == "none":
         return None
     steps = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
@@ -104,7 +115,55 @@ def make_augment(level, img_size):
                  # hue is jittered on the whole batch at once (random_hue): v2's per-image hue
                  # cost 1.7 ms an image on the CPU, more than all the rest together
                  v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
+    if level == "shift":
+        steps = [v2.RandomApply([v2.RandomZoomOut(fill=0, side_range=(1.0, 1.6))], p=0.3),
+                 v2.RandomResizedCrop(img_size, scale=(0.4, 1.0), ratio=(0.7, 1.43), antialias=True),
+                 *steps, v2.RandomRotation(180),
+                 v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+                 v2.RandomApply([jpeg_recompression], p=0.3)]
     return v2.Compose(steps)
+
+
+def jpeg_recompression(image, quality=(30, 90)):
+    """A uint8 CHW image through a JPEG encoder at a random quality and back, as another clinic's
+    software may have saved it (OpenCV's codec: torchvision's is deprecated)."""
+    import cv2
+    level = int(torch.randint(quality[0], quality[1] + 1, ()))
+    ok, encoded = cv2.imencode(".jpg", image.permute(1, 2, 0).numpy(), [cv2.IMWRITE_JPEG_QUALITY, level])
+    return torch.from_numpy(cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)).permute(2, 0, 1).contiguous()
+
+
+def acquisition_shift(images, p=0.3):
+    """Batch transforms of what differs between dermatoscopes, each drawn per image with
+    probability p: the dark circular frame many dermatoscopes leave (a vignette of random radius,
+    centre, softness and darkness), defocus blur, gamma, and per-channel colour gains (a cast
+    beyond what Shades of Gray removes). Float NHWC (0-255) in and out."""
+    n, height, width, _ = images.shape
+    images = images.float()
+    chosen = torch.rand(n) < p  # defocus: a Gaussian blur of its own width per chosen image
+    for i in torch.nonzero(chosen).flatten().tolist():
+        sigma = float(torch.empty(1).uniform_(0.5, 2.0)) * width / 128
+        kernel = 2 * math.ceil(2 * sigma) + 1
+        images[i] = v2.functional.gaussian_blur(images[i].permute(2, 0, 1), [kernel, kernel], [sigma, sigma]) \
+            .permute(1, 2, 0)
+    gamma = torch.where(torch.rand(n) < p, torch.empty(n).uniform_(-0.4, 0.4).exp(), torch.ones(n))
+    images = 255 * (images / 255).clamp(0, 1).pow(gamma.view(-1, 1, 1, 1))
+    gains = torch.where((torch.rand(n) < p).view(-1, 1), torch.empty(n, 3).uniform_(-0.15, 0.15).exp(),
+                        torch.ones(n, 3))
+    images = images * gains.view(n, 1, 1, 3)
+    framed = torch.rand(n) < p
+    if framed.any():
+        y = torch.linspace(-1, 1, height).view(1, -1, 1)
+        x = torch.linspace(-1, 1, width).view(1, 1, -1)
+        k = int(framed.sum())
+        centre = torch.empty(k, 2).uniform_(-0.1, 0.1)
+        radius = torch.empty(k, 1, 1).uniform_(0.85, 1.35)  # 1: the circle touches the sides; 1.41: the corners
+        softness = torch.empty(k, 1, 1).uniform_(0.02, 0.12)
+        darkness = torch.empty(k, 1, 1).uniform_(0.0, 0.2)  # what is left of the image beyond the frame
+        distance = ((x - centre[:, 0].view(-1, 1, 1)) ** 2 + (y - centre[:, 1].view(-1, 1, 1)) ** 2).sqrt()
+        inside = torch.sigmoid((radius - distance) / softness)
+        images[framed] = images[framed] * (darkness + (1 - darkness) * inside).unsqueeze(-1)
+    return images.clamp_(0, 255)
 
 
 def random_hue(images, max_turn):
@@ -119,12 +178,14 @@ def random_hue(images, max_turn):
     return torch.einsum("nhwc,ndc->nhwd", images.float(), rotation).clamp_(0, 255)
 
 
-def augment_batch(images, augment, normalisation, noise, hue=0.0):
+def augment_batch(images, augment, normalisation, noise, hue=0.0, shift=False):
     """uint8 NHWC batch -> augmented, normalised float batch for the model."""
     if augment is not None:
         images = torch.stack([augment(image) for image in images.permute(0, 3, 1, 2)]).permute(0, 2, 3, 1)
     if hue:
         images = random_hue(images, hue)
+    if shift:
+        images = acquisition_shift(images)
     x = to_model_tensor(images, normalisation)
     if noise:
         # drawn in NHWC to match x's channels-last memory: randn_like on it was 6x slower
@@ -169,7 +230,7 @@ def epoch_order(targets, sampler, seed, epoch):
 
 
 def train_one_epoch(model, images, metadata, targets, order, criterion, optimizer, scheduler, scaler, augment, noise,
-                    hue, hide, normalisation, device, dtype, batch_size, epoch, epochs, show_progress):
+                    hue, shift, hide, normalisation, device, dtype, batch_size, epoch, epochs, show_progress):
     """One pass over `order` (this process's shard); returns (mean loss, images per second)."""
     model.train()
     total, seen, started = 0.0, 0, time.perf_counter()
@@ -179,7 +240,7 @@ def train_one_epoch(model, images, metadata, targets, order, criterion, optimize
         idx = order[start:start + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
-        x = augment_batch(images[idx], augment, normalisation, noise, hue).to(device, non_blocking=True)
+        x = augment_batch(images[idx], augment, normalisation, noise, hue, shift).to(device, non_blocking=True)
         y = batch_targets(criterion, targets[idx]).to(device, non_blocking=True)
         extra = {} if metadata is None else {"metadata": hide_metadata(metadata[idx], hide).to(device)}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -255,6 +316,12 @@ def main(args):
 
     index, arrays = load_cache(args.cache)
     train_rows, val_rows = index[index["split"] == "train"], index[index["split"] == "val"]
+    if args.val_source:
+        sources = set(index["source"]) if "source" in index else set()
+        if not set(args.val_source) <= sources:
+            fail(args.cache / "index.csv", f"has no source {', '.join(sorted(set(args.val_source) - sources))} "
+                 f"(its sources: {', '.join(sorted(map(str, sources))) or 'none'})")
+        val_rows = val_rows[val_rows["source"].isin(args.val_source)]
     for name, rows in (("train", train_rows), ("val", val_rows)):
         if rows["malignant"].nunique() < 2:
             fail(args.cache / "index.csv", f"the {name} split needs benign and malignant images")
@@ -268,7 +335,7 @@ def main(args):
     model, normalisation = build_model(args.arch, num_outputs, args.pretrained, args.weights, args.metadata)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
-    dtype = autocast_dtype(args.precision, device)
+    dtype = autocast_dtype(args.precision, device, args.arch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -277,7 +344,7 @@ def main(args):
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch),
                                    args.epochs * steps_per_epoch)
     augment = make_augment(args.aug, img_size)
-    noise, hue = (0.02, 0.02) if args.aug == "full" else (0.0, 0.0)
+    noise, hue = (0.02, 0.02) if args.aug in ("full", "shift") else (0.0, 0.0)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     cache_key = read_json(args.cache / "cache_key.json")
@@ -332,7 +399,8 @@ def main(args):
         started = time.time()
         order = epoch_order(targets, args.sampler, args.seed, epoch)[rank::world]
         train_loss, speed = train_one_epoch(trained, train_images, train_metadata, targets, order, criterion,
-                                            optimizer, scheduler, scaler, augment, noise, hue, args.hide_metadata,
+                                            optimizer, scheduler, scaler, augment, noise, hue, args.aug == "shift",
+                                            args.hide_metadata,
                                             normalisation, device, dtype, per_process_batch, epoch=epoch,
                                             epochs=args.epochs, show_progress=is_main)
         stop = torch.zeros(1)

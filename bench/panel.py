@@ -1,0 +1,246 @@
+"""Score arms of a study on the outside panel of docs/third_edition.md, each arm at several seeds,
+paired against the first arm (the baseline) seed by seed, and apply the protocol's rule.
+
+Sites (each scored on its own; caches named by --cache-pattern, built by make third-data):
+  ham10000_val   ham10000_full's val split, metadata as it comes (a guard: not in the panel mean)
+  isic2017       ISIC 2017 train+val, age and sex hidden (panel) and shown
+  ph2            PH2 (no metadata)
+  isic2020_dev   isic2020_dev, age, sex and site shown (panel) and hidden
+A run never scores an image it trained on: a site's rows in the train split of the run's training
+cache are left out (ISIC 2017 train for an arm that trains on it), and arms are compared on the
+images all of them scored.
+
+For each run and reading: ROC-AUC and the specificity at the site's own 90%-recall point. For each
+arm beside the baseline: the difference of the seeds' mean, its 95% interval (bootstrap over the
+site's groups, the same resamples for every seed and arm: patients where the site has patient_id,
+else lesions), each seed's own difference, and the rule's verdict (--rule screen or keep).
+Probabilities are kept in <run>/panel/<site>_<reading>.csv and reused while model.pt is older.
+Writes --out.csv (every figure) and --out.md (the tables and verdicts).
+
+Example: python bench/panel.py --arm B=runs/third/B_s0,runs/third/B_s1 --arm L3a=runs/third/L3a_s0,runs/third/L3a_s1
+             --rule screen --out bench/results/third/screen
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import (atomic_path, check_preprocessing, ensemble_probs, fail, hidden_metadata, load_cache,  # noqa: E402
+                    load_run_models, metadata_features, pick_device, preprocess_settings, ranking_metrics, read_csv,
+                    read_json, write_csv)
+
+# (site, dataset, split, readings; the first reading is the panel's)
+SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
+         ("isic2017", "isic2017_trainval", "all", ("hidden", "shown")),
+         ("ph2", "ph2", "all", ("none",)),
+         ("isic2020_dev", "isic2020_dev", "all", ("shown", "hidden")))
+GUARD = "ham10000_val"
+OUTSIDE = [site for site, *_ in SITES if site != GUARD]
+# the protocol's rules: (least panel gain, largest drop at an outside site, largest drop on HAM10000 val)
+RULES = {"keep": (0.010, 0.020, 0.010), "screen": (0.005, 0.030, 0.020)}
+RECALL_POINT = 0.90
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", action="append", required=True, metavar="NAME=RUN,RUN",
+                   help="an arm and its runs, one per seed in the same seed order for every arm; the first is the "
+                        "baseline")
+    p.add_argument("--sites-unmapped", nargs="*", default=[], metavar="ARM",
+                   help="arms that read the ISIC Archive's general site words as site unknown (before lever L6)")
+    p.add_argument("--rule", choices=sorted(RULES), default="screen")
+    p.add_argument("--cache-pattern", default="cache/{data}_224_third_{crop_fit}",
+                   help="a site's cache, from its dataset and the run's crop fit")
+    p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    return p.parse_args(argv)
+
+
+def parse_arms(specs):
+    arms = {}
+    for spec in specs:
+        name, _, runs = spec.partition("=")
+        if not name or not runs:
+            fail(f"--arm {spec}", "expects NAME=RUN[,RUN...]")
+        arms[name] = [Path(run) for run in runs.split(",")]
+    seeds = {len(runs) for runs in arms.values()}
+    if len(seeds) > 1:
+        fail("--arm", "every arm needs the same number of runs (one per seed)")
+    return arms
+
+
+def specificity_at_recall(labels, probs, recall=RECALL_POINT):
+    """The best specificity among thresholds whose recall on these images is at least `recall`."""
+    from sklearn.metrics import roc_curve
+    fpr, tpr, _ = roc_curve(labels, probs)
+    return float(1 - fpr[tpr >= recall].min())
+
+
+def reading_name(reading, unmapped):
+    return f"{reading}_unmapped" if unmapped and reading == "shown" else reading
+
+
+def score_run(run, cache_pattern, unmapped, device):
+    """{(site, reading): DataFrame(image_id, group, label, prob)} of one run, from its kept files
+    where they are newer than its model."""
+    model_file = run / "model.pt"
+    if not model_file.is_file():
+        fail(model_file, "missing: train the run first")
+    out = {}
+    models = None
+    training = read_csv(Path(read_json(run / "config.json")["args"]["cache"]) / "index.csv", ("image_id", "split"))
+    trained_on = set(training.loc[training["split"] == "train", "image_id"])
+    for site, data, split, readings in SITES:
+        for reading in readings:
+            kept = run / "panel" / f"{site}_{reading_name(reading, unmapped)}.csv"
+            if kept.is_file() and kept.stat().st_mtime > model_file.stat().st_mtime:
+                out[site, reading] = read_csv(kept)
+                continue
+            if models is None:
+                models = load_run_models(run, device)
+                crop_fit = preprocess_settings(models[0][1]["preprocess"])["crop_fit"]
+            cache = Path(cache_pattern.format(data=data, crop_fit=crop_fit))
+            check_preprocessing(cache, models)
+            index, arrays = load_cache(cache)
+            rows = index if split == "all" else index[index["split"] == split]
+            rows = rows[~rows["image_id"].isin(trained_on)]
+            known = hidden_metadata(rows) if reading in ("hidden", "none") else rows
+            probs, _ = ensemble_probs(models, arrays, rows["row"], device,
+                                      metadata=metadata_features(known, general_sites=not unmapped))
+            group = rows["patient_id"] if "patient_id" in rows else rows["lesion_id"]
+            table = pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "group": group.astype(str).to_numpy(),
+                                  "label": rows["malignant"].to_numpy(), "prob": probs})
+            write_csv(table, kept)
+            out[site, reading] = table
+    return out
+
+
+def site_scores(labels, probs):
+    return ranking_metrics(labels, probs)["roc_auc"], specificity_at_recall(labels, probs)
+
+
+def compare_site(tables, arms, n_resamples, seed):
+    """Rows of one site reading: each run's ROC-AUC and specificity at 90% recall, and each arm's
+    seed-mean difference from the baseline with its paired bootstrap interval."""
+    common_ids = sorted(set.intersection(*(set(t["image_id"]) for t in tables.values())))
+    first = next(iter(tables.values())).set_index("image_id").loc[common_ids]
+    labels, groups = first["label"].to_numpy(), first["group"].to_numpy()
+    probs = {key: t.set_index("image_id").loc[common_ids, "prob"].to_numpy() for key, t in tables.items()}
+    names = list(arms)
+    n_seeds = len(arms[names[0]])
+    auc = {key: ranking_metrics(labels, p)["roc_auc"] for key, p in probs.items()}
+    unique_groups, group_of = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(group_of == g) for g in range(len(unique_groups))]
+    rng = np.random.default_rng(seed)
+    samples = {name: [] for name in names[1:]}
+    for _ in range(n_resamples):
+        pick = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if labels[pick].min() == labels[pick].max():
+            continue
+        base = [ranking_metrics(labels[pick], probs[names[0], s][pick])["roc_auc"] for s in range(n_seeds)]
+        for name in names[1:]:
+            samples[name].append(np.mean([ranking_metrics(labels[pick], probs[name, s][pick])["roc_auc"] - base[s]
+                                          for s in range(n_seeds)]))
+    rows = []
+    for name in names:
+        seed_auc = [auc[name, s] for s in range(n_seeds)]
+        seed_diff = [auc[name, s] - auc[names[0], s] for s in range(n_seeds)]
+        low, high = np.percentile(samples[name], [2.5, 97.5]) if name in samples else (np.nan, np.nan)
+        rows.append({"arm": name, "images": len(labels), "malignant": int(labels.sum()),
+                     "groups": len(unique_groups), "roc_auc": float(np.mean(seed_auc)),
+                     **{f"roc_auc_seed{s}": v for s, v in enumerate(seed_auc)},
+                     "specificity_at_recall90": float(np.mean([specificity_at_recall(labels, probs[name, s])
+                                                                for s in range(n_seeds)])),
+                     "difference": float(np.mean(seed_diff)), "difference_lo": low, "difference_hi": high,
+                     **{f"difference_seed{s}": v for s, v in enumerate(seed_diff)}})
+    return rows
+
+
+def verdicts(table, arms, rule):
+    """Per arm beside the baseline: panel difference, worst outside site, HAM10000 val, passed."""
+    least_gain, outside_drop, guard_drop = RULES[rule]
+    panel = table[table["in_panel"]]
+    out = []
+    for name in list(arms)[1:]:
+        mine = panel[panel["arm"] == name].set_index("site")
+        panel_gain = float(mine.loc[OUTSIDE, "difference"].mean())
+        seed_gains = [float(mine.loc[OUTSIDE, f"difference_seed{s}"].mean()) for s in range(len(arms[name]))]
+        worst_site = mine.loc[OUTSIDE, "difference"].idxmin()
+        worst = float(mine.loc[worst_site, "difference"])
+        guard = float(mine.loc[GUARD, "difference"])
+        passed = panel_gain >= least_gain and worst >= -outside_drop and guard >= -guard_drop
+        out.append({"arm": name, "panel": float(mine.loc[OUTSIDE, "roc_auc"].mean()), "panel_difference": panel_gain,
+                    **{f"panel_difference_seed{s}": v for s, v in enumerate(seed_gains)},
+                    "worst_site": worst_site, "worst_site_difference": worst, "ham10000_val_difference": guard,
+                    "passes": passed})
+    return pd.DataFrame(out)
+
+
+def markdown(table, verdict, arms, rule):
+    least_gain, outside_drop, guard_drop = RULES[rule]
+    n_seeds = len(next(iter(arms.values())))
+    baseline = list(arms)[0]
+    lines = [f"Baseline: `{baseline}` ({', '.join(str(r) for r in arms[baseline])}). ROC-AUC is the mean of "
+             f"{n_seeds} seeds (each seed in brackets); differences are paired seed by seed, with 95% bootstrap "
+             "intervals over the site's patients or lesions; spec@90 is the specificity at the site's own 90% "
+             "recall point.", "",
+             "| site, reading | images (malignant) | arm | ROC-AUC (seeds) | spec@90 | difference (seeds) |",
+             "|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        seeds = ", ".join(f"{row[f'roc_auc_seed{s}']:.3f}" for s in range(n_seeds))
+        seed_diffs = ", ".join(f"{row[f'difference_seed{s}']:+.3f}" for s in range(n_seeds))
+        difference = "baseline" if row["arm"] == baseline else \
+            f"{row['difference']:+.3f} ({row['difference_lo']:+.3f} to {row['difference_hi']:+.3f}) [{seed_diffs}]"
+        panel = " (panel)" if row["in_panel"] else ""
+        lines.append(f"| {row['site']}, {row['reading']}{panel} | {row['images']} ({row['malignant']}) | {row['arm']} | "
+                     f"{row['roc_auc']:.3f} [{seeds}] | {row['specificity_at_recall90']:.3f} | {difference} |")
+    lines += ["", f"Rule ({rule}): panel +{least_gain:.3f} or more, no outside site below -{outside_drop:.3f}, "
+              f"HAM10000 val not below -{guard_drop:.3f}.", "",
+              "| arm | panel ROC-AUC | panel difference (seeds) | worst outside site | HAM10000 val | verdict |",
+              "|---|---|---|---|---|---|"]
+    base_panel = table[(table["arm"] == baseline) & table["in_panel"] & table["site"].isin(OUTSIDE)]["roc_auc"].mean()
+    lines.append(f"| {baseline} | {base_panel:.3f} | baseline | | | |")
+    for row in verdict.to_dict("records"):
+        seeds = ", ".join(f"{row[f'panel_difference_seed{s}']:+.3f}" for s in range(n_seeds))
+        lines.append(f"| {row['arm']} | {row['panel']:.3f} | {row['panel_difference']:+.3f} [{seeds}] | "
+                     f"{row['worst_site']} {row['worst_site_difference']:+.3f} | {row['ham10000_val_difference']:+.3f} | "
+                     f"{'passes' if row['passes'] else 'fails'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    arms = parse_arms(args.arm)
+    unknown = set(args.sites_unmapped) - set(arms)
+    if unknown:
+        fail("--sites-unmapped", f"names no arm: {', '.join(sorted(unknown))}")
+    device = pick_device(args.device)
+    scored = {}
+    for name, runs in tqdm(arms.items(), desc="scoring arms"):
+        for s, run in enumerate(runs):
+            scored[name, s] = score_run(run, args.cache_pattern, name in args.sites_unmapped, device)
+    rows = []
+    for site, _, _, readings in SITES:
+        for k, reading in enumerate(readings):
+            tables = {key: result[site, reading] for key, result in scored.items()}
+            for row in compare_site(tables, arms, args.bootstrap, args.seed):
+                rows.append({"site": site, "reading": reading, "in_panel": k == 0, **row})
+    table = pd.DataFrame(rows)
+    verdict = verdicts(table, arms, args.rule)
+    write_csv(table, args.out.with_suffix(".csv"))
+    write_csv(verdict, args.out.parent / f"{args.out.name}_verdicts.csv")
+    text = markdown(table, verdict, arms, args.rule)
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    print(text)
+    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
