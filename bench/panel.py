@@ -87,6 +87,23 @@ def reading_name(reading, unmapped):
     return f"{reading}_unmapped" if unmapped and reading == "shown" else reading
 
 
+def training_images(run):
+    """The image ids a run trained on, from its training cache (config.json's, or for a model
+    folder without one, model.pt's). A model folder whose cache is not on this machine (the
+    shipped one) leaves out nothing, and says so: its card names what it trained on."""
+    config = run / "config.json"
+    if config.is_file():
+        cache = Path(read_json(config)["args"]["cache"])
+    else:
+        import torch
+        cache = Path(torch.load(run / "model.pt", map_location="cpu", weights_only=True)["args"]["cache"])
+    if not (cache / "index.csv").is_file():
+        print(f"{run}: its training cache {cache} is not here; no site image is left out as a training image")
+        return set()
+    training = read_csv(cache / "index.csv", ("image_id", "split"))
+    return set(training.loc[training["split"] == "train", "image_id"])
+
+
 def score_run(run, cache_pattern, unmapped, device):
     """{(site, reading): DataFrame(image_id, group, label, prob)} of one run, from its kept files
     where they are newer than its model."""
@@ -95,8 +112,7 @@ def score_run(run, cache_pattern, unmapped, device):
         fail(model_file, "missing: train the run first")
     out = {}
     models = None
-    training = read_csv(Path(read_json(run / "config.json")["args"]["cache"]) / "index.csv", ("image_id", "split"))
-    trained_on = set(training.loc[training["split"] == "train", "image_id"])
+    trained_on = training_images(run)
     for site, data, split, readings in SITES:
         for reading in readings:
             kept = run / "panel" / f"{site}_{reading_name(reading, unmapped)}.csv"
@@ -199,8 +215,9 @@ def markdown(table, verdict, arms, rule):
         difference = "baseline" if row["arm"] == baseline else \
             f"{row['difference']:+.3f} ({row['difference_lo']:+.3f} to {row['difference_hi']:+.3f}) [{seed_diffs}]"
         panel = " (panel)" if row["in_panel"] else ""
-        lines.append(f"| {row['site']}, {row['reading']}{panel} | {row['images']} ({row['malignant']}) | {row['arm']} | "
-                     f"{row['roc_auc']:.3f} [{seeds}] | {row['specificity_at_recall90']:.3f} | {difference} |")
+        lines.append(f"| {row['site']}, {row['reading']}{panel} | {row['images']} ({row['malignant']}) | "
+                     f"{row['arm']} | {row['roc_auc']:.3f} [{seeds}] | {row['specificity_at_recall90']:.3f} | "
+                     f"{difference} |")
     lines += ["", f"Rule ({rule}): panel +{least_gain:.3f} or more, no outside site below -{outside_drop:.3f}, "
               f"HAM10000 val not below -{guard_drop:.3f}.", "",
               "| arm | panel ROC-AUC | panel difference (seeds) | worst outside site | HAM10000 val | verdict |",
@@ -210,7 +227,8 @@ def markdown(table, verdict, arms, rule):
     for row in verdict.to_dict("records"):
         seeds = ", ".join(f"{row[f'panel_difference_seed{s}']:+.3f}" for s in range(n_seeds))
         lines.append(f"| {row['arm']} | {row['panel']:.3f} | {row['panel_difference']:+.3f} [{seeds}] | "
-                     f"{row['worst_site']} {row['worst_site_difference']:+.3f} | {row['ham10000_val_difference']:+.3f} | "
+                     f"{row['worst_site']} {row['worst_site_difference']:+.3f} | "
+                     f"{row['ham10000_val_difference']:+.3f} | "
                      f"{'passes' if row['passes'] else 'fails'} |")
     return "\n".join(lines) + "\n"
 

@@ -90,7 +90,8 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
     ph2 = table[(table["site"] == "ph2") & (table["arm"] == "B")].iloc[0]
     assert ph2["images"] == len(not_trained)  # a site's training images are never scored
     kept = pd.read_csv(trained_run / "panel" / "ph2_none.csv").set_index("image_id").loc[not_trained["image_id"]]
-    assert ph2["roc_auc_seed0"] == pytest.approx(common.ranking_metrics(not_trained["malignant"], kept["prob"])["roc_auc"])
+    own = common.ranking_metrics(not_trained["malignant"], kept["prob"])["roc_auc"]
+    assert ph2["roc_auc_seed0"] == pytest.approx(own)
     same = table[table["arm"] == "same"]
     assert (same["difference"] == 0).all() and (same["difference_lo"] == 0).all()
     swapped = table[(table["arm"] == "swapped") & (table["site"] == "ph2")].iloc[0]
@@ -104,3 +105,10 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
     with pytest.raises(SystemExit, match="same number of runs"):
         panel.main(panel.parse_args(["--arm", f"B={trained_run}", "--arm", f"X={trained_run},{second}",
                                      "--out", str(out)]))
+
+
+def test_predict_takes_the_isic_archives_general_site_words():
+    import predict
+    assert predict.parse_args(["x.jpg", "--site", "head/neck"]).site == "head/neck"
+    with pytest.raises(SystemExit):
+        predict.parse_args(["x.jpg", "--site", "moon"])
