@@ -78,7 +78,18 @@ def test_val_source_chooses_the_epoch_on_that_source_alone(synthetic_cache, tmp_
 
 def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synthetic_cache, trained_run, tmp_path):
     second = trained_with_thresholds(synthetic_cache, tmp_path / "second", "--epochs", "1", "--img-size", "32",
-                                     "--seed", "1")
+                                     "--seed", "1", "--metadata")
+    # a metadata model's readings share one pass of its image network: the same as reading by reading
+    index, arrays = common.load_cache(synthetic_cache)
+    models = common.load_run_models(second, torch.device("cpu"))
+    known = index.assign(age=np.where(index["malignant"] == 1, 80.0, 30.0), sex="female", localization="torso")
+    readings = {"shown": common.metadata_features(known), "hidden": common.metadata_features(
+        common.hidden_metadata(known))}
+    assert not np.array_equal(*readings.values())
+    shared = panel.readings_probs(models, arrays, index["row"], torch.device("cpu"), readings)
+    for reading, metadata in readings.items():
+        alone, _ = common.ensemble_probs(models, arrays, index["row"], torch.device("cpu"), metadata=metadata)
+        assert np.allclose(shared[reading], alone, atol=1e-5)
     out = tmp_path / "panel"
     # every site read from the synthetic cache; the baseline's seeds are the tiny run and the second
     panel.main(panel.parse_args(["--arm", f"B={trained_run},{second}", "--arm", f"same={trained_run},{second}",
