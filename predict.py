@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, GENERAL_SITES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES,
+from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES,
                     check_writable, classify_files, default_operating_point, fail, load_run_models, metadata_features,
                     number_in, operating_points, pick_device, read_rgb, recalibrated, run_preprocessing, shown,
                     write_csv, write_png)
@@ -55,9 +55,8 @@ def parse_args(argv=None):
                    help="average over flips and rotations (default: as the thresholds were chosen)")
     p.add_argument("--age", type=number_in(float, 0, 120), help="patient's age, for models trained with --metadata")
     p.add_argument("--sex", choices=SEXES, help="patient's sex, for models trained with --metadata")
-    p.add_argument("--site", choices=SITES + tuple(GENERAL_SITES), metavar="SITE",
-                   help=f"anatomical site, for models trained with --metadata: {', '.join(SITES)}; or the ISIC "
-                        f"Archive's general words ({', '.join(GENERAL_SITES)}), read as the sites they cover")
+    p.add_argument("--site", choices=SITES, metavar="SITE",
+                   help=f"anatomical site, for models trained with --metadata: {', '.join(SITES)}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 

@@ -212,7 +212,7 @@ third_arm = $(foreach seed,$(THIRD_SEEDS),(run=$(THIRD_RUNS)/$(1)_s$(seed); test
 third_runs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(THIRD_RUNS)/$(1)_s$(seed)))
 comma := ,
 # L1 trains on ISIC 2017 train, so it is set beside B on ISIC 2017 val alone, in a table of its own
-THIRD_ARMS ?= L3a L1 L2 L4 L3b L5a L5b
+THIRD_ARMS ?= L3a L1 L2 L4 L3b L5a L5b L3d
 THIRD_ARM_L1  := ham+isic2017_trainval,pad,--val-source ham10000_full
 THIRD_ARM_L2  := hamfull_trainval,pad,--aug shift
 THIRD_ARM_L3a := hamfull_trainval,pad,--input full
@@ -220,11 +220,12 @@ THIRD_ARM_L3b := hamfull_trainval,inside,
 THIRD_ARM_L4  := hamfull_trainval,pad,--task multiclass --loss ce --class-weights balanced
 THIRD_ARM_L5a := hamfull_trainval,pad,--arch efficientnet_lite1
 THIRD_ARM_L5b := hamfull_trainval,pad,--img-size 192
+THIRD_ARM_L3d := hamfull_trainval,pad,--input both
 arm_field = $(word $(2),$(subst $(comma), ,$(subst $(eval) ,^,$(THIRD_ARM_$(1)))))
 third-screen: | $(PY_DEPS)  ## study, 3rd edition: the baseline and each arm for 3 epochs at 128 px, seeds 0 and 1, on the outside panel
 	$(call third_arm,B,hamfull_trainval,pad,)
-	$(PYTHON) bench/panel.py --arm B_unmapped=$(call third_runs,B) --arm L6=$(call third_runs,B) \
-		--sites-unmapped B_unmapped --out bench/results/third/L6_sites
+	$(PYTHON) bench/panel.py --arm B=$(call third_runs,B) --arm L6=$(call third_runs,B) --general-sites L6 \
+		--out bench/results/third/L6_sites
 	$(foreach arm,$(THIRD_ARMS),$(call third_arm,$(arm),$(call arm_field,$(arm),1),$(call arm_field,$(arm),2),$(subst ^, ,$(call arm_field,$(arm),3))) &&) true
 	$(PYTHON) bench/panel.py --arm B=$(call third_runs,B) $(foreach arm,$(filter-out L1,$(THIRD_ARMS)),--arm \
 		$(arm)=$(call third_runs,$(arm))) --out bench/results/third/screen

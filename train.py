@@ -64,7 +64,8 @@ def parse_args(argv=None):
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
                         "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
                         "re-compression, zoom out, aspect, colour gains (docs/third_edition.md, lever L2)")
-    p.add_argument("--input", default="full", choices=INPUTS, help="whole image, masked, or lesion crop")
+    p.add_argument("--input", default="full", choices=INPUTS,
+                   help="whole image, masked, lesion crop, or both: the crop and the whole image through one network")
     p.add_argument("--val-source", nargs="+", metavar="NAME",
                    help="choose the epoch on these sources' val rows alone (a dataset of several sources): another "
                         "source's val images then choose nothing, and stay fit to judge the model")
@@ -178,14 +179,25 @@ def random_hue(images, max_turn):
     return torch.einsum("nhwc,ndc->nhwd", images.float(), rotation).clamp_(0, 255)
 
 
-def augment_batch(images, augment, normalisation, noise, hue=0.0, shift=False):
-    """uint8 NHWC batch -> augmented, normalised float batch for the model."""
+def augment_views(images, augment, hue, shift):
+    """uint8 NHWC batch of one view -> augmented (float 0-255 after hue or shift, else uint8)."""
     if augment is not None:
         images = torch.stack([augment(image) for image in images.permute(0, 3, 1, 2)]).permute(0, 2, 3, 1)
     if hue:
         images = random_hue(images, hue)
     if shift:
         images = acquisition_shift(images)
+    return images
+
+
+def augment_batch(images, augment, normalisation, noise, hue=0.0, shift=False):
+    """uint8 NHWC batch -> augmented, normalised float batch for the model. Two views (--input
+    both, 6 channels) are augmented each on its own: they frame the lesion differently."""
+    if images.shape[-1] > 3:
+        images = torch.cat([augment_views(images[..., k:k + 3], augment, hue, shift).float()
+                            for k in range(0, images.shape[-1], 3)], dim=-1)
+    else:
+        images = augment_views(images, augment, hue, shift)
     x = to_model_tensor(images, normalisation)
     if noise:
         # drawn in NHWC to match x's channels-last memory: randn_like on it was 6x slower
@@ -332,7 +344,8 @@ def main(args):
     val_metadata = metadata_features(val_rows) if args.metadata else None
 
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
-    model, normalisation = build_model(args.arch, num_outputs, args.pretrained, args.weights, args.metadata)
+    model, normalisation = build_model(args.arch, num_outputs, args.pretrained, args.weights, args.metadata,
+                                       views=2 if args.input == "both" else 1)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
     dtype = autocast_dtype(args.precision, device, args.arch)

@@ -14,7 +14,8 @@ For each run and reading: ROC-AUC and the specificity at the site's own 90%-reca
 arm beside the baseline: the difference of the seeds' mean, its 95% interval (bootstrap over the
 site's groups, the same resamples for every seed and arm: patients where the site has patient_id,
 else lesions), each seed's own difference, and the rule's verdict (--rule screen or keep).
-Probabilities are kept in <run>/panel/<site>_<reading>.csv and reused while model.pt is older.
+Probabilities are kept in runs/panel/<run>/<site>_<reading>.csv (--keep) and reused while model.pt
+is older.
 Writes --out.csv (every figure) and --out.md (the tables and verdicts).
 
 Example: python bench/panel.py --arm B=runs/third/B_s0,runs/third/B_s1 --arm L3a=runs/third/L3a_s0,runs/third/L3a_s1
@@ -51,8 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--arm", action="append", required=True, metavar="NAME=RUN,RUN",
                    help="an arm and its runs, one per seed in the same seed order for every arm; the first is the "
                         "baseline")
-    p.add_argument("--sites-unmapped", nargs="*", default=[], metavar="ARM",
-                   help="arms that read the ISIC Archive's general site words as site unknown (before lever L6)")
+    p.add_argument("--general-sites", nargs="*", default=[], metavar="ARM",
+                   help="arms that read the ISIC Archive's general site words as the HAM10000 sites they cover "
+                        "(lever L6); the others read them as site unknown")
+    p.add_argument("--keep", type=Path, default=Path("runs/panel"),
+                   help="where each run's probabilities are kept, a folder per run")
     p.add_argument("--rule", choices=sorted(RULES), default="screen")
     p.add_argument("--cache-pattern", default="cache/{data}_224_third_{crop_fit}",
                    help="a site's cache, from its dataset and the run's crop fit")
@@ -83,8 +87,8 @@ def specificity_at_recall(labels, probs, recall=RECALL_POINT):
     return float(1 - fpr[tpr >= recall].min())
 
 
-def reading_name(reading, unmapped):
-    return f"{reading}_unmapped" if unmapped and reading == "shown" else reading
+def reading_name(reading, general_sites):
+    return f"{reading}_general" if general_sites and reading == "shown" else reading
 
 
 def training_images(run):
@@ -104,9 +108,9 @@ def training_images(run):
     return set(training.loc[training["split"] == "train", "image_id"])
 
 
-def score_run(run, cache_pattern, unmapped, device):
+def score_run(run, cache_pattern, general_sites, keep, device):
     """{(site, reading): DataFrame(image_id, group, label, prob)} of one run, from its kept files
-    where they are newer than its model."""
+    (keep/<the run's path, / as __>/) where they are newer than its model."""
     model_file = run / "model.pt"
     if not model_file.is_file():
         fail(model_file, "missing: train the run first")
@@ -114,7 +118,8 @@ def score_run(run, cache_pattern, unmapped, device):
     models = None
     trained_on = training_images(run)
     for site, data, split, readings in SITES:
-        kept = {reading: run / "panel" / f"{site}_{reading_name(reading, unmapped)}.csv" for reading in readings}
+        folder = keep / str(run).strip("/").replace("/", "__")
+        kept = {reading: folder / f"{site}_{reading_name(reading, general_sites)}.csv" for reading in readings}
         if all(path.is_file() and path.stat().st_mtime > model_file.stat().st_mtime for path in kept.values()):
             out.update({(site, reading): read_csv(path) for reading, path in kept.items()})
             continue
@@ -127,7 +132,7 @@ def score_run(run, cache_pattern, unmapped, device):
         rows = index if split == "all" else index[index["split"] == split]
         rows = rows[~rows["image_id"].isin(trained_on)]
         metadata = {reading: metadata_features(hidden_metadata(rows) if reading in ("hidden", "none") else rows,
-                                               general_sites=not unmapped) for reading in readings}
+                                               general_sites=general_sites) for reading in readings}
         group = rows["patient_id"] if "patient_id" in rows else rows["lesion_id"]
         for reading, probs in readings_probs(models, arrays, rows["row"], device, metadata).items():
             table = pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "group": group.astype(str).to_numpy(),
@@ -146,7 +151,7 @@ def readings_probs(models, arrays, rows, device, metadata):
     from common import model_inputs, output_probs, to_model_tensor
     probs = {reading: [] for reading in metadata}
     for model, checkpoint in models:
-        if not (checkpoint.get("metadata") and hasattr(model, "backbone")):
+        if not (checkpoint.get("metadata") and checkpoint["input"] != "both" and hasattr(model, "backbone")):
             p, _ = ensemble_probs([(model, checkpoint)], arrays, rows, device)
             for reading in metadata:
                 probs[reading].append(p)
@@ -264,14 +269,14 @@ def markdown(table, verdict, arms, rule):
 
 def main(args):
     arms = parse_arms(args.arm)
-    unknown = set(args.sites_unmapped) - set(arms)
+    unknown = set(args.general_sites) - set(arms)
     if unknown:
-        fail("--sites-unmapped", f"names no arm: {', '.join(sorted(unknown))}")
+        fail("--general-sites", f"names no arm: {', '.join(sorted(unknown))}")
     device = pick_device(args.device)
     scored = {}
     for name, runs in tqdm(arms.items(), desc="scoring arms"):
         for s, run in enumerate(runs):
-            scored[name, s] = score_run(run, args.cache_pattern, name in args.sites_unmapped, device)
+            scored[name, s] = score_run(run, args.cache_pattern, name in args.general_sites, args.keep, device)
     rows = []
     for site, _, _, readings in SITES:
         for k, reading in enumerate(readings):

@@ -37,7 +37,7 @@ def test_acquisition_shift_frames_blurs_and_casts_within_the_pixel_range():
 def test_general_site_words_spread_over_the_sites_they_cover_and_unknown_words_are_counted():
     rows = pd.DataFrame({"localization": ["torso", "posterior torso", "head/neck", "back", "moon", "", "unknown"]})
     site = common.METADATA_FIELDS[2][1]
-    features = common.metadata_features(rows)[:, site:]
+    features = common.metadata_features(rows, general_sites=True)[:, site:]
     column = {name: k for k, name in enumerate(common.SITES)}
     counts = common.HAM10000_SITE_COUNTS
     torso = counts["back"] + counts["trunk"] + counts["abdomen"] + counts["chest"]
@@ -48,14 +48,13 @@ def test_general_site_words_spread_over_the_sites_they_cover_and_unknown_words_a
     assert features[2, [column[s] for s in ("face", "neck", "scalp", "ear")]].sum() == pytest.approx(1)
     assert features[3, column["back"]] == 1 and features[3].sum() == 1
     assert not features[4:].any()  # a word no vocabulary has, and no word at all: site unknown
-    unmapped = common.metadata_features(rows, general_sites=False)[:, site:]
+    unmapped = common.metadata_features(rows)[:, site:]  # lever L6 was not kept: by default, unknown
     assert not unmapped[[0, 1, 2]].any() and unmapped[3, column["back"]] == 1
-    assert common.unknown_sites(rows) == {"moon": 1}
-    assert common.unknown_sites(rows, general_sites=False) == {"torso": 1, "posterior torso": 1, "head/neck": 1,
-                                                               "moon": 1}
-    assert common.unknown_sites_line(rows) == ("1 of 7 images name a site the model does not know, read as site "
-                                               "unknown: 'moon' (1)")
-    assert common.unknown_sites_line(rows.iloc[:4]) is None
+    assert common.unknown_sites(rows, general_sites=True) == {"moon": 1}
+    assert common.unknown_sites(rows) == {"torso": 1, "posterior torso": 1, "head/neck": 1, "moon": 1}
+    assert common.unknown_sites_line(rows.iloc[[0, 0, 4]]) == ("3 of 3 images name a site the model does not know, "
+                                                                "read as site unknown: 'torso' (2), 'moon' (1)")
+    assert common.unknown_sites_line(rows.iloc[3:4]) is None
 
 
 def test_val_source_chooses_the_epoch_on_that_source_alone(synthetic_cache, tmp_path):
@@ -94,13 +93,14 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
     # every site read from the synthetic cache; the baseline's seeds are the tiny run and the second
     panel.main(panel.parse_args(["--arm", f"B={trained_run},{second}", "--arm", f"same={trained_run},{second}",
                                  "--arm", f"swapped={second},{trained_run}", "--cache-pattern", str(synthetic_cache),
-                                 "--bootstrap", "50", "--out", str(out)]))
+                                 "--bootstrap", "50", "--keep", str(tmp_path / "kept"), "--out", str(out)]))
     table = pd.read_csv(out.with_suffix(".csv"))
     index = pd.read_csv(synthetic_cache / "index.csv")
     not_trained = index[index["split"] != "train"]
     ph2 = table[(table["site"] == "ph2") & (table["arm"] == "B")].iloc[0]
     assert ph2["images"] == len(not_trained)  # a site's training images are never scored
-    kept = pd.read_csv(trained_run / "panel" / "ph2_none.csv").set_index("image_id").loc[not_trained["image_id"]]
+    kept_folder = tmp_path / "kept" / str(trained_run).strip("/").replace("/", "__")
+    kept = pd.read_csv(kept_folder / "ph2_none.csv").set_index("image_id").loc[not_trained["image_id"]]
     own = common.ranking_metrics(not_trained["malignant"], kept["prob"])["roc_auc"]
     assert ph2["roc_auc_seed0"] == pytest.approx(own)
     same = table[table["arm"] == "same"]
@@ -118,8 +118,31 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
                                      "--out", str(out)]))
 
 
-def test_predict_takes_the_isic_archives_general_site_words():
-    import predict
-    assert predict.parse_args(["x.jpg", "--site", "head/neck"]).site == "head/neck"
-    with pytest.raises(SystemExit):
-        predict.parse_args(["x.jpg", "--site", "moon"])
+
+def test_both_views_train_through_one_network_and_predict_as_they_were_trained(synthetic_cache, tmp_path):
+    import evaluate
+    index, arrays = common.load_cache(synthetic_cache)
+    both = common.model_inputs(arrays, index["row"][:4], "both", 32)
+    assert both.shape == (4, 32, 32, 6)
+    assert np.array_equal(both[..., :3], common.model_inputs(arrays, index["row"][:4], "crop", 32))
+    assert np.array_equal(both[..., 3:], common.model_inputs(arrays, index["row"][:4], "full", 32))
+    # each view augmented on its own, both normalised alike
+    torch.manual_seed(0)
+    x = train.augment_batch(torch.from_numpy(both), train.make_augment("shift", 32),
+                            {"mean": [0.5] * 3, "std": [0.5] * 3}, noise=0, hue=0.02, shift=True)
+    assert x.shape == (4, 6, 32, 32) and x.min() >= -1.001 and x.max() <= 1.001
+    run = trained_with_thresholds(synthetic_cache, tmp_path / "both", "--epochs", "1", "--img-size", "32",
+                                  "--input", "both", "--metadata")
+    model, checkpoint = common.load_checkpoint(run / "model.pt")
+    assert checkpoint["input"] == "both" and type(model).__name__ == "TwoViews"
+    # the network reads the two views apart: swapping them changes the probabilities
+    rows = index[index["split"] == "val"]["row"]
+    probs, _ = common.ensemble_probs([(model, checkpoint)], arrays, rows, torch.device("cpu"))
+    assert np.allclose(probs, pd.read_csv(run / "val_probs.csv")["prob"], atol=1e-5)
+    swapped = common.model_inputs(arrays, rows, "both", 32)[..., [3, 4, 5, 0, 1, 2]]
+    swapped_probs, _ = common.predict_probs(model, swapped, checkpoint["normalisation"], torch.device("cpu"))
+    assert not np.allclose(probs, swapped_probs, atol=1e-4)
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--bootstrap", "0", "--no-tta"]))
+    assert (run / "metrics.csv").is_file()
+    with pytest.raises(SystemExit, match="reads two"):
+        evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--gradcam", "2"]))
