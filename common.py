@@ -847,6 +847,23 @@ def hide_metadata(features, p):
     return features
 
 
+METADATA_WIDTH = 32  # the metadata's embedding beside the image features
+
+
+def features_only(backbone):
+    """(the image network with its classifier replaced by the identity, its features' width)."""
+    import torch
+    classifier = "_fc" if hasattr(backbone, "_fc") else "fc"
+    width = getattr(backbone, classifier).in_features
+    setattr(backbone, classifier, torch.nn.Identity())
+    return backbone, width
+
+
+def metadata_embedding():
+    import torch
+    return torch.nn.Sequential(torch.nn.Linear(METADATA_SIZE, METADATA_WIDTH), torch.nn.ReLU())
+
+
 def metadata_fusion(model, num_outputs):
     """The image network with its classifier replaced by a head over the image features and a
     small embedding of the metadata: forward(x, metadata=None), where None means no metadata."""
@@ -855,12 +872,9 @@ def metadata_fusion(model, num_outputs):
     class MetadataFusion(torch.nn.Module):
         def __init__(self, backbone):
             super().__init__()
-            classifier = "_fc" if hasattr(backbone, "_fc") else "fc"
-            width = getattr(backbone, classifier).in_features
-            setattr(backbone, classifier, torch.nn.Identity())
-            self.backbone = backbone
-            self.metadata = torch.nn.Sequential(torch.nn.Linear(METADATA_SIZE, 32), torch.nn.ReLU())
-            self.head = torch.nn.Linear(width + 32, num_outputs)
+            self.backbone, width = features_only(backbone)
+            self.metadata = metadata_embedding()
+            self.head = torch.nn.Linear(width + METADATA_WIDTH, num_outputs)
 
         def forward(self, x, metadata=None):
             features = self.backbone(x)
@@ -880,13 +894,9 @@ def two_views(model, num_outputs, metadata):
     class TwoViews(torch.nn.Module):
         def __init__(self, backbone):
             super().__init__()
-            classifier = "_fc" if hasattr(backbone, "_fc") else "fc"
-            width = getattr(backbone, classifier).in_features
-            setattr(backbone, classifier, torch.nn.Identity())
-            self.backbone = backbone
-            self.metadata = torch.nn.Sequential(torch.nn.Linear(METADATA_SIZE, 32), torch.nn.ReLU()) \
-                if metadata else None
-            self.head = torch.nn.Linear(2 * width + (32 if metadata else 0), num_outputs)
+            self.backbone, width = features_only(backbone)
+            self.metadata = metadata_embedding() if metadata else None
+            self.head = torch.nn.Linear(2 * width + (METADATA_WIDTH if metadata else 0), num_outputs)
 
         def forward(self, x, metadata=None):
             n = len(x)
