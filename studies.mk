@@ -234,12 +234,14 @@ third-screen: | $(PY_DEPS)  ## study, 3rd edition: the baseline and each arm for
 
 # The full-length stage (docs/third_edition.md): B and C, the screen's passing levers together, at
 # the shipped budget (10 epochs at 160 px), seeds 0 and 1, held to the keep rule. THIRD_FULL_FLAGS
-# are C's train.py flags; set them from the screen's verdicts (and commit them) before the runs.
-THIRD_FULL_FLAGS ?= --input full
+# and THIRD_FULL_DATA are C's train.py flags and dataset (now the two arms that passed, L1 and L3a);
+# set them from the whole screen's verdicts, and commit them, before the runs.
+THIRD_FULL_DATA  ?= ham+isic2017_trainval
+THIRD_FULL_FLAGS ?= --input full --val-source ham10000_full
 third-full: THIRD_RUNS = runs/third_full
 third-full: THIRD_BUDGET = --img-size 160 --epochs 10
 third-full: | $(PY_DEPS)  ## study, 3rd edition: B and the combined levers at full length, seeds 0 and 1, held to the keep rule
 	$(call third_arm,B,hamfull_trainval,pad,)
-	$(call third_arm,C,hamfull_trainval,pad,$(THIRD_FULL_FLAGS))
+	$(call third_arm,C,$(THIRD_FULL_DATA),pad,$(THIRD_FULL_FLAGS))
 	$(PYTHON) bench/panel.py --arm B=$(call third_runs,B) --arm C=$(call third_runs,C) --rule keep \
 		--out bench/results/third/full
