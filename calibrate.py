@@ -87,8 +87,9 @@ def main(args):
     lock_output(out)
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
-    if any(checkpoint.get("metadata") for _, checkpoint in models) and unknown_sites_line(known):
-        print(unknown_sites_line(known))
+    unknown_line = unknown_sites_line(known)
+    if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
+        print(unknown_line)
     probs = np.full(len(rows), np.nan)
     for i, result in tqdm(classify_files(models, settings, files, metadata_features(known), device, tta),
                           total=len(files), desc="predicting"):

@@ -183,6 +183,14 @@ def write_json(obj, path):
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_table_and_markdown(table, text, out):
+    """A benchmark's table as out.csv and its Markdown text as out.md, then the text printed."""
+    write_csv(table, out.with_suffix(".csv"))
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    print(text)
+
+
 def read_json(path):
     path = Path(path)
     if not path.is_file():
@@ -1349,6 +1357,14 @@ def output_probs(logits, task):
     return torch.softmax(logits, dim=1)[:, 1], None
 
 
+def inference_batch_size(images_uint8, device):
+    """64 on a GPU; on a CPU as many images as make 8 of 160 px (predict_probs says why)."""
+    if device.type != "cpu":
+        return 64
+    pixels = int(np.prod(images_uint8.shape[1:3])) if len(images_uint8) else 1
+    return max(8, 8 * 160 * 160 // pixels)
+
+
 def predict_probs(model, images_uint8, normalisation, device, task="binary", batch_size=None, tta=False,
                   metadata=None):
     """(malignancy probability per image, class probabilities (N, 7) or None), in order. With tta,
@@ -1359,9 +1375,7 @@ def predict_probs(model, images_uint8, normalisation, device, task="binary", bat
     the processor's cache) and smaller images in batches of 8 spend their time in Python."""
     import torch
     model.eval()
-    if batch_size is None:
-        pixels = int(np.prod(images_uint8.shape[1:3])) if len(images_uint8) else 1
-        batch_size = max(8, 8 * 160 * 160 // pixels) if device.type == "cpu" else 64
+    batch_size = batch_size or inference_batch_size(images_uint8, device)
     extra = {}
     views = [(k, flip) for k in range(4) for flip in (False, True)] if tta else [(0, False)]
     malignant, classes = [], []

@@ -314,9 +314,9 @@ def main(args):
                                                                             if args.source else ""))
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
-    reads_metadata = any(checkpoint.get("metadata") for _, checkpoint in models)
-    if reads_metadata and unknown_sites_line(known):
-        print(unknown_sites_line(known))
+    unknown_line = unknown_sites_line(known)
+    if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
+        print(unknown_line)
     probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta,
                                         metadata=metadata_features(known))
     labels = rows["malignant"].to_numpy()

@@ -25,8 +25,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (atomic_path, fail, ranking_metrics, read_probs, read_thresholds, threshold_metrics,  # noqa: E402
-                    write_csv)
+from common import (fail, ranking_metrics, read_probs, read_thresholds, threshold_metrics,  # noqa: E402
+                    write_table_and_markdown)
 
 EXTERNAL = {"val_tta": "validation (HAM10000), test-time augmentation (evaluate.py --tta)",
             "isic2017_trainval": "ISIC 2017 train+val (external validation)",
@@ -129,11 +129,7 @@ def main(args):
             rows.append({"data": name, "images": len(labels), "malignant": int(labels.sum()), "run": str(run),
                          **{f"threshold_{point}": value for point, value in zip(points, t)}, **row})
     table = pd.DataFrame(rows)
-    write_csv(table, args.out.with_suffix(".csv"))
-    text = markdown(table, args.runs, points)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(text)
-    print(text)
+    write_table_and_markdown(table, markdown(table, args.runs, points), args.out)
     print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
 
 

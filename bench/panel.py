@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (atomic_path, check_preprocessing, ensemble_probs, fail, hidden_metadata, load_cache,  # noqa: E402
+from common import (check_preprocessing, ensemble_probs, fail, hidden_metadata, load_cache,  # noqa: E402
                     load_run_models, metadata_features, pick_device, preprocess_settings, ranking_metrics, read_csv,
-                    read_json, write_csv)
+                    read_json, write_csv, write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -148,7 +148,7 @@ def readings_probs(models, arrays, rows, device, metadata):
     each reading's metadata (what ensemble_probs gives reading by reading, at a fraction of the
     time); a model without metadata gives every reading the same probabilities."""
     import torch
-    from common import model_inputs, output_probs, to_model_tensor
+    from common import inference_batch_size, model_inputs, output_probs, to_model_tensor
     probs = {reading: [] for reading in metadata}
     for model, checkpoint in models:
         if not (checkpoint.get("metadata") and checkpoint["input"] != "both" and hasattr(model, "backbone")):
@@ -157,8 +157,7 @@ def readings_probs(models, arrays, rows, device, metadata):
                 probs[reading].append(p)
             continue
         images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
-        # predict_probs' batches: on a CPU as many images as make 8 of 160 px, where larger ones run slower
-        batch = max(8, 8 * 160 * 160 // checkpoint["img_size"] ** 2) if device.type == "cpu" else 64
+        batch = inference_batch_size(images, device)
         features = []
         with torch.inference_mode():
             for start in range(0, len(images), batch):
@@ -285,12 +284,8 @@ def main(args):
                 rows.append({"site": site, "reading": reading, "in_panel": k == 0, **row})
     table = pd.DataFrame(rows)
     verdict = verdicts(table, arms, args.rule)
-    write_csv(table, args.out.with_suffix(".csv"))
     write_csv(verdict, args.out.parent / f"{args.out.name}_verdicts.csv")
-    text = markdown(table, verdict, arms, args.rule)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(text)
-    print(text)
+    write_table_and_markdown(table, markdown(table, verdict, arms, args.rule), args.out)
     print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
 
 

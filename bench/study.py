@@ -25,7 +25,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import ENSEMBLE_FILE, atomic_path, fail, write_csv  # noqa: E402
+from common import ENSEMBLE_FILE, fail, write_table_and_markdown  # noqa: E402
 
 CONFUSION_7 = "confusion_matrix_7class.png"
 BINARY_PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "calibration.png", "pr_curve_val.png")
@@ -141,11 +141,7 @@ def main(args):
     infos = [describe(run) for run in runs]
     best, best_multiclass = best_run(infos, "binary"), best_run(infos, "multiclass")
     table = collect(runs, infos, best, best_multiclass)
-    write_csv(table, args.out.with_suffix(".csv"))
-    text = markdown(table)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(text)
-    print(text)
+    write_table_and_markdown(table, markdown(table), args.out)
     if args.plots and best is not None:
         run = args.runs / best
         copy_plots([(run / name, name) for name in BINARY_PLOTS]

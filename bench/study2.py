@@ -21,7 +21,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import atomic_path, fail, read_csv, write_csv  # noqa: E402
+from common import fail, read_csv, write_table_and_markdown  # noqa: E402
 from study import METRICS, balanced_accuracy_7, copy_plots, describe  # noqa: E402
 
 PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "confusion_matrix_7class.png")
@@ -85,11 +85,7 @@ def main(args):
             fail(item, "is not FOLDER:LABEL")
         reads.append((Path(folder), label))
     table = collect(reads, args.points)
-    write_csv(table, args.out.with_suffix(".csv"))
-    text = markdown(table)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(text)
-    print(text)
+    write_table_and_markdown(table, markdown(table), args.out)
     if args.plots:
         for folder, label in reads:
             slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
