@@ -38,6 +38,7 @@ REFERENCE     := models/reference
 EXPORT_DIR    ?= models/$(RUN)
 IMAGES        ?=
 MODEL         ?=
+CLINIC        ?=
 PREDICT_OUT   ?= predictions
 
 # By default a virtual environment is made and requirements.txt installed into it; PYTHON=python3
@@ -46,6 +47,7 @@ VENV   := .venv
 PYTHON ?= $(VENV)/bin/python
 ifeq ($(PYTHON),$(VENV)/bin/python)
 PY_DEPS := $(VENV)/.installed
+APP_DEPS := $(VENV)/.app-installed
 endif
 
 DATA_DIR := data/$(DATA)
@@ -78,7 +80,7 @@ else
 FETCH_FROM := --source $(SOURCE)
 endif
 
-.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict reference-bench reference-test site-bench segmenter-bench source-test external external-val demo test \
+.PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict app app-deps reference-bench reference-test site-bench segmenter-bench source-test external external-val demo test \
 	bench clean distclean help
 
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
@@ -148,6 +150,21 @@ predict: | $(PY_DEPS)  ## classify IMAGES="files or folders" with the reference 
 	$(if $(IMAGES),,$(error predict needs IMAGES="image files or folders"))
 	$(PYTHON) predict.py $(IMAGES) $(if $(MODEL),--run $(MODEL)) --out $(PREDICT_OUT)/predictions.csv \
 		--overlay $(PREDICT_OUT)
+
+# The web page's optional requirements (Gradio; Selenium for its browser test), beside the core ones
+$(VENV)/.app-installed: requirements-app.txt | $(PY_DEPS)
+	$(VENV)/bin/pip install --quiet -r requirements-app.txt
+	touch $@
+app: | $(APP_DEPS)  ## serve the web page at http://127.0.0.1:7860 with the reference model (or MODEL=folder, CLINIC=name)
+	$(PYTHON) app.py $(if $(MODEL),--run $(MODEL)) $(if $(CLINIC),--clinic $(CLINIC))
+# Chromium for the page's browser test: Debian's packages where apt-get can install them, else the
+# test is skipped and says why
+app-deps: | $(APP_DEPS)  ## the web page's optional requirements, and headless Chromium for its test (Debian, as root)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium chromium-driver >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null); \
+	else echo "Chromium not installed (it needs apt-get as root): the page's browser test will be skipped"; fi
 
 $(RUN_DIR)/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
 	$(PYTHON) evaluate.py --run $(RUN_DIR)
@@ -293,6 +310,6 @@ help:  ## list targets and variables
 	@echo "variables (current value):"
 	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
 		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR CROP_FIT METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
-		SHARED RUN EXPORT_DIR IMAGES MODEL PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
+		SHARED RUN EXPORT_DIR IMAGES MODEL CLINIC PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
 
 include studies.mk

@@ -1185,6 +1185,10 @@ REFERENCE_MODEL = Path(__file__).resolve().parent / "models" / "reference"
 
 
 ENSEMBLE_FILE = "members.json"
+# a model folder's 7-class model beside its malignancy model(s): which lesion it is, read from the
+# same prepared images (one segmenter pass), while malignancy and its validated operating points
+# stay the binary model's
+CLASS_MODEL_FILE = "classes.pt"
 
 
 def load_run_models(run_dir, device):
@@ -1209,17 +1213,47 @@ def load_run_models(run_dir, device):
     return models
 
 
-def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None):
+def load_class_model(run_dir, device, models):
+    """The (model, checkpoint) that gives a run's 7 class probabilities: its classes.pt (a model
+    folder's 7-class model, export_model.py --classes), else None, and then a 7-class run's own
+    models give them (ensemble_probs). classes.pt must read the images as `models` do."""
+    path = Path(run_dir) / CLASS_MODEL_FILE
+    if not path.is_file():
+        return None
+    model, checkpoint = load_checkpoint(path)
+    if checkpoint["task"] != "multiclass":
+        fail(path, f"is a {checkpoint['task']} model; {CLASS_MODEL_FILE} holds the 7-class one")
+    if checkpoint.get("preprocess") is None or models[0][1].get("preprocess") is None:
+        fail(path, "it or model.pt has no preprocessing settings; retrain it with this version of train.py")
+    ours, theirs = (preprocess_settings(c["preprocess"]) for c in (checkpoint, models[0][1]))
+    if preprocessing_differences(ours, theirs):
+        fail(path, "was trained on differently prepared images than model.pt "
+             f"({', '.join(preprocessing_differences(ours, theirs))}); both must read one preparation")
+    return prepare_model(fold_batch_norms(model), device), checkpoint
+
+
+def has_classes(models, class_model):
+    return class_model is not None or models[0][1]["task"] == "multiclass"
+
+
+NO_CLASSES = (f"gives malignancy only: no 7-class model ({CLASS_MODEL_FILE}, export_model.py --classes), "
+              "and not a 7-class run")
+
+
+def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None, class_model=None):
     """(malignancy probabilities, class probabilities or None) of cache rows, the mean over the
     models, each fed the input form and size it was trained with, and metadata_features of the
-    rows if it was trained with them (None: no metadata known)."""
+    rows if it was trained with them (None: no metadata known). With class_model (load_class_model)
+    the class probabilities are its own; malignancy stays the models'."""
     probs, class_probs = [], []
-    for model, checkpoint in models:
+    for model, checkpoint in models + ([class_model] if class_model is not None else []):
         images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
         p, c = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"], tta=tta,
                              metadata=metadata if checkpoint.get("metadata") else None)
         probs.append(p)
         class_probs.append(c)
+    if class_model is not None:
+        return np.mean(probs[:-1], axis=0), class_probs[-1]
     return np.mean(probs, axis=0), None if class_probs[0] is None else np.mean(class_probs, axis=0)
 
 
@@ -1231,7 +1265,7 @@ def run_preprocessing(models, run):
         fail(run, "a model has no preprocessing settings; retrain it with this version of train.py")
     settings = [preprocess_settings(s) for s in settings]
     if any(preprocessing_differences(s, settings[0]) for s in settings):
-        fail(run, "its models were trained on differently preprocessed images; predict with each on its own")
+        fail(run, "its models were trained on differently prepared images; predict with each on its own")
     if settings[0]["segmenter"] is not None:  # missing or changed: one line now, not a skip per image
         loaded_segmenter(settings[0]["segmenter"], settings[0]["segmenter_sha256"])
     return settings[0]
@@ -1240,7 +1274,7 @@ def run_preprocessing(models, run):
 FILE_BATCH = 8  # images segmented and classified together; on 2 CPU cores 8 ran faster than 4, 16 or 32
 
 
-def classify_files(models, settings, files, metadata, device, tta):
+def classify_files(models, settings, files, metadata, device, tta, class_model=None):
     """Image files through the run's preprocessing (run_preprocessing) and models, a batch at a
     time. metadata: metadata_features, a row per file. Yields (index of the file, result) in order:
     result is a dict (prepared: preprocess_image's arrays, prob, class_probs or None) or, for a
@@ -1261,10 +1295,49 @@ def classify_files(models, settings, files, metadata, device, tta):
         arrays = {name: np.stack([p[key] for p in prepared])
                   for name, key in (("full", "image"), ("crop", "crop"), ("mask", "mask_small"))}
         probs, class_probs = ensemble_probs(models, arrays, np.arange(len(readable)), device, tta=tta,
-                                            metadata=metadata[readable])
+                                            metadata=metadata[readable], class_model=class_model)
         for k, i in enumerate(readable):
             yield i, {"prepared": prepared[k], "prob": float(probs[k]),
                       "class_probs": None if class_probs is None else class_probs[k]}
+
+
+def prediction_row(name, result, threshold, operating_point, tta, calibration=None):
+    """One image's row of predictions.csv (predict.py, and the web page's table) from a result of
+    classify_files: the malignancy probability (a site's recalibrated one with calibration, the
+    model's then in model_prob, to which the threshold applies), the decision, and where the model
+    gives them the most likely of the 7 classes and each one's probability."""
+    prepared, prob = result["prepared"], result["prob"]
+    decision = "malignant" if prob >= threshold else "benign"
+    # no plausible lesion (a blank image, a photo of something else): the model's score is no diagnosis
+    row = {"file": name, "malignancy_prob": prob if calibration is None else float(recalibrated(prob, calibration)),
+           "decision": decision if prepared["mask_ok"] else "no lesion found",
+           "threshold": threshold, "operating_point": operating_point, "tta": int(tta),
+           "mask_area": prepared["mask_area"], "mask_ok": prepared["mask_ok"]}
+    if calibration is not None:
+        row["model_prob"] = prob
+    if result["class_probs"] is not None:
+        top = int(np.argmax(result["class_probs"]))
+        row.update(top_class=DX_CODES[top], top_class_prob=float(result["class_probs"][top]))
+        row.update({f"prob_{code}": float(result["class_probs"][k]) for k, code in enumerate(DX_CODES)})
+    return row
+
+
+def overlay_image(rgb, prepared, decision, prob, top_class=None):
+    """The image with the lesion outline (red: malignant, green: benign, yellow: no lesion found),
+    the decision and, where the model gives it, the most likely of the 7 classes."""
+    import cv2
+    rgb = rgb.copy()
+    mask = cv2.resize(prepared["mask"], rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    colour = {"malignant": (220, 40, 40), "benign": (40, 180, 40)}.get(decision, (230, 200, 40))
+    thickness = max(2, rgb.shape[1] // 200)
+    cv2.drawContours(rgb, contours, -1, colour, thickness)
+    text = f"{decision} (p={prob:.2f})" + (f", {top_class}" if top_class else "")
+    scale = rgb.shape[1] / 800
+    cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                thickness + 2)
+    cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness)
+    return rgb
 
 
 def pick_device(name="auto"):
@@ -1396,6 +1469,39 @@ def predict_probs(model, images_uint8, normalisation, device, task="binary", bat
                 classes.append(class_probs.cpu())
     malignant = torch.cat(malignant).numpy() if malignant else np.zeros(0)
     return malignant, (torch.cat(classes).numpy() if classes else None)
+
+
+def gradcam_maps(model, images_uint8, normalisation, device, task, metadata=None):
+    """Grad-CAM of the malignancy score at the last convolution: the channels' activations
+    weighted by their mean gradient, rectified, scaled to [0, 1] per image. metadata:
+    metadata_features of the images, for a model trained with them (None: unknown)."""
+    import torch
+    layer = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    saved = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o: saved.__setitem__("activation", o)),
+             layer.register_full_backward_hook(lambda m, gi, go: saved.__setitem__("gradient", go[0]))]
+    model.eval()
+    try:
+        x = to_model_tensor(images_uint8, normalisation).to(device).requires_grad_(True)
+        extra = {} if metadata is None else {"metadata": torch.as_tensor(metadata).to(device)}
+        prob, _ = output_probs(model(x, **extra), task)
+        model.zero_grad()
+        torch.log(prob.clamp_min(1e-7)).sum().backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights = saved["gradient"].mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * saved["activation"]).sum(dim=1)).detach()
+    cam = cam / cam.flatten(1).max(dim=1).values.clamp_min(1e-7).view(-1, 1, 1)
+    return cam.cpu().numpy()
+
+
+def heat_overlay(image_uint8, cam):
+    """A Grad-CAM map over the image it explains (jet colours, 45%)."""
+    import cv2
+    heat = cv2.resize(cam, image_uint8.shape[1::-1])
+    coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    return (0.55 * image_uint8 + 0.45 * coloured).astype(np.uint8)
 
 
 def cosine_with_warmup(optimizer, warmup_steps, total_steps):

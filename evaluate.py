@@ -18,8 +18,10 @@ the run folder):
                          positives, false positives and false negatives (at recall_bound where
                          thresholds.json has it)
   metrics_by_source.csv  where the rows come from several sources: metrics.csv's columns per source
-  multiclass_metrics.csv, confusion_matrix_7class.png   for 7-class models: balanced accuracy,
-                         macro ROC-AUC, per-class precision and recall, the 7x7 confusion matrix
+  multiclass_metrics.csv, confusion_matrix_7class.csv/.png   where the model gives the 7 classes (a
+                         7-class run, or a model folder with classes.pt): per-class precision,
+                         recall and one-vs-rest ROC-AUC, a macro row (balanced accuracy, macro
+                         ROC-AUC), each with a 95% interval over lesions; the 7x7 confusion matrix
   report.md              the metrics table, the plots and the data they were computed on
 
 Examples: python evaluate.py --run runs/lite0
@@ -27,17 +29,18 @@ Examples: python evaluate.py --run runs/lite0
           python evaluate.py --run runs/ham+isic --source isic2017 --out-dir runs/ham+isic/source_isic2017
 """
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common import (ArgumentParser, DX_CODES, SPLITS, atomic_path, balanced_accuracy_7, binary_metrics,
-                    check_preprocessing, default_operating_point, ensemble_probs, fail, hidden_metadata, load_cache,
-                    load_run_models, lock_output, metadata_features, model_inputs, new_figure, number_in,
-                    operating_points, output_probs, pick_device, plot_pr_curve, plot_reliability, ranking_metrics,
-                    recalibrated, save_figure, save_image_grid, threshold_metrics, to_model_tensor, unknown_sites_line,
-                    write_csv)
+from common import (ArgumentParser, CLASS_MODEL_FILE, DX_CODES, NO_CLASSES, SPLITS, atomic_path, balanced_accuracy_7,
+                    binary_metrics, check_preprocessing, default_operating_point, ensemble_probs, fail, gradcam_maps,
+                    has_classes, heat_overlay, hidden_metadata, load_cache, load_class_model, load_run_models, lock_output,
+                    metadata_features, model_inputs, new_figure, number_in, operating_points, pick_device,
+                    plot_pr_curve, plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid,
+                    threshold_metrics, unknown_sites_line, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -65,6 +68,9 @@ def parse_args(argv=None):
                         "as on a test set that has none")
     p.add_argument("--gradcam", type=number_in(int, 0), default=0, metavar="N",
                    help="Grad-CAM grid of N cases per outcome")
+    p.add_argument("--classes", action="store_true",
+                   help="require the 7-class report: a model without 7 classes ends with one line saying so "
+                        "(without the flag such a model is scored for malignancy alone)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -151,37 +157,75 @@ def plot_roc_curve(labels, probs, table, path):
     save_figure(fig, path)
 
 
-def balanced_accuracy_interval(dx, class_probs, n_resamples, seed):
-    """95% percentile interval of the 7-class balanced accuracy, from resampling images."""
+def multiclass_figures(truth, class_probs):
+    """Per-class precision, recall and one-vs-rest ROC-AUC of the most probable class (NaN for a
+    class absent from truth; precision NaN for a class never predicted), from the 7x7 counts."""
+    n = len(DX_CODES)
+    counts = np.bincount(truth * n + class_probs.argmax(axis=1), minlength=n * n).reshape(n, n)
+    hits = np.diag(counts).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(counts.sum(axis=1) > 0, hits / counts.sum(axis=1), np.nan)
+        precision = np.where(counts.sum(axis=0) > 0, hits / counts.sum(axis=0), np.nan)
+    roc_auc = np.array([ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in range(n)])
+    return {"precision": precision, "recall": recall, "roc_auc": roc_auc, "counts": counts}
+
+
+def multiclass_intervals(truth, class_probs, lesion_ids, n_resamples, seed):
+    """95% percentile intervals of each class's precision, recall and ROC-AUC, of the balanced
+    accuracy and of the macro ROC-AUC, from resampling lesions (all of a lesion's images go
+    together: HAM10000 holds up to six images of one lesion, and they are no independent cases)."""
     rng = np.random.default_rng(seed)
-    dx = np.asarray(dx)
-    values = [balanced_accuracy_7(dx[pick], class_probs[pick])
-              for pick in (rng.integers(0, len(dx), len(dx)) for _ in range(n_resamples))]
-    return tuple(np.quantile(values, [0.025, 0.975])) if values else (np.nan, np.nan)
+    _, lesion = np.unique(np.asarray(lesion_ids).astype(str), return_inverse=True)
+    members = np.split(np.argsort(lesion, kind="stable"), np.cumsum(np.bincount(lesion))[:-1])
+    present = np.bincount(truth, minlength=len(DX_CODES)) > 0
+    samples = {"precision": [], "recall": [], "roc_auc": [], "balanced_accuracy": [], "macro_roc_auc": []}
+    for _ in range(n_resamples):
+        pick = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        figures = multiclass_figures(truth[pick], class_probs[pick])
+        for name in ("precision", "recall", "roc_auc"):
+            samples[name].append(figures[name])
+        # a class a resample misses counts as recall 0 in neither: the mean over the classes it holds
+        samples["balanced_accuracy"].append(np.nanmean(figures["recall"][present]))
+        samples["macro_roc_auc"].append(np.nanmean(figures["roc_auc"][present]))
+    with warnings.catch_warnings():  # a class absent from every resample has no interval: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {name: np.nanquantile(np.array(values, dtype=float), [0.025, 0.975], axis=0) if values else
+                np.full((2, len(DX_CODES)) if name in ("precision", "recall", "roc_auc") else 2, np.nan)
+                for name, values in samples.items()}
 
 
 def multiclass_report(rows, class_probs, out_dir, n_resamples, seed):
-    """Per-class precision, recall, F1 and one-vs-rest ROC-AUC, a 'macro' row (its recall is the
-    balanced accuracy, with a bootstrap 95% interval), and the 7x7 confusion matrix."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    """Per-class precision, recall and one-vs-rest ROC-AUC, a 'macro' row (its recall is the
+    balanced accuracy), each with a 95% interval over lesions, and the 7x7 confusion matrix."""
     truth = np.array([DX_CODES.index(dx) for dx in rows["dx"]])
-    predicted = class_probs.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=range(len(DX_CODES)),
-                                                                     zero_division=0)
-    one_vs_rest = [ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in range(len(DX_CODES))]
-    table = pd.DataFrame({"class": DX_CODES, "precision": precision, "recall": recall, "f1": f1,
-                          "roc_auc": one_vs_rest, "support": support})
-    present = table[table["support"] > 0]
-    low, high = balanced_accuracy_interval(rows["dx"], class_probs, n_resamples, seed)
-    summary = {"balanced_accuracy": balanced_accuracy_7(rows["dx"], class_probs), "balanced_accuracy_lo": low,
-               "balanced_accuracy_hi": high, "macro_roc_auc": float(np.nanmean(present["roc_auc"]))}
-    macro = {"class": "macro", "precision": present["precision"].mean(), "recall": summary["balanced_accuracy"],
-             "recall_lo": low, "recall_hi": high, "f1": present["f1"].mean(), "roc_auc": summary["macro_roc_auc"],
-             "support": int(support.sum())}
-    write_csv(pd.concat([table, pd.DataFrame([macro])]), out_dir / "multiclass_metrics.csv")
+    figures = multiclass_figures(truth, class_probs)
+    counts = figures["counts"]
+    support = counts.sum(axis=1)
+    present = support > 0
+    table = pd.DataFrame({"class": DX_CODES, "precision": figures["precision"], "recall": figures["recall"],
+                          "roc_auc": figures["roc_auc"], "support": support, "predicted": counts.sum(axis=0)})
+    summary = {"balanced_accuracy": balanced_accuracy_7(rows["dx"], class_probs),
+               "macro_roc_auc": float(np.nanmean(figures["roc_auc"][present])),
+               "balanced_accuracy_lo": np.nan, "balanced_accuracy_hi": np.nan,
+               "macro_roc_auc_lo": np.nan, "macro_roc_auc_hi": np.nan}
+    macro = {"class": "macro", "precision": float(np.nanmean(figures["precision"][present])),
+             "recall": summary["balanced_accuracy"], "roc_auc": summary["macro_roc_auc"],
+             "support": int(support.sum()), "predicted": int(support.sum())}
+    if n_resamples:
+        intervals = multiclass_intervals(truth, class_probs, rows["lesion_id"], n_resamples, seed)
+        for name in ("precision", "recall", "roc_auc"):
+            table[f"{name}_lo"], table[f"{name}_hi"] = intervals[name]
+        summary.update(balanced_accuracy_lo=intervals["balanced_accuracy"][0],
+                       balanced_accuracy_hi=intervals["balanced_accuracy"][1],
+                       macro_roc_auc_lo=intervals["macro_roc_auc"][0], macro_roc_auc_hi=intervals["macro_roc_auc"][1])
+        macro.update(recall_lo=summary["balanced_accuracy_lo"], recall_hi=summary["balanced_accuracy_hi"],
+                     roc_auc_lo=summary["macro_roc_auc_lo"], roc_auc_hi=summary["macro_roc_auc_hi"])
+    table = pd.concat([table, pd.DataFrame([macro])], ignore_index=True)
+    write_csv(table, out_dir / "multiclass_metrics.csv")
+    write_csv(pd.DataFrame(counts, index=pd.Index(DX_CODES, name="true"), columns=DX_CODES).reset_index(),
+              out_dir / "confusion_matrix_7class.csv")
 
-    counts = confusion_matrix(truth, predicted, labels=range(len(DX_CODES)))
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    shares = counts / np.maximum(support[:, None], 1)
     fig, ax = new_figure(figsize=(6.5, 5.5))
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(DX_CODES)):
@@ -191,35 +235,11 @@ def multiclass_report(rows, class_probs, out_dir, n_resamples, seed):
     ax.set(xticks=range(7), yticks=range(7), xticklabels=DX_CODES, yticklabels=DX_CODES, xlabel="predicted",
            ylabel="true", title=f"7 classes, balanced accuracy {summary['balanced_accuracy']:.3f}")
     save_figure(fig, out_dir / "confusion_matrix_7class.png")
-    return summary
-
-
-def gradcam_maps(model, images_uint8, normalisation, device, task):
-    """Grad-CAM of the malignancy score at the last convolution: the channels' activations
-    weighted by their mean gradient, rectified, scaled to [0, 1] per image."""
-    import torch
-    layer = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    saved = {}
-    hooks = [layer.register_forward_hook(lambda m, i, o: saved.__setitem__("activation", o)),
-             layer.register_full_backward_hook(lambda m, gi, go: saved.__setitem__("gradient", go[0]))]
-    model.eval()
-    try:
-        x = to_model_tensor(images_uint8, normalisation).to(device).requires_grad_(True)
-        prob, _ = output_probs(model(x), task)
-        model.zero_grad()
-        torch.log(prob.clamp_min(1e-7)).sum().backward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    weights = saved["gradient"].mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * saved["activation"]).sum(dim=1)).detach()
-    cam = cam / cam.flatten(1).max(dim=1).values.clamp_min(1e-7).view(-1, 1, 1)
-    return cam.cpu().numpy()
+    return summary, table
 
 
 def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
     """Rows: the n most confident true positives, false positives and false negatives."""
-    import cv2
     decided = test["prob"].to_numpy() >= threshold
     label = test["label"].to_numpy() == 1
     probs = test["prob"].to_numpy()
@@ -233,29 +253,48 @@ def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
         cams = gradcam_maps(model, images[chosen], checkpoint["normalisation"], device, checkpoint["task"]) \
             if len(chosen) else []
         for k, cam in zip(chosen, cams):
-            heat = cv2.resize(cam, images[k].shape[1::-1])
-            coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-            tiles.append((0.55 * images[k] + 0.45 * coloured).astype(np.uint8))
+            tiles.append(heat_overlay(images[k], cam))
             titles.append(f"{name}\n{test['image_id'].iloc[k]} p={probs[k]:.2f}")
         tiles += [None] * (n - len(chosen))  # each outcome keeps a row of its own
         titles += [""] * (n - len(chosen))
     save_image_grid(tiles, titles, path, columns=n, tile_inches=(2.2, 2.4))
 
 
+def with_interval(summary, name):
+    interval = "" if np.isnan(summary[f"{name}_lo"]) else f" [{summary[name + '_lo']:.3f}, {summary[name + '_hi']:.3f}]"
+    return f"{summary[name]:.3f}{interval}"
+
+
 def multiclass_line(summary):
-    interval = "" if np.isnan(summary["balanced_accuracy_lo"]) else \
-        f" ({summary['balanced_accuracy_lo']:.3f}-{summary['balanced_accuracy_hi']:.3f})"
-    return f"{summary['balanced_accuracy']:.3f}{interval}, macro ROC-AUC {summary['macro_roc_auc']:.3f}"
+    return (f"{with_interval(summary, 'balanced_accuracy')}, macro ROC-AUC "
+            f"{with_interval(summary, 'macro_roc_auc')}")
 
 
-def describe_models(models):
+def class_table_lines(table):
+    """The per-class table of multiclass_report as Markdown, intervals in brackets."""
+    lines = ["| class | images | predicted | recall | precision | ROC-AUC (one vs rest) |", "|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        cells = [("n/a" if np.isnan(row[m]) else f"{row[m]:.3f}") + (
+            f" [{row[m + '_lo']:.3f}, {row[m + '_hi']:.3f}]" if not np.isnan(row.get(m + "_lo", np.nan)) else "")
+            for m in ("recall", "precision", "roc_auc")]
+        lines.append(f"| {row['class']} | {row['support']} | {row['predicted']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def describe_models(models, class_model=None):
     parts = [f"{c['arch']} ({c['task']}, {c['input']} input, {c['img_size']} px, loss {c['loss']})" for _, c in models]
-    return parts[0] if len(parts) == 1 else f"mean probability of {len(parts)} models: " + "; ".join(parts)
+    text = parts[0] if len(parts) == 1 else f"mean probability of {len(parts)} models: " + "; ".join(parts)
+    if class_model is not None:
+        c = class_model[1]
+        text += (f"; the 7 classes from {CLASS_MODEL_FILE}, {c['arch']} ({c['input']} input, {c['img_size']} px, "
+                 f"loss {c['loss']})")
+    return text
 
 
-def write_report(out_dir, table, summary, args, models, cache, n_images, plots, by_source=None):
+def write_report(out_dir, table, summary, args, models, cache, n_images, plots, by_source=None, class_model=None,
+                 class_table=None):
     lines = [f"# Evaluation of {args.run}", "",
-             f"- model: {describe_models(models)}",
+             f"- model: {describe_models(models, class_model)}",
              f"- data: {n_images} images of `{cache}`, split `{args.split}`"
              + (f", source `{args.source}`" if args.source else "") + "; thresholds chosen on validation "
              f"(`{args.run / 'thresholds.json'}`)",
@@ -277,8 +316,9 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots, 
             interval = f" [{row['roc_auc_lo']:.3f}, {row['roc_auc_hi']:.3f}]" if "roc_auc_lo" in row else ""
             lines.append(f"| {row['source']} | {row['n']} | {row['n_malignant']} | {row['roc_auc']:.3f}{interval} |")
     if summary:
-        lines += ["", f"7 classes: balanced accuracy {multiclass_line(summary)} (per class: "
-                      "`multiclass_metrics.csv`)."]
+        lines += ["", f"7 classes: balanced accuracy {multiclass_line(summary)}; intervals: 95% bootstrap over "
+                      "lesions (`multiclass_metrics.csv`, and the counts in `confusion_matrix_7class.csv`):", ""]
+        lines += class_table_lines(class_table)
     lines += [""] + [f"![{name}]({name})" for name in plots]
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -289,6 +329,9 @@ def main(args):
     thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
     device = pick_device(args.device)
     models = load_run_models(args.run, device)
+    class_model = load_class_model(args.run, device, models)
+    if args.classes and not has_classes(models, class_model):
+        fail(args.run, NO_CLASSES)
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
     if args.gradcam and models[0][1]["input"] == "both":
@@ -300,7 +343,7 @@ def main(args):
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
              "name one with --cache")
     cache = args.cache or Path(training_caches.pop())
-    check_preprocessing(cache, models)
+    check_preprocessing(cache, models)  # classes.pt reads images as model.pt does (load_class_model)
     lock_output(args.out_dir or args.run)
     index, arrays = load_cache(cache)
     rows = index if args.split == "all" else index[index["split"] == args.split]
@@ -318,7 +361,7 @@ def main(args):
     if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
         print(unknown_line)
     probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta,
-                                        metadata=metadata_features(known))
+                                        metadata=metadata_features(known), class_model=class_model)
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()
@@ -345,9 +388,9 @@ def main(args):
     plot_pr_curve(labels, probs, thresholds, out_dir / "pr_curve.png", f"{args.split} precision-recall")
     plot_reliability(labels, probs, out_dir / "calibration.png",
                      None if calibration is None else test["calibrated_prob"].to_numpy())
-    summary = None
+    summary = class_table = None
     if class_probs is not None:
-        summary = multiclass_report(rows, class_probs, out_dir, args.bootstrap, args.seed)
+        summary, class_table = multiclass_report(rows, class_probs, out_dir, args.bootstrap, args.seed)
         plots.append("confusion_matrix_7class.png")
     if args.gradcam:
         model, checkpoint = models[0]
@@ -355,7 +398,7 @@ def main(args):
         threshold = thresholds[default_operating_point(thresholds)]
         plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")
         plots.append("gradcam.png")
-    write_report(out_dir, table, summary, args, models, cache, len(rows), plots, by_source)
+    write_report(out_dir, table, summary, args, models, cache, len(rows), plots, by_source, class_model, class_table)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table[["operating_point", "threshold", *METRICS]].to_string(index=False))
         if by_source is not None:
@@ -363,6 +406,7 @@ def main(args):
             print(by_source[["source", "operating_point", "threshold", "n", *METRICS]].to_string(index=False))
     if summary:
         print(f"7 classes: balanced accuracy {multiclass_line(summary)}")
+        print("\n".join(class_table_lines(class_table)))
     print(f"wrote {out_dir / 'metrics.csv'}, {out_dir / 'report.md'} and plots "
           f"({len(rows)} images of {cache}, split {args.split})")
 

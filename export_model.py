@@ -9,23 +9,48 @@ files of the old folder that an export does not write, such as MODEL_CARD.md, ar
                    path relative to the folder and its SHA-256
   thresholds.json  the run's, unchanged: chosen on the full-precision model's validation
                    probabilities (bench/reference_model.py measures how far the fp16 copy moves them)
-  export.json      where it came from: the run, its config.json, the commit, each file's SHA-256
+  classes.pt       with --classes RUN: that 7-class run's model, weights in fp16, read from the same
+                   prepared images as model.pt (one segmenter pass); predict.py and evaluate.py take
+                   the 7 class probabilities from it and malignancy from model.pt, unchanged
+  export.json      where it came from: the run(s), their config.json, the commit, each file's SHA-256
 
 Example: python export_model.py --run runs/study2/final/F1 --out models/reference
+         python export_model.py --run runs/third_full/C_s0 --classes runs/seven/K0_s0 --out models/reference
 """
 import os
 import shutil
 from pathlib import Path
 
-from common import (ENSEMBLE_FILE, ArgumentParser, fail, file_digest, git_commit, load_checkpoint, load_segmenter,
-                    lock_output, read_json, read_thresholds, replace_folder, save_checkpoint, shown, write_json)
+from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, ArgumentParser, fail, file_digest, git_commit, load_checkpoint,
+                    load_segmenter, lock_output, preprocess_settings, preprocessing_differences, read_json,
+                    read_thresholds, replace_folder, save_checkpoint, shown, write_json)
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, required=True, help="run folder of train.py with model.pt and thresholds.json")
     p.add_argument("--out", type=Path, required=True, help="model folder to write (for example models/NAME)")
+    p.add_argument("--classes", type=Path, metavar="RUN",
+                   help="a 7-class run (train.py --task multiclass) trained on images prepared as --run's were: "
+                        f"its model goes in as {CLASS_MODEL_FILE}, the folder's 7 class probabilities")
     return p.parse_args(argv)
+
+
+def class_checkpoint(run, checkpoint):
+    """The 7-class run's checkpoint, checked to read the images exactly as the binary model does."""
+    if (run / ENSEMBLE_FILE).is_file():
+        fail(run, "is an ensemble; --classes takes one 7-class run")
+    _, classes = load_checkpoint(run / "model.pt")
+    if classes["task"] != "multiclass":
+        fail(run / "model.pt", f"is a {classes['task']} model; --classes takes a 7-class run (--task multiclass)")
+    if classes.get("preprocess") is None or checkpoint.get("preprocess") is None:
+        fail(run / "model.pt", "has no preprocessing settings; retrain it with this version of train.py")
+    differences = preprocessing_differences(preprocess_settings(classes["preprocess"]),
+                                            preprocess_settings(checkpoint["preprocess"]))
+    if differences:
+        fail(run / "model.pt", f"was trained on differently prepared images than --run's model "
+             f"({', '.join(differences)}); one folder reads one preparation")
+    return classes
 
 
 def half(state_dict):
@@ -38,6 +63,7 @@ def main(args):
         fail(args.run, "is an ensemble; export its members one by one")
     _, checkpoint = load_checkpoint(args.run / "model.pt")
     read_thresholds(args.run)  # a run without chosen thresholds is not a model to hand on
+    classes = class_checkpoint(args.classes, checkpoint) if args.classes else None
     lock_output(args.out)
     build = args.out.with_name(f".{args.out.name}.export{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)
@@ -50,14 +76,21 @@ def main(args):
             preprocess.update(segmenter_model="segmenter.pt", segmenter_sha256=file_digest(build / "segmenter.pt"))
         save_checkpoint({**checkpoint, "model": half(checkpoint["model"]), "preprocess": preprocess},
                         build / "model.pt")
+        if classes is not None:
+            save_checkpoint({**classes, "model": half(classes["model"]), "preprocess": preprocess},
+                            build / CLASS_MODEL_FILE)
         shutil.copyfile(args.run / "thresholds.json", build / "thresholds.json")
         config = args.run / "config.json"
-        write_json({"run": shown(args.run), "run_config": read_json(config) if config.is_file() else None,
-                    "exported_at_commit": git_commit(),
+        origin = {"run": shown(args.run), "run_config": read_json(config) if config.is_file() else None}
+        if classes is not None:
+            config = args.classes / "config.json"
+            origin.update(classes_run=shown(args.classes),
+                          classes_run_config=read_json(config) if config.is_file() else None)
+        write_json({**origin, "exported_at_commit": git_commit(),
                     "sha256": {p.name: file_digest(p) for p in sorted(build.iterdir())}}, build / "export.json")
         if args.out.is_dir():
-            for kept in args.out.iterdir():
-                if kept.is_file() and not (build / kept.name).exists():
+            for kept in args.out.iterdir():  # an old classes.pt is not kept: it may not fit the new model
+                if kept.is_file() and kept.name != CLASS_MODEL_FILE and not (build / kept.name).exists():
                     shutil.copy2(kept, build / kept.name)
         replace_folder(build, args.out)
     except OSError as e:

@@ -10,7 +10,9 @@ Prints a table (file, probability, decision) and writes a CSV (default <run>/pre
 predictions.csv in the current folder for the reference model): file, malignancy_prob, decision
 (benign/malignant at the chosen threshold, or "no lesion found" where no plausible lesion was
 found: the whole image was scored, and mask_ok is 0), threshold, operating_point, tta, mask_area,
-mask_ok, for 7-class models prob_<dx> per class, and with --clinic NAME (a site calibration written by
+mask_ok; where the model gives the 7 classes (a 7-class run, or a model folder with classes.pt, as
+the reference model has), top_class and top_class_prob (the most likely class, also printed beside
+malignancy and named on the overlay) and prob_<dx> for each of the seven, and with --clinic NAME (a site calibration written by
 calibrate.py) model_prob: the site's thresholds then apply to the model's probability, model_prob,
 and malignancy_prob is the site's recalibrated one. With --overlay DIR the name of each image's PNG there (lesion outline and decision; numbered
 where images in different folders share a name). Unreadable files, and images too small or too
@@ -30,10 +32,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, IMAGE_SUFFIXES, REFERENCE_MODEL, SEXES, SITES,
-                    check_writable, classify_files, default_operating_point, fail, load_run_models, metadata_features,
-                    number_in, operating_points, pick_device, read_rgb, recalibrated, run_preprocessing, shown,
-                    write_csv, write_png)
+from common import (IMAGE_SUFFIXES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable,
+                    classify_files, default_operating_point, fail, has_classes, load_class_model, load_run_models,
+                    metadata_features, number_in, operating_points, overlay_image, pick_device, prediction_row,
+                    read_rgb, run_preprocessing, shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--sex", choices=SEXES, help="patient's sex, for models trained with --metadata")
     p.add_argument("--site", choices=SITES, metavar="SITE",
                    help=f"anatomical site, for models trained with --metadata: {', '.join(SITES)}")
+    p.add_argument("--classes", action="store_true",
+                   help="require the 7 class probabilities: a model without them ends with one line saying so "
+                        "(without the flag such a model gives malignancy alone)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -84,30 +89,15 @@ def overlay_names(files):
     return names
 
 
-def overlay(path, prepared, decision, prob, out_path):
-    """The image with the lesion outline (red: malignant, green: benign) and the decision."""
-    import cv2
-    rgb = read_rgb(path)
-    mask = cv2.resize(prepared["mask"], rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    colour = {"malignant": (220, 40, 40), "benign": (40, 180, 40)}.get(decision, (230, 200, 40))
-    thickness = max(2, rgb.shape[1] // 200)
-    cv2.drawContours(rgb, contours, -1, colour, thickness)
-    text = f"{decision} (p={prob:.2f})"
-    scale = rgb.shape[1] / 800
-    cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
-                thickness + 2)
-    cv2.putText(rgb, text, (10, int(40 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness)
-    write_png(out_path, rgb)
-
-
 def print_table(rows, limit=20):
     """The first `limit` predictions as a table on the terminal; the CSV holds them all."""
     width = min(60, max(len(row["file"]) for row in rows))
-    print(f"{'file':{width}s}  probability  decision")
+    classes = "top_class" in rows[0]
+    print(f"{'file':{width}s}  probability  {'decision':15s}" + ("  most likely class" if classes else ""))
     for row in rows[:limit]:
         name = row["file"] if len(row["file"]) <= width else "..." + row["file"][-width + 3:]
-        print(f"{name:{width}s}  {row['malignancy_prob']:11.3f}  {row['decision']}")
+        print(f"{name:{width}s}  {row['malignancy_prob']:11.3f}  {row['decision']:15s}" +
+              (f"  {row['top_class']} {row['top_class_prob']:.2f}" if classes else ""))
     if len(rows) > limit:
         print(f"... and {len(rows) - limit} more")
 
@@ -134,31 +124,24 @@ def main(args):
 
     device = pick_device(args.device)
     models = load_run_models(run, device)
+    class_model = load_class_model(run, device, models)
+    if args.classes and not has_classes(models, class_model):
+        fail(run, NO_CLASSES)
     settings = run_preprocessing(models, run)
     metadata = metadata_features(pd.DataFrame({"age": [args.age], "sex": [args.sex], "localization": [args.site]}))
     rows, skipped, first_image = [], 0, time.time()
     names = overlay_names(files)
-    for i, result in tqdm(classify_files(models, settings, files, np.repeat(metadata, len(files), axis=0), device, tta),
-                          total=len(files), desc="predicting"):
+    for i, result in tqdm(classify_files(models, settings, files, np.repeat(metadata, len(files), axis=0), device, tta,
+                                         class_model), total=len(files), desc="predicting"):
         if isinstance(result, str):  # unreadable or degenerate: say which and go on with the rest
             tqdm.write(f"skipped {result}")
             skipped += 1
             continue
-        prepared, prob = result["prepared"], result["prob"]
-        decision = "malignant" if prob >= threshold else "benign"
-        # no plausible lesion (a blank image, a photo of something else): the model's score is no diagnosis
-        row = {"file": shown(files[i]),
-               "malignancy_prob": prob if calibration is None else float(recalibrated(prob, calibration)),
-               "decision": decision if prepared["mask_ok"] else "no lesion found",
-               "threshold": threshold, "operating_point": operating_point, "tta": int(tta),
-               "mask_area": prepared["mask_area"], "mask_ok": prepared["mask_ok"]}
-        if calibration is not None:  # the thresholds apply to the model's probability
-            row["model_prob"] = prob
-        if result["class_probs"] is not None:
-            row.update({f"prob_{code}": float(result["class_probs"][j]) for j, code in enumerate(DX_CODES)})
+        row = prediction_row(shown(files[i]), result, threshold, operating_point, tta, calibration)
         if args.overlay:
             row["overlay"] = names[i]
-            overlay(files[i], prepared, row["decision"], prob, args.overlay / names[i])
+            write_png(args.overlay / names[i], overlay_image(read_rgb(files[i]), result["prepared"], row["decision"],
+                                                             result["prob"], row.get("top_class")))
         rows.append(row)
     seconds = time.time() - first_image
     if not rows:

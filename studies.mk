@@ -1,6 +1,7 @@
-# The studies' targets (docs/first_edition.md, docs/second_edition.md, docs/hair_removal.md):
+# The studies' targets (docs/first_edition.md, second_edition.md, hair_removal.md, third_edition.md,
+# seven_classes.md):
 # included by the Makefile, whose variables, macros and pipeline targets they run.
-.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study
+.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full
 
 # The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
@@ -245,3 +246,42 @@ third-full: | $(PY_DEPS)  ## study, 3rd edition: B and the combined levers at fu
 	$(call third_arm,C,$(THIRD_FULL_DATA),pad,$(THIRD_FULL_FLAGS))
 	$(PYTHON) bench/panel.py --arm B=$(call third_runs,B) --arm C=$(call third_runs,C) --rule keep \
 		--out bench/results/third/full
+
+# Seven classes (docs/seven_classes.md, its protocol): a 7-class model beside the binary one, its
+# recipe chosen on HAM10000 val balanced accuracy at seeds 0 and 1. $(1) run folder without the
+# seed, $(2) budget, $(3) train.py flags beyond the 7-class task
+seven_arm = $(foreach seed,$(THIRD_SEEDS),(run=$(1)_s$(seed); test -f $$run/config.json || \
+	$(PYTHON) train.py --cache cache/hamfull_trainval_224_third_pad --run-dir $$run --arch efficientnet_lite0 \
+		--input crop --metadata --task multiclass --loss ce --aug full $(2) --seed $(seed) $(3) \
+		$$(test -f $$run/last.pt && echo --resume)) &&) true
+seven_runs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)))
+SEVEN_SCREEN := --img-size 128 --epochs 3
+# K0's screen runs are the third edition's L4 runs: the same command
+seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 px, seeds 0 and 1, on HAM10000 val
+	$(call seven_arm,runs/third/L4,$(SEVEN_SCREEN),--class-weights balanced)
+	$(call seven_arm,runs/seven/K1,$(SEVEN_SCREEN),--sampler balanced)
+	$(call seven_arm,runs/seven/K2,$(SEVEN_SCREEN),--class-weights balanced --label-smoothing 0.1)
+	$(call seven_arm,runs/seven/K3,--img-size 128 --epochs 6,--class-weights balanced)
+	$(PYTHON) bench/seven_classes.py --arm K0=$(call seven_runs,runs/third/L4) --arm K1=$(call seven_runs,runs/seven/K1) \
+		--arm K2=$(call seven_runs,runs/seven/K2) --arm K3=$(call seven_runs,runs/seven/K3) --rule screen \
+		--out bench/results/seven/screen
+
+# The full length: K0 and S (K0 with the screen's passing changes: SEVEN_FULL_FLAGS and
+# SEVEN_FULL_EPOCHS, set from the screen and committed before the runs), then each run's val read
+# with test-time augmentation, against without
+SEVEN_FULL_FLAGS  ?= --class-weights balanced
+SEVEN_FULL_EPOCHS ?= 10
+seven_tta = $(foreach seed,$(THIRD_SEEDS),(test -f $(1)_s$(seed)/val_tta/test_probs.csv || \
+	($(PYTHON) threshold.py --run $(1)_s$(seed) && $(PYTHON) evaluate.py --run $(1)_s$(seed) --split val --tta \
+		--bootstrap 0 --out-dir $(1)_s$(seed)/val_tta)) &&) true
+seven_tta_files = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)/val_tta/test_probs.csv))
+seven-full: | $(PY_DEPS)  ## 7 classes: K0 and the screen's combined recipe at full length, seeds 0 and 1, held to the keep rule
+	$(call seven_arm,runs/seven_full/K0,--img-size 160 --epochs 10,--class-weights balanced)
+	$(call seven_arm,runs/seven_full/S,--img-size 160 --epochs $(SEVEN_FULL_EPOCHS),$(SEVEN_FULL_FLAGS))
+	$(call seven_tta,runs/seven_full/K0)
+	$(call seven_tta,runs/seven_full/S)
+	$(PYTHON) bench/seven_classes.py --arm K0=$(call seven_runs,runs/seven_full/K0) \
+		--arm S=$(call seven_runs,runs/seven_full/S) --rule keep --out bench/results/seven/full
+	$(foreach arm,K0 S,$(PYTHON) bench/seven_classes.py --arm $(arm)=$(call seven_runs,runs/seven_full/$(arm)) \
+		--arm $(arm)_tta=$(call seven_tta_files,runs/seven_full/$(arm)) --rule keep \
+		--out bench/results/seven/full_tta_$(arm) &&) true

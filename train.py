@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="multiclass CE weights: balanced = inverse class frequency")
     p.add_argument("--sampler", default="none", choices=["none", "balanced"],
                    help="balanced: draw each class equally often (with replacement)")
+    p.add_argument("--label-smoothing", type=number_in(float, 0, 0.5), default=0.0, metavar="EPS",
+                   help="CrossEntropy's label smoothing (--loss ce): the target gives EPS of its weight evenly "
+                        "to every class, so the network is not pushed to certainty on HAM10000's noisy labels")
     p.add_argument("--aug", default="full", choices=AUGMENTATIONS,
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
                         "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
@@ -215,10 +218,12 @@ def loss_and_targets(args, train_rows):
         if args.class_weights == "balanced":
             counts = torch.bincount(targets, minlength=len(DX_CODES)).float().clamp(min=1)
             weight = counts.sum() / (len(DX_CODES) * counts)
-        return torch.nn.CrossEntropyLoss(weight=weight), len(DX_CODES), targets
+        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing), len(DX_CODES), targets
     targets = torch.tensor(train_rows["malignant"].to_numpy())
+    if args.label_smoothing and args.loss != "ce":
+        fail(f"--label-smoothing {args.label_smoothing}", "applies to CrossEntropy (--loss ce) only")
     if args.loss == "ce":
-        return torch.nn.CrossEntropyLoss(), 2, targets
+        return torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), 2, targets
     pos_weight = None
     if args.loss == "wbce":
         n_pos = int(targets.sum())

@@ -19,8 +19,7 @@ import threshold
 import train
 
 SCRIPTS = ["fetch_data.py", "preprocess.py", "train.py", "ensemble.py", "threshold.py", "evaluate.py", "predict.py",
-           "calibrate.py",
-           "export_model.py", "train_segmenter.py"]
+           "calibrate.py", "export_model.py", "train_segmenter.py", "app.py"]
 
 
 def run_script(script, *args, cwd=ROOT):

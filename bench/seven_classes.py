@@ -1,0 +1,146 @@
+"""Compare 7-class recipes on HAM10000 val (docs/seven_classes.md), each arm at several seeds,
+paired against the first arm (the baseline) seed by seed, and apply the protocol's rule.
+
+An arm's runs are run folders (their val_probs.csv, written by train.py) or probability files
+(evaluate.py's test_probs.csv of the val split, for the test-time augmentation arm), one per seed
+in the same order for every arm. Every file must hold the same images. For each run: balanced
+accuracy of the most likely class, macro one-vs-rest ROC-AUC and melanoma recall; for each arm
+beside the baseline: the seed-mean difference in balanced accuracy, its 95% interval (bootstrap
+over lesions, the same resamples for every seed and arm), each seed's own difference, and the
+rule's verdict (--rule screen or keep).
+Writes --out.csv (every figure) and --out.md (the table and verdicts).
+
+Example: python bench/seven_classes.py --arm K0=runs/seven/K0_s0,runs/seven/K0_s1
+             --arm K1=runs/seven/K1_s0,runs/seven/K1_s1 --rule screen --out bench/results/seven/screen
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import DX_CODES, fail, ranking_metrics, read_probs, write_table_and_markdown  # noqa: E402
+
+CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
+# the protocol's rules: (least seed-mean gain in balanced accuracy, least gain of every seed; None:
+# no such clause: two short runs of one recipe differ by 0.05, so a screen judges their mean alone)
+RULES = {"screen": (0.010, None), "keep": (0.010, 0.0)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", action="append", required=True, metavar="NAME=RUN,RUN",
+                   help="an arm and its runs (or probability files), one per seed; the first arm is the baseline")
+    p.add_argument("--rule", choices=sorted(RULES), default="screen")
+    p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def read_arm_probs(path):
+    path = Path(path)
+    file = path / "val_probs.csv" if path.is_dir() else path
+    probs = read_probs(file, ["image_id", "lesion_id", "dx", *CLASS_COLUMNS])
+    if not probs["dx"].isin(DX_CODES).all():
+        fail(file, "holds a dx that is not one of the 7 HAM10000 classes")
+    return probs.sort_values("image_id").reset_index(drop=True)
+
+
+def figures(truth, class_probs):
+    """(balanced accuracy, macro ROC-AUC, melanoma recall) of the most likely class."""
+    predicted = class_probs.argmax(axis=1)
+    present = [k for k in range(len(DX_CODES)) if np.any(truth == k)]
+    recall = {k: float(np.mean(predicted[truth == k] == k)) for k in present}
+    macro_auc = float(np.mean([ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in present]))
+    mel = DX_CODES.index("mel")
+    return float(np.mean(list(recall.values()))), macro_auc, recall.get(mel, np.nan)
+
+
+def compare(arms, n_resamples, seed):
+    names = list(arms)
+    n_seeds = len(arms[names[0]])
+    tables = {(name, s): read_arm_probs(run) for name in names for s, run in enumerate(arms[name])}
+    first = tables[names[0], 0]
+    for key, table in tables.items():
+        if list(table["image_id"]) != list(first["image_id"]):
+            fail(arms[key[0]][key[1]], f"scores other images than {arms[names[0]][0]}; arms are compared on one set")
+    truth = np.array([DX_CODES.index(dx) for dx in first["dx"]])
+    probs = {key: table[CLASS_COLUMNS].to_numpy() for key, table in tables.items()}
+    _, lesion = np.unique(first["lesion_id"].astype(str), return_inverse=True)
+    members = np.split(np.argsort(lesion, kind="stable"), np.cumsum(np.bincount(lesion))[:-1])
+    rng = np.random.default_rng(seed)
+    samples = {name: [] for name in names[1:]}
+    for _ in range(n_resamples):
+        pick = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        base = [figures(truth[pick], probs[names[0], s][pick])[0] for s in range(n_seeds)]
+        for name in names[1:]:
+            samples[name].append(np.mean([figures(truth[pick], probs[name, s][pick])[0] - base[s]
+                                          for s in range(n_seeds)]))
+    rows = []
+    for name in names:
+        per_seed = [figures(truth, probs[name, s]) for s in range(n_seeds)]
+        diffs = [per_seed[s][0] - figures(truth, probs[names[0], s])[0] for s in range(n_seeds)]
+        low, high = np.percentile(samples[name], [2.5, 97.5]) if name in samples else (np.nan, np.nan)
+        rows.append({"arm": name, "images": len(truth), "lesions": len(members),
+                     "balanced_accuracy": float(np.mean([f[0] for f in per_seed])),
+                     **{f"balanced_accuracy_seed{s}": f[0] for s, f in enumerate(per_seed)},
+                     "macro_roc_auc": float(np.mean([f[1] for f in per_seed])),
+                     "melanoma_recall": float(np.mean([f[2] for f in per_seed])),
+                     "difference": float(np.mean(diffs)), "difference_lo": low, "difference_hi": high,
+                     **{f"difference_seed{s}": d for s, d in enumerate(diffs)}})
+    return pd.DataFrame(rows)
+
+
+def verdicts(table, rule, n_seeds):
+    least_gain, every_seed = RULES[rule]
+    seed_diffs = table[[f"difference_seed{s}" for s in range(n_seeds)]]
+    return (table["difference"] >= least_gain) & (every_seed is None or seed_diffs.min(axis=1) >= every_seed)
+
+
+def markdown(table, arms, rule):
+    least_gain, every_seed = RULES[rule]
+    n_seeds = len(next(iter(arms.values())))
+    baseline = list(arms)[0]
+    lines = [f"HAM10000 val, {table['images'].iloc[0]} images of {table['lesions'].iloc[0]} lesions. Baseline: "
+             f"`{baseline}`. Figures are means of {n_seeds} seeds (each seed in brackets); differences in balanced "
+             "accuracy are paired seed by seed, with 95% bootstrap intervals over lesions.", "",
+             "| arm | balanced accuracy (seeds) | macro ROC-AUC | melanoma recall | difference (seeds) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        seeds = ", ".join(f"{row[f'balanced_accuracy_seed{s}']:.3f}" for s in range(n_seeds))
+        seed_diffs = ", ".join(f"{row[f'difference_seed{s}']:+.3f}" for s in range(n_seeds))
+        first = row["arm"] == baseline
+        difference = "baseline" if first else \
+            f"{row['difference']:+.3f} ({row['difference_lo']:+.3f} to {row['difference_hi']:+.3f}) [{seed_diffs}]"
+        verdict = "" if first else ("passes" if row["passes"] else "fails")
+        lines.append(f"| {row['arm']} | {row['balanced_accuracy']:.3f} [{seeds}] | {row['macro_roc_auc']:.3f} | "
+                     f"{row['melanoma_recall']:.3f} | {difference} | {verdict} |")
+    lines += ["", f"Rule ({rule}): seed-mean balanced accuracy +{least_gain:.3f} or more over the baseline" +
+              ("." if every_seed is None else f", and no seed's own difference below {every_seed:+.3f}.")]
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    arms = {}
+    for spec in args.arm:
+        name, _, runs = spec.partition("=")
+        if not name or not runs:
+            fail(f"--arm {spec}", "expects NAME=RUN[,RUN...]")
+        arms[name] = runs.split(",")
+    if len({len(runs) for runs in arms.values()}) > 1:
+        fail("--arm", "every arm needs the same number of runs (one per seed)")
+    table = compare(arms, args.bootstrap, args.seed)
+    n_seeds = len(next(iter(arms.values())))
+    passes = verdicts(table, args.rule, n_seeds).astype(object)
+    passes.iloc[0] = None  # the baseline is judged against nothing
+    table["passes"] = passes
+    write_table_and_markdown(table, markdown(table, arms, args.rule), args.out)
+    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

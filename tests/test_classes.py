@@ -1,0 +1,187 @@
+"""The seven classes beside malignancy (issue 34): a model folder's classes.pt, what predict.py and
+evaluate.py make of it, the per-class figures and their intervals over lesions, label smoothing."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import trained_with_thresholds
+
+import common
+import evaluate
+import export_model
+import predict
+import train
+
+CLASS_COLUMNS = [f"prob_{code}" for code in common.DX_CODES]
+
+
+@pytest.fixture(scope="module")
+def class_run(synthetic_cache, tmp_path_factory):
+    """A 7-class run on the binary run's cache, so that both read one preparation."""
+    return trained_with_thresholds(synthetic_cache, tmp_path_factory.mktemp("runs") / "classes", "--task",
+                                   "multiclass", "--class-weights", "balanced", "--epochs", "2", "--aug", "basic",
+                                   "--label-smoothing", "0.1")
+
+
+@pytest.fixture(scope="module")
+def folders(trained_run, class_run, tmp_path_factory):
+    """The same binary run exported alone and with the 7-class run beside it."""
+    root = tmp_path_factory.mktemp("models")
+    export_model.main(export_model.parse_args(["--run", str(trained_run), "--out", str(root / "binary")]))
+    export_model.main(export_model.parse_args(["--run", str(trained_run), "--classes", str(class_run),
+                                               "--out", str(root / "both")]))
+    return root / "binary", root / "both"
+
+
+def test_a_folder_with_classes_keeps_malignancy_and_adds_the_seven_classes(folders, class_run, synthetic_data,
+                                                                          synthetic_cache, tmp_path, capsys):
+    binary, both = folders
+    assert (both / common.CLASS_MODEL_FILE).is_file() and not (binary / common.CLASS_MODEL_FILE).exists()
+    weights = torch.load(both / common.CLASS_MODEL_FILE, weights_only=True)["model"].values()
+    assert {w.dtype for w in weights if w.is_floating_point()} == {torch.float16}  # compact, as model.pt
+    files = [str(p) for p in sorted((synthetic_data / "images").iterdir())[:4]]
+    for folder in folders:
+        predict.main(predict.parse_args(["--run", str(folder), *files, "--out", str(tmp_path / f"{folder.name}.csv"),
+                                         "--overlay", str(tmp_path / folder.name)]))
+    printed = capsys.readouterr().out
+    alone, with_classes = (pd.read_csv(tmp_path / f"{name}.csv") for name in ("binary", "both"))
+    # malignancy and its decision are exactly the binary model's
+    np.testing.assert_array_equal(alone["malignancy_prob"], with_classes["malignancy_prob"])
+    assert list(alone["decision"]) == list(with_classes["decision"])
+    assert "top_class" not in alone.columns and not set(CLASS_COLUMNS) & set(alone.columns)
+    np.testing.assert_allclose(with_classes[CLASS_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+    assert list(with_classes["top_class"]) == [common.DX_CODES[k] for k in with_classes[CLASS_COLUMNS].to_numpy()
+                                               .argmax(axis=1)]
+    np.testing.assert_allclose(with_classes["top_class_prob"], with_classes[CLASS_COLUMNS].max(axis=1))
+    for row in with_classes.itertuples():  # printed beside malignancy, as "bkl 0.71" (a long path shortened)
+        assert any(row.file.endswith(line.split()[0].removeprefix("...")) and
+                   line.split()[1:] == [f"{row.malignancy_prob:.3f}", row.decision, row.top_class,
+                                        f"{row.top_class_prob:.2f}"]
+                   for line in printed.splitlines() if line.strip())
+    # the class probabilities are classes.pt's, read from the images prepared as evaluate.py's cache
+    # holds them (one preparation for both models), and the 7-class run's within its fp16 copy
+    evaluate.main(evaluate.parse_args(["--run", str(both), "--cache", str(synthetic_cache), "--split", "all",
+                                       "--bootstrap", "0", "--out-dir", str(tmp_path / "folder")]))
+    evaluate.main(evaluate.parse_args(["--run", str(class_run), "--split", "all", "--bootstrap", "0",
+                                       "--out-dir", str(tmp_path / "class_run")]))
+    ids = [Path(f).stem for f in files]
+    folder = pd.read_csv(tmp_path / "folder" / "test_probs.csv").set_index("image_id").loc[ids]
+    run = pd.read_csv(tmp_path / "class_run" / "test_probs.csv").set_index("image_id").loc[ids]
+    np.testing.assert_allclose(with_classes[CLASS_COLUMNS].to_numpy(), folder[CLASS_COLUMNS].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(with_classes["malignancy_prob"], folder["prob"], atol=1e-5)
+    np.testing.assert_allclose(folder[CLASS_COLUMNS].to_numpy(), run[CLASS_COLUMNS].to_numpy(), atol=0.02)
+
+
+def test_evaluate_reports_the_classes_of_a_folder_with_intervals(folders, tmp_path):
+    binary, both = folders
+    for folder in folders:
+        evaluate.main(evaluate.parse_args(["--run", str(folder), "--bootstrap", "50",
+                                           "--out-dir", str(tmp_path / folder.name)]))
+    assert not (tmp_path / "binary" / "multiclass_metrics.csv").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "binary" / "metrics.csv"),
+                                  pd.read_csv(tmp_path / "both" / "metrics.csv"))  # malignancy untouched
+    table = pd.read_csv(tmp_path / "both" / "multiclass_metrics.csv").set_index("class")
+    test = pd.read_csv(tmp_path / "both" / "test_probs.csv")
+    truth = [common.DX_CODES.index(dx) for dx in test["dx"]]
+    predicted = test[CLASS_COLUMNS].to_numpy().argmax(axis=1)
+    from sklearn.metrics import balanced_accuracy_score
+    assert table.loc["macro", "recall"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    held = table.drop("macro")
+    held = held[held["support"] > 0]
+    assert ((held["recall_lo"] <= held["recall"] + 1e-9) & (held["recall"] <= held["recall_hi"] + 1e-9)).all()
+    counts = pd.read_csv(tmp_path / "both" / "confusion_matrix_7class.csv").set_index("true")
+    assert counts.to_numpy().sum() == len(test) and list(counts.columns) == list(common.DX_CODES)
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "7 classes: balanced accuracy" in report and "| mel |" in report and common.CLASS_MODEL_FILE in report
+
+
+def test_asking_a_binary_model_for_classes_is_one_line(folders, synthetic_data):
+    binary, _ = folders
+    image = str(sorted((synthetic_data / "images").iterdir())[0])
+    for main, args in ((predict, [image, "--run", str(binary), "--classes"]),
+                       (evaluate, ["--run", str(binary), "--classes"])):
+        with pytest.raises(SystemExit) as exc:
+            main.main(main.parse_args(args))
+        assert str(exc.value).startswith(f"error: {common.shown(binary)}: gives malignancy only")
+
+
+def test_export_takes_only_a_seven_class_run_prepared_alike(trained_run, class_run, synthetic_data, tmp_path):
+    with pytest.raises(SystemExit, match="--classes takes a 7-class run"):
+        export_model.main(export_model.parse_args(["--run", str(trained_run), "--classes", str(trained_run),
+                                                   "--out", str(tmp_path / "m")]))
+    other = tmp_path / "other_run"
+    (other).mkdir()
+    checkpoint = torch.load(class_run / "model.pt", weights_only=True)
+    checkpoint["preprocess"] = {**checkpoint["preprocess"], "crop_margin": 0.3}
+    torch.save(checkpoint, other / "model.pt")
+    with pytest.raises(SystemExit, match="differently prepared images.*crop_margin"):
+        export_model.main(export_model.parse_args(["--run", str(trained_run), "--classes", str(other),
+                                                   "--out", str(tmp_path / "m")]))
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_stale_classes_file_is_refused_where_it_is_read(folders, class_run, tmp_path):
+    import shutil
+    _, both = folders
+    copy = tmp_path / "copy"
+    shutil.copytree(both, copy)
+    checkpoint = torch.load(copy / common.CLASS_MODEL_FILE, weights_only=True)
+    torch.save({**checkpoint, "task": "binary", "num_outputs": 1}, copy / common.CLASS_MODEL_FILE)
+    with pytest.raises(SystemExit) as exc:
+        common.load_class_model(copy, torch.device("cpu"), common.load_run_models(copy, torch.device("cpu")))
+    assert common.CLASS_MODEL_FILE in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_per_class_intervals_resample_lesions_not_images():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 7, 300)
+    probs = rng.dirichlet(np.ones(7), 300)
+    probs[np.arange(300), truth] += rng.uniform(0, 1, 300)  # better than chance, not perfect
+    probs /= probs.sum(axis=1, keepdims=True)
+    figures = evaluate.multiclass_figures(truth, probs)
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+    precision, recall, _, _ = precision_recall_fscore_support(truth, probs.argmax(axis=1), labels=range(7))
+    np.testing.assert_allclose(figures["precision"], precision)
+    np.testing.assert_allclose(figures["recall"], recall)
+    np.testing.assert_allclose(figures["roc_auc"], [roc_auc_score(truth == k, probs[:, k]) for k in range(7)])
+    singles = evaluate.multiclass_intervals(truth, probs, np.arange(300), 200, seed=1)
+    # every lesion photographed three times: the same lesions drawn, so the very same intervals,
+    # where resampling images would narrow them as if there were 900 cases
+    tripled = evaluate.multiclass_intervals(np.repeat(truth, 3), np.repeat(probs, 3, axis=0),
+                                            np.repeat(np.arange(300), 3), 200, seed=1)
+    for name in singles:
+        np.testing.assert_allclose(singles[name], tripled[name])
+    lo, hi = singles["balanced_accuracy"]
+    assert lo < np.mean(recall) < hi
+
+
+def test_label_smoothing_reaches_the_loss_and_only_crossentropy_takes_it():
+    rows = pd.DataFrame({"malignant": [1] * 20 + [0] * 80, "dx": ["mel"] * 20 + ["nv"] * 80})
+    args = train.parse_args(["--cache", "c", "--run-dir", "r", "--task", "multiclass", "--label-smoothing", "0.1"])
+    criterion, _, _ = train.loss_and_targets(args, rows)
+    assert criterion.label_smoothing == pytest.approx(0.1)
+    with pytest.raises(SystemExit, match="--label-smoothing"):
+        train.loss_and_targets(train.parse_args(["--cache", "c", "--run-dir", "r", "--loss", "wbce",
+                                                 "--label-smoothing", "0.1"]), rows)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--cache", "c", "--run-dir", "r", "--label-smoothing", "0.9"])
+
+
+def test_the_page_shows_the_seven_classes_as_bars_with_predicts_numbers(folders, synthetic_data, tmp_path):
+    import app  # the page's classification needs none of its optional requirements
+    _, both = folders
+    page = app.Page(app.parse_args(["--run", str(both)]), tmp_path / "scratch")
+    files = [str(p) for p in sorted((synthetic_data / "images").iterdir())[:3]]
+    html_out, messages, _, csv_path, _ = page.classify(files, None, "", "", page.start_point, page.start_clinic)
+    predict.main(predict.parse_args(["--run", str(both), *files, "--out", str(tmp_path / "predict.csv")]))
+    expected, shown = pd.read_csv(tmp_path / "predict.csv"), pd.read_csv(csv_path)
+    assert list(shown.columns) == list(expected.columns) and not messages
+    np.testing.assert_allclose(shown[CLASS_COLUMNS].to_numpy(), expected[CLASS_COLUMNS].to_numpy(), atol=1e-5)
+    import re
+    bars = [(code, float(prob)) for code, prob in re.findall(r"data-class='(\w+)' data-prob='([\d.]+)'", html_out)]
+    assert [code for code, _ in bars] == list(common.DX_CODES) * len(files)  # seven bars per image, in order
+    np.testing.assert_allclose([prob for _, prob in bars], expected[CLASS_COLUMNS].to_numpy().ravel(), atol=2e-6)
+    for row in expected.to_dict("records"):
+        assert f"most likely <b class='top-class'>{row['top_class']}</b>" in html_out
