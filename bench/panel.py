@@ -151,9 +151,14 @@ def readings_probs(models, arrays, rows, device, metadata):
     from common import inference_batch_size, model_inputs, output_probs, to_model_tensor
     probs = {reading: [] for reading in metadata}
     for model, checkpoint in models:
-        if not (checkpoint.get("metadata") and checkpoint["input"] != "both" and hasattr(model, "backbone")):
+        if not checkpoint.get("metadata"):
             p, _ = ensemble_probs([(model, checkpoint)], arrays, rows, device)
             for reading in metadata:
+                probs[reading].append(p)
+            continue
+        if checkpoint["input"] == "both" or not hasattr(model, "backbone"):  # no shared pass: reading by reading
+            for reading, values in metadata.items():
+                p, _ = ensemble_probs([(model, checkpoint)], arrays, rows, device, metadata=values)
                 probs[reading].append(p)
             continue
         images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])

@@ -142,6 +142,16 @@ def test_both_views_train_through_one_network_and_predict_as_they_were_trained(s
     swapped = common.model_inputs(arrays, rows, "both", 32)[..., [3, 4, 5, 0, 1, 2]]
     swapped_probs, _ = common.predict_probs(model, swapped, checkpoint["normalisation"], torch.device("cpu"))
     assert not np.allclose(probs, swapped_probs, atol=1e-4)
+    # the panel reads such a model with each reading's metadata (it once read every reading as hidden)
+    known = index.assign(age=np.where(index["malignant"] == 1, 85.0, 20.0), sex="female", localization="back")
+    readings = {"shown": common.metadata_features(known), "hidden": common.metadata_features(
+        common.hidden_metadata(known))}
+    shared = panel.readings_probs([(model, checkpoint)], arrays, index["row"], torch.device("cpu"), readings)
+    alone = {reading: common.ensemble_probs([(model, checkpoint)], arrays, index["row"], torch.device("cpu"),
+                                            metadata=values)[0] for reading, values in readings.items()}
+    assert np.abs(alone["shown"] - alone["hidden"]).max() > 1e-6  # the metadata moves this model
+    for reading in readings:
+        assert np.allclose(shared[reading], alone[reading], atol=1e-6)
     evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--bootstrap", "0", "--no-tta"]))
     assert (run / "metrics.csv").is_file()
     with pytest.raises(SystemExit, match="reads two"):
