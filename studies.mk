@@ -235,8 +235,8 @@ third-screen: | $(PY_DEPS)  ## study, 3rd edition: the baseline and each arm for
 
 # The full-length stage (docs/third_edition.md): B and C, the screen's passing levers together, at
 # the shipped budget (10 epochs at 160 px), seeds 0 and 1, held to the keep rule. THIRD_FULL_FLAGS
-# and THIRD_FULL_DATA are C's train.py flags and dataset (now the two arms that passed, L1 and L3a);
-# set them from the whole screen's verdicts, and commit them, before the runs.
+# and THIRD_FULL_DATA are C's train.py flags and dataset: the two arms of the whole screen (all
+# eight levers) that passed, L1 and L3a, fixed before the runs (docs/third_edition.md).
 THIRD_FULL_DATA  ?= ham+isic2017_trainval
 THIRD_FULL_FLAGS ?= --input full --val-source ham10000_full
 third-full: THIRD_RUNS = runs/third_full
