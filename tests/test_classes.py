@@ -159,7 +159,8 @@ def test_per_class_intervals_resample_lesions_not_images():
 
 def test_label_smoothing_reaches_the_loss_and_only_crossentropy_takes_it():
     rows = pd.DataFrame({"malignant": [1] * 20 + [0] * 80, "dx": ["mel"] * 20 + ["nv"] * 80})
-    args = train.parse_args(["--cache", "c", "--run-dir", "r", "--task", "multiclass", "--label-smoothing", "0.1"])
+    args = train.parse_args(["--cache", "c", "--run-dir", "r", "--task", "multiclass", "--loss", "ce",
+                             "--label-smoothing", "0.1"])
     criterion, _, _ = train.loss_and_targets(args, rows)
     assert criterion.label_smoothing == pytest.approx(0.1)
     with pytest.raises(SystemExit, match="--label-smoothing"):
