@@ -884,13 +884,36 @@ def metadata_fusion(model, num_outputs):
             self.metadata = metadata_embedding()
             self.head = torch.nn.Linear(width + METADATA_WIDTH, num_outputs)
 
-        def forward(self, x, metadata=None):
+        def fused(self, x, metadata=None):
+            """What the head reads: the image features beside the metadata's embedding."""
             features = self.backbone(x)
             if metadata is None:
                 metadata = features.new_zeros(len(features), METADATA_SIZE)
-            return self.head(torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1))
+            return torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1)
+
+        def forward(self, x, metadata=None):
+            return self.head(self.fused(x, metadata))
 
     return MetadataFusion(model)
+
+
+def shared_heads(model, class_head):
+    """One pass of a metadata model's network for two answers: forward gives its own head's
+    logit(s) and then `class_head`'s 7 logits, both read from the same fused features (task
+    SHARED_TASK in output_probs). For a 7-class head trained on that network frozen (train.py
+    --frozen-from): malignancy is then the model's own, computed by the very same operations."""
+    import torch
+
+    class SharedHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.class_head = model, class_head
+
+        def forward(self, x, metadata=None):
+            fused = self.model.fused(x, metadata)
+            return torch.cat([self.model.head(fused), self.class_head(fused)], dim=1)
+
+    return SharedHeads().eval()
 
 
 def two_views(model, num_outputs, metadata):
@@ -1216,7 +1239,9 @@ def load_run_models(run_dir, device):
 def load_class_model(run_dir, device, models):
     """The (model, checkpoint) that gives a run's 7 class probabilities: its classes.pt (a model
     folder's 7-class model, export_model.py --classes), else None, and then a 7-class run's own
-    models give them (ensemble_probs). classes.pt must read the images as `models` do."""
+    models give them (ensemble_probs). classes.pt must read the images as `models` do. Where it is
+    a head on model.pt's frozen network (shares_network), the model is shared_heads and the
+    checkpoint says "shared": ensemble_probs then runs that network once for both answers."""
     path = Path(run_dir) / CLASS_MODEL_FILE
     if not path.is_file():
         return None
@@ -1229,7 +1254,25 @@ def load_class_model(run_dir, device, models):
     if preprocessing_differences(ours, theirs):
         fail(path, "was trained on differently prepared images than model.pt "
              f"({', '.join(preprocessing_differences(ours, theirs))}); both must read one preparation")
+    if shares_network(checkpoint, models):  # one pass of model.pt's network gives both answers
+        return shared_heads(models[0][0], model.head.to(device)), {**checkpoint, "shared": True}
     return prepare_model(fold_batch_norms(model), device), checkpoint
+
+
+def shares_network(class_checkpoint, models):
+    """Whether a 7-class model is a head on the one malignancy model's frozen network (train.py
+    --frozen-from): the same input, size and normalisation, and every weight but the head's equal."""
+    if len(models) != 1:
+        return False
+    checkpoint = models[0][1]
+    if not (checkpoint.get("metadata") and class_checkpoint.get("metadata")) or any(
+            checkpoint[key] != class_checkpoint[key] for key in ("arch", "input", "img_size", "normalisation")):
+        return False
+    theirs, ours = checkpoint["model"], class_checkpoint["model"]
+    body = [name for name in ours if not name.startswith("head.")]
+    return set(body) == {name for name in theirs if not name.startswith("head.")} and all(
+        ours[name].shape == theirs[name].shape and bool((ours[name].float() == theirs[name].float()).all())
+        for name in body)
 
 
 def has_classes(models, class_model):
@@ -1245,6 +1288,11 @@ def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None, class
     models, each fed the input form and size it was trained with, and metadata_features of the
     rows if it was trained with them (None: no metadata known). With class_model (load_class_model)
     the class probabilities are its own; malignancy stays the models'."""
+    if class_model is not None and class_model[1].get("shared"):
+        model, checkpoint = class_model
+        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
+        return predict_probs(model, images, checkpoint["normalisation"], device, SHARED_TASK, tta=tta,
+                             metadata=metadata)
     probs, class_probs = [], []
     for model, checkpoint in models + ([class_model] if class_model is not None else []):
         images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
@@ -1415,13 +1463,19 @@ TASKS = ("binary", "multiclass")
 MALIGNANT_COLUMNS = [DX_CODES.index(code) for code in sorted(MALIGNANT_DX)]
 
 
+SHARED_TASK = "binary+multiclass"  # shared_heads' output: a binary logit, then the 7 classes'
+
+
 def output_probs(logits, task):
     """(malignancy probability, class probabilities or None) from a batch of logits.
     Binary: one logit (sigmoid) or two (softmax). Multiclass: the 7 HAM10000 classes in DX_CODES
     order, and the malignancy score is the summed probability of mel, bcc and akiec, so the
-    binary thresholds and metrics apply to it as well."""
+    binary thresholds and metrics apply to it as well. SHARED_TASK: one binary logit for
+    malignancy, then 7 for the classes."""
     import torch
     logits = logits.float()
+    if task == SHARED_TASK:
+        return torch.sigmoid(logits[:, 0]), torch.softmax(logits[:, 1:], dim=1)
     if task == "multiclass":
         classes = torch.softmax(logits, dim=1)
         return classes[:, MALIGNANT_COLUMNS].sum(dim=1), classes

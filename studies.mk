@@ -271,6 +271,10 @@ seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 
 # with test-time augmentation, against without
 SEVEN_FULL_FLAGS  ?= --class-weights balanced
 SEVEN_FULL_EPOCHS ?= 10
+# K4: a head on the shipped binary model's frozen network, read as that model reads its images
+# (SEVEN_K4_FLAGS: its input form and size, the reference model's: padded crop at 160 px)
+SEVEN_K4_FROM  ?= $(REFERENCE)/model.pt
+SEVEN_K4_FLAGS ?= --input crop --img-size 160
 seven_tta = $(foreach seed,$(THIRD_SEEDS),(test -f $(1)_s$(seed)/val_tta/test_probs.csv || \
 	($(PYTHON) threshold.py --run $(1)_s$(seed) && $(PYTHON) evaluate.py --run $(1)_s$(seed) --split val --tta \
 		--bootstrap 0 --out-dir $(1)_s$(seed)/val_tta)) &&) true
@@ -278,10 +282,14 @@ seven_tta_files = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s
 seven-full: | $(PY_DEPS)  ## 7 classes: K0 and the screen's combined recipe at full length, seeds 0 and 1, held to the keep rule
 	$(call seven_arm,runs/seven_full/K0,--img-size 160 --epochs 10,--class-weights balanced)
 	$(call seven_arm,runs/seven_full/S,--img-size 160 --epochs $(SEVEN_FULL_EPOCHS),$(SEVEN_FULL_FLAGS))
+	$(call seven_arm,runs/seven_full/K4,--epochs 10,--class-weights balanced $(SEVEN_K4_FLAGS) \
+		--frozen-from $(SEVEN_K4_FROM))
 	$(call seven_tta,runs/seven_full/K0)
 	$(call seven_tta,runs/seven_full/S)
+	$(call seven_tta,runs/seven_full/K4)
 	$(PYTHON) bench/seven_classes.py --arm K0=$(call seven_runs,runs/seven_full/K0) \
-		--arm S=$(call seven_runs,runs/seven_full/S) --rule keep --out bench/results/seven/full
-	$(foreach arm,K0 S,$(PYTHON) bench/seven_classes.py --arm $(arm)=$(call seven_runs,runs/seven_full/$(arm)) \
+		--arm S=$(call seven_runs,runs/seven_full/S) --arm K4=$(call seven_runs,runs/seven_full/K4) \
+		--rule keep --out bench/results/seven/full
+	$(foreach arm,K0 S K4,$(PYTHON) bench/seven_classes.py --arm $(arm)=$(call seven_runs,runs/seven_full/$(arm)) \
 		--arm $(arm)_tta=$(call seven_tta_files,runs/seven_full/$(arm)) --rule keep \
 		--out bench/results/seven/full_tta_$(arm) &&) true

@@ -36,9 +36,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, atomic_path, autocast_dtype, balanced_accuracy_7,
-                    build_model, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata, load_cache, load_torch_file, lock_output,
-                    metadata_features, model_inputs, number_in, optimisation_step, pick_device, predict_probs,
-                    prepare_model, ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
+                    build_model, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata, load_cache,
+                    load_checkpoint, load_torch_file, lock_output, metadata_features, model_inputs, number_in,
+                    optimisation_step, pick_device, predict_probs, prepare_model, preprocess_settings,
+                    preprocessing_differences, ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv,
+                    write_json)
 
 
 def parse_args(argv=None):
@@ -63,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--label-smoothing", type=number_in(float, 0, 0.5), default=0.0, metavar="EPS",
                    help="CrossEntropy's label smoothing (--loss ce): the target gives EPS of its weight evenly "
                         "to every class, so the network is not pushed to certainty on HAM10000's noisy labels")
+    p.add_argument("--frozen-from", type=Path, metavar="MODEL",
+                   help="train only a new head on this model.pt's network and metadata embedding, frozen (a "
+                        "run's or a model folder's, trained with --metadata on images prepared as --cache's): "
+                        "export_model.py --classes then gives a folder that reads malignancy and the 7 classes "
+                        "in one pass of one network (docs/seven_classes.md, arm K4)")
     p.add_argument("--aug", default="full", choices=AUGMENTATIONS,
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
                         "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
@@ -246,10 +253,38 @@ def epoch_order(targets, sampler, seed, epoch):
     return torch.randperm(len(targets), generator=generator)
 
 
+def frozen_network(model, args, cache_key, img_size):
+    """The new model with --frozen-from's network and metadata embedding loaded and frozen (its
+    head alone trains); returns the source's normalisation. The frozen part must stay exactly the
+    source's, batch-norm statistics included, so that a model folder can share it (train_one_epoch
+    keeps it in eval mode)."""
+    if not args.metadata:
+        fail("--frozen-from", "needs --metadata: the network shared is a metadata model's")
+    source, checkpoint = load_checkpoint(args.frozen_from)
+    for key, ours in (("arch", args.arch), ("input", args.input), ("img_size", img_size), ("metadata", True)):
+        if checkpoint.get(key) != ours:
+            fail(args.frozen_from, f"has {key} {checkpoint.get(key)!r}, this run {ours!r}: a head is trained on "
+                 "the network exactly as that model reads its images")
+    differences = preprocessing_differences(preprocess_settings(cache_key), preprocess_settings(
+        checkpoint["preprocess"])) if checkpoint.get("preprocess") else ["none recorded"]
+    if differences:
+        fail(args.frozen_from, f"was trained on differently prepared images than {args.cache} "
+             f"({', '.join(differences)})")
+    body = {name: value for name, value in source.state_dict().items() if not name.startswith("head.")}
+    model.load_state_dict({**model.state_dict(), **body})
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("head.")
+    return checkpoint["normalisation"]
+
+
 def train_one_epoch(model, images, metadata, targets, order, criterion, optimizer, scheduler, scaler, augment, noise,
                     hue, shift, hide, normalisation, device, dtype, batch_size, epoch, epochs, show_progress):
     """One pass over `order` (this process's shard); returns (mean loss, images per second)."""
     model.train()
+    if not all(p.requires_grad for p in model.parameters()):  # --frozen-from: all but the head stays as it was
+        for name, module in getattr(model, "module", model).named_children():  # (DDP wraps the model in .module)
+            if name != "head":
+                module.eval()  # its batch-norm statistics and dropout as in inference
     total, seen, started = 0.0, 0, time.perf_counter()
     bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=not show_progress)
@@ -349,14 +384,18 @@ def main(args):
     val_metadata = metadata_features(val_rows) if args.metadata else None
 
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
-    model, normalisation = build_model(args.arch, num_outputs, args.pretrained, args.weights, args.metadata,
-                                       views=2 if args.input == "both" else 1)
+    model, normalisation = build_model(args.arch, num_outputs, args.pretrained and not args.frozen_from,
+                                       args.weights, args.metadata, views=2 if args.input == "both" else 1)
+    cache_key = read_json(args.cache / "cache_key.json")
+    if args.frozen_from:
+        normalisation = frozen_network(model, args, cache_key, img_size)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
     dtype = autocast_dtype(args.precision, device, args.arch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                weight_decay=args.weight_decay)
     per_process_batch = max(2, args.batch_size // world)
     steps_per_epoch = math.ceil(math.ceil(len(train_images) / world) / per_process_batch)
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch),
@@ -365,7 +404,6 @@ def main(args):
     noise, hue = (0.02, 0.02) if args.aug in ("full", "shift") else (0.0, 0.0)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    cache_key = read_json(args.cache / "cache_key.json")
     if args.resume:
         last_path, model_path = args.run_dir / "last.pt", args.run_dir / "model.pt"
         if not last_path.is_file():

@@ -186,3 +186,37 @@ def test_the_page_shows_the_seven_classes_as_bars_with_predicts_numbers(folders,
     np.testing.assert_allclose([prob for _, prob in bars], expected[CLASS_COLUMNS].to_numpy().ravel(), atol=2e-6)
     for row in expected.to_dict("records"):
         assert f"most likely <b class='top-class'>{row['top_class']}</b>" in html_out
+
+
+def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_cache, synthetic_data, tmp_path):
+    size = ["--img-size", "32", "--input", "crop", "--metadata"]
+    binary = trained_with_thresholds(synthetic_cache, tmp_path / "binary", "--epochs", "1", *size)
+    head = trained_with_thresholds(synthetic_cache, tmp_path / "head", "--task", "multiclass", "--class-weights",
+                                   "balanced", "--epochs", "2", *size, "--frozen-from", str(binary / "model.pt"))
+    source = torch.load(binary / "model.pt", weights_only=True)["model"]
+    ours = torch.load(head / "model.pt", weights_only=True)["model"]
+    body = [name for name in source if not name.startswith("head.")]
+    assert any("running_mean" in name for name in body)  # batch-norm statistics too stay the network's
+    assert all(torch.equal(source[name], ours[name]) for name in body) and ours["head.weight"].shape[0] == 7
+    for name, classes in (("alone", []), ("both", ["--classes", str(head)])):
+        export_model.main(export_model.parse_args(["--run", str(binary), *classes, "--out", str(tmp_path / name)]))
+    cpu = torch.device("cpu")
+    models = common.load_run_models(tmp_path / "both", cpu)
+    shared = common.load_class_model(tmp_path / "both", cpu, models)
+    assert shared[1]["shared"]
+    index, arrays = common.load_cache(synthetic_cache)
+    rows, metadata = index["row"][:16], common.metadata_features(index.iloc[:16])
+    probs, class_probs = common.ensemble_probs(models, arrays, rows, cpu, tta=True, metadata=metadata,
+                                               class_model=shared)
+    alone, none = common.ensemble_probs(common.load_run_models(tmp_path / "alone", cpu), arrays, rows, cpu, tta=True,
+                                        metadata=metadata)
+    np.testing.assert_allclose(probs, alone, atol=1e-6)  # malignancy is the binary model's own
+    model, checkpoint = common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE)
+    _, separate = common.ensemble_probs(models, arrays, rows, cpu, tta=True, metadata=metadata,
+                                        class_model=(common.fold_batch_norms(model), checkpoint))
+    np.testing.assert_allclose(class_probs, separate, atol=1e-5)  # and the classes the 7-class model's
+    for flags, words in ((["--input", "full", "--metadata"], "has input 'crop'"), (["--input", "crop"], "--metadata")):
+        with pytest.raises(SystemExit, match=words):
+            train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(tmp_path / "bad"),
+                                         "--task", "multiclass", "--img-size", "32", *flags,
+                                         "--frozen-from", str(binary / "model.pt")]))
