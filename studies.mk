@@ -279,7 +279,7 @@ seven_tta = $(foreach seed,$(THIRD_SEEDS),(test -f $(1)_s$(seed)/val_tta/test_pr
 	($(PYTHON) threshold.py --run $(1)_s$(seed) && $(PYTHON) evaluate.py --run $(1)_s$(seed) --split val --tta \
 		--bootstrap 0 --out-dir $(1)_s$(seed)/val_tta)) &&) true
 seven_tta_files = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)/val_tta/test_probs.csv))
-seven-full: | $(PY_DEPS)  ## 7 classes: K0 and the screen's combined recipe at full length, seeds 0 and 1, held to the keep rule
+seven-full: | $(PY_DEPS)  ## 7 classes: K0, the screen's combined recipe and K4 (a head on the shipped network) at full length, seeds 0 and 1
 	$(call seven_arm,runs/seven_full/K0,--img-size 160 --epochs 10,--class-weights balanced)
 	$(call seven_arm,runs/seven_full/S,--img-size 160 --epochs $(SEVEN_FULL_EPOCHS),$(SEVEN_FULL_FLAGS))
 	$(call seven_arm,runs/seven_full/K4,--epochs 10,--class-weights balanced $(SEVEN_K4_FLAGS) \
