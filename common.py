@@ -1265,6 +1265,8 @@ def shares_network(class_checkpoint, models):
     if len(models) != 1:
         return False
     checkpoint = models[0][1]
+    if checkpoint["task"] != "binary" or checkpoint["num_outputs"] != 1:  # SHARED_TASK reads one binary logit
+        return False
     if not (checkpoint.get("metadata") and class_checkpoint.get("metadata")) or any(
             checkpoint[key] != class_checkpoint[key] for key in ("arch", "input", "img_size", "normalisation")):
         return False
