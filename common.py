@@ -997,16 +997,24 @@ def save_checkpoint(checkpoint, path):
         tmp.write_bytes(buffer.getbuffer())
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, shared_body=None):
     """Load a checkpoint written by train.py (or its compact copy, export_model.py) and rebuild its
     model (no pretrained download: the checkpoint holds every weight). A segmenter it names by a
-    path relative to its own folder is resolved there, so a copied or moved folder keeps working."""
+    path relative to its own folder is resolved there, so a copied or moved folder keeps working.
+    A head that export_model.py stored alone (it shares model.pt's network) takes every other
+    weight from shared_body, that model's state dict."""
     path = Path(path)
     if not path.is_file():
         fail(path, "checkpoint not found")
     checkpoint = load_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict):
         fail(path, f"holds a {type(checkpoint).__name__}, not a checkpoint of train.py")
+    if checkpoint.get("shares_network_of") and isinstance(checkpoint.get("model"), dict):
+        if shared_body is None:
+            fail(path, f"holds a head alone; it is read beside the {checkpoint['shares_network_of']} whose "
+                 "network it shares")
+        checkpoint["model"] = {**{name: value for name, value in shared_body.items() if not name.startswith("head.")},
+                               **checkpoint["model"]}
     for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
@@ -1245,7 +1253,7 @@ def load_class_model(run_dir, device, models):
     path = Path(run_dir) / CLASS_MODEL_FILE
     if not path.is_file():
         return None
-    model, checkpoint = load_checkpoint(path)
+    model, checkpoint = load_checkpoint(path, shared_body=models[0][1]["model"])
     if checkpoint["task"] != "multiclass":
         fail(path, f"is a {checkpoint['task']} model; {CLASS_MODEL_FILE} holds the 7-class one")
     if checkpoint.get("preprocess") is None or models[0][1].get("preprocess") is None:

@@ -11,7 +11,9 @@ files of the old folder that an export does not write, such as MODEL_CARD.md, ar
                    probabilities (bench/reference_model.py measures how far the fp16 copy moves them)
   classes.pt       with --classes RUN: that 7-class run's model, weights in fp16, read from the same
                    prepared images as model.pt (one segmenter pass); predict.py and evaluate.py take
-                   the 7 class probabilities from it and malignancy from model.pt, unchanged
+                   the 7 class probabilities from it and malignancy from model.pt, unchanged. A head
+                   trained on model.pt's frozen network (train.py --frozen-from) is stored alone
+                   (a few kB), and both answers then come from one pass of that network
   export.json      where it came from: the run(s), their config.json, the commit, each file's SHA-256
 
 Example: python export_model.py --run runs/study2/final/F1 --out models/reference
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, ArgumentParser, fail, file_digest, git_commit, load_checkpoint,
                     load_segmenter, lock_output, preprocess_settings, preprocessing_differences, read_json,
-                    read_thresholds, replace_folder, save_checkpoint, shown, write_json)
+                    read_thresholds, replace_folder, save_checkpoint, shares_network, shown, write_json)
 
 
 def parse_args(argv=None):
@@ -77,6 +79,9 @@ def main(args):
         save_checkpoint({**checkpoint, "model": half(checkpoint["model"]), "preprocess": preprocess},
                         build / "model.pt")
         if classes is not None:
+            if shares_network(classes, [(None, checkpoint)]):  # a head on model.pt's network: the head alone
+                classes = {**classes, "shares_network_of": "model.pt",
+                           "model": {name: value for name, value in classes["model"].items() if name.startswith("head.")}}
             save_checkpoint({**classes, "model": half(classes["model"]), "preprocess": preprocess},
                             build / CLASS_MODEL_FILE)
         shutil.copyfile(args.run / "thresholds.json", build / "thresholds.json")

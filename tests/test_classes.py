@@ -211,7 +211,11 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
     alone, none = common.ensemble_probs(common.load_run_models(tmp_path / "alone", cpu), arrays, rows, cpu, tta=True,
                                         metadata=metadata)
     np.testing.assert_allclose(probs, alone, atol=1e-6)  # malignancy is the binary model's own
-    model, checkpoint = common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE)
+    assert (tmp_path / "both" / common.CLASS_MODEL_FILE).stat().st_size < 100_000  # the head alone is stored
+    with pytest.raises(SystemExit, match="holds a head alone"):
+        common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE)
+    model, checkpoint = common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE,
+                                               shared_body=models[0][1]["model"])
     _, separate = common.ensemble_probs(models, arrays, rows, cpu, tta=True, metadata=metadata,
                                         class_model=(common.fold_batch_norms(model), checkpoint))
     np.testing.assert_allclose(class_probs, separate, atol=1e-5)  # and the classes the 7-class model's
