@@ -163,7 +163,8 @@ app-deps: | $(APP_DEPS)  ## the web page's optional requirements, and headless C
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -q chromium chromium-driver >/dev/null || \
-		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null); \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null) || \
+		echo "Chromium could not be installed: the page's browser test will be skipped"; \
 	else echo "Chromium not installed (it needs apt-get as root): the page's browser test will be skipped"; fi
 
 $(RUN_DIR)/metrics.csv: $(RUN_DIR)/thresholds.json | $(PY_DEPS)
