@@ -60,7 +60,9 @@ class Page:
 
     def __init__(self, args, scratch):
         self.run, self.scratch, self.max_files, self.max_bytes = args.run, scratch, args.max_files, args.max_mb * 1e6
-        operating_points(self.run, args.clinic)  # a bad folder or calibration ends here, before the models load
+        # a bad folder or calibration ends here, before the models load
+        self.start_point = default_operating_point(operating_points(self.run, args.clinic)[0])
+        self.points = list(operating_points(self.run)[0])
         self.device = pick_device(args.device)
         self.models = load_run_models(self.run, self.device)
         self.class_model = load_class_model(self.run, self.device, self.models)
@@ -68,9 +70,7 @@ class Page:
         self.metadata = any(checkpoint.get("metadata") for _, checkpoint in self.models)
         clinics = sorted(p.parent.name for p in (self.run / "clinics").glob("*/thresholds.json"))
         self.clinics = [NO_CLINIC, *clinics]
-        self.points = list(operating_points(self.run)[0])
         self.start_clinic = args.clinic or NO_CLINIC
-        self.start_point = default_operating_point(operating_points(self.run, args.clinic)[0])
 
     def describe(self):
         c = self.models[0][1]
@@ -99,8 +99,9 @@ class Page:
         threshold = thresholds[operating_point]
         messages, readable = [], []
         for path in files:
-            if path.stat().st_size > self.max_bytes:
-                messages.append(f"{path.name}: {path.stat().st_size / 1e6:.1f} MB, over the page's limit of "
+            size = path.stat().st_size
+            if size > self.max_bytes:
+                messages.append(f"{path.name}: {size / 1e6:.1f} MB, over the page's limit of "
                                 f"{self.max_bytes / 1e6:g} MB; not read")
             else:
                 readable.append(path)

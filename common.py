@@ -1256,15 +1256,22 @@ def load_class_model(run_dir, device, models):
     model, checkpoint = load_checkpoint(path, shared_body=models[0][1]["model"])
     if checkpoint["task"] != "multiclass":
         fail(path, f"is a {checkpoint['task']} model; {CLASS_MODEL_FILE} holds the 7-class one")
-    if checkpoint.get("preprocess") is None or models[0][1].get("preprocess") is None:
-        fail(path, "it or model.pt has no preprocessing settings; retrain it with this version of train.py")
-    ours, theirs = (preprocess_settings(c["preprocess"]) for c in (checkpoint, models[0][1]))
-    if preprocessing_differences(ours, theirs):
-        fail(path, "was trained on differently prepared images than model.pt "
-             f"({', '.join(preprocessing_differences(ours, theirs))}); both must read one preparation")
+    check_same_preparation(path, checkpoint, models[0][1])
     if shares_network(checkpoint, models):  # one pass of model.pt's network gives both answers
         return shared_heads(models[0][0], model.head.to(device)), {**checkpoint, "shared": True}
     return prepare_model(fold_batch_norms(model), device), checkpoint
+
+
+def check_same_preparation(path, class_checkpoint, checkpoint):
+    """A 7-class model (at `path`) beside a malignancy model's checkpoint reads the images exactly
+    as it does: one preparation, one segmenter pass, for both answers."""
+    if class_checkpoint.get("preprocess") is None or checkpoint.get("preprocess") is None:
+        fail(path, "it or model.pt has no preprocessing settings; retrain it with this version of train.py")
+    differences = preprocessing_differences(preprocess_settings(class_checkpoint["preprocess"]),
+                                            preprocess_settings(checkpoint["preprocess"]))
+    if differences:
+        fail(path, f"was trained on differently prepared images than model.pt ({', '.join(differences)}); one "
+             "folder reads one preparation")
 
 
 def shares_network(class_checkpoint, models):
@@ -1656,6 +1663,35 @@ def ranking_metrics(y_true, prob):
     true_positives = np.cumsum(y_true[order])[last_of_each_score]
     precision, recall = true_positives / (last_of_each_score + 1), true_positives / positives
     return {"roc_auc": float(roc_auc), "pr_auc": float(np.sum(np.diff(recall, prepend=0) * precision))}
+
+
+def group_members(groups):
+    """The row indices of each group (a lesion, a patient), groups in sorted order: a bootstrap
+    draws whole groups, since one lesion's several images are no independent cases."""
+    _, group = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1])
+
+
+def group_resamples(members, n_resamples, seed):
+    """Bootstrap resamples of whole groups (group_members): each the row indices of as many groups
+    as there are, drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
+def multiclass_figures(truth, class_probs):
+    """Per-class precision, recall and one-vs-rest ROC-AUC of the most probable class (NaN for a
+    class absent from truth; precision NaN for a class never predicted), and the 7x7 counts.
+    truth: indices into DX_CODES."""
+    n = len(DX_CODES)
+    counts = np.bincount(truth * n + class_probs.argmax(axis=1), minlength=n * n).reshape(n, n)
+    hits = np.diag(counts).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(counts.sum(axis=1) > 0, hits / counts.sum(axis=1), np.nan)
+        precision = np.where(counts.sum(axis=0) > 0, hits / counts.sum(axis=0), np.nan)
+    roc_auc = np.array([ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in range(n)])
+    return {"precision": precision, "recall": recall, "roc_auc": roc_auc, "counts": counts}
 
 
 def best_f1_threshold(labels, probs):

@@ -37,8 +37,8 @@ import pandas as pd
 
 from common import (ArgumentParser, CLASS_MODEL_FILE, DX_CODES, NO_CLASSES, SPLITS, atomic_path, balanced_accuracy_7,
                     binary_metrics, check_preprocessing, default_operating_point, ensemble_probs, fail, gradcam_maps,
-                    has_classes, heat_overlay, hidden_metadata, load_cache, load_class_model, load_run_models, lock_output,
-                    metadata_features, model_inputs, new_figure, number_in, operating_points, pick_device,
+                    group_members, group_resamples, has_classes, heat_overlay, hidden_metadata, load_cache, load_class_model, load_run_models, lock_output,
+                    metadata_features, model_inputs, multiclass_figures, new_figure, number_in, operating_points, pick_device,
                     plot_pr_curve, plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid,
                     threshold_metrics, unknown_sites_line, write_csv)
 
@@ -157,30 +157,13 @@ def plot_roc_curve(labels, probs, table, path):
     save_figure(fig, path)
 
 
-def multiclass_figures(truth, class_probs):
-    """Per-class precision, recall and one-vs-rest ROC-AUC of the most probable class (NaN for a
-    class absent from truth; precision NaN for a class never predicted), from the 7x7 counts."""
-    n = len(DX_CODES)
-    counts = np.bincount(truth * n + class_probs.argmax(axis=1), minlength=n * n).reshape(n, n)
-    hits = np.diag(counts).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(counts.sum(axis=1) > 0, hits / counts.sum(axis=1), np.nan)
-        precision = np.where(counts.sum(axis=0) > 0, hits / counts.sum(axis=0), np.nan)
-    roc_auc = np.array([ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in range(n)])
-    return {"precision": precision, "recall": recall, "roc_auc": roc_auc, "counts": counts}
-
-
 def multiclass_intervals(truth, class_probs, lesion_ids, n_resamples, seed):
     """95% percentile intervals of each class's precision, recall and ROC-AUC, of the balanced
     accuracy and of the macro ROC-AUC, from resampling lesions (all of a lesion's images go
     together: HAM10000 holds up to six images of one lesion, and they are no independent cases)."""
-    rng = np.random.default_rng(seed)
-    _, lesion = np.unique(np.asarray(lesion_ids).astype(str), return_inverse=True)
-    members = np.split(np.argsort(lesion, kind="stable"), np.cumsum(np.bincount(lesion))[:-1])
     present = np.bincount(truth, minlength=len(DX_CODES)) > 0
     samples = {"precision": [], "recall": [], "roc_auc": [], "balanced_accuracy": [], "macro_roc_auc": []}
-    for _ in range(n_resamples):
-        pick = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+    for pick in group_resamples(group_members(lesion_ids), n_resamples, seed):
         figures = multiclass_figures(truth[pick], class_probs[pick])
         for name in ("precision", "recall", "roc_auc"):
             samples[name].append(figures[name])

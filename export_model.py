@@ -23,9 +23,9 @@ import os
 import shutil
 from pathlib import Path
 
-from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, ArgumentParser, fail, file_digest, git_commit, load_checkpoint,
-                    load_segmenter, lock_output, preprocess_settings, preprocessing_differences, read_json,
-                    read_thresholds, replace_folder, save_checkpoint, shares_network, shown, write_json)
+from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, ArgumentParser, check_same_preparation, fail, file_digest,
+                    git_commit, load_checkpoint, load_segmenter, lock_output, read_json, read_thresholds,
+                    replace_folder, save_checkpoint, shares_network, shown, write_json)
 
 
 def parse_args(argv=None):
@@ -45,13 +45,7 @@ def class_checkpoint(run, checkpoint):
     _, classes = load_checkpoint(run / "model.pt")
     if classes["task"] != "multiclass":
         fail(run / "model.pt", f"is a {classes['task']} model; --classes takes a 7-class run (--task multiclass)")
-    if classes.get("preprocess") is None or checkpoint.get("preprocess") is None:
-        fail(run / "model.pt", "has no preprocessing settings; retrain it with this version of train.py")
-    differences = preprocessing_differences(preprocess_settings(classes["preprocess"]),
-                                            preprocess_settings(checkpoint["preprocess"]))
-    if differences:
-        fail(run / "model.pt", f"was trained on differently prepared images than --run's model "
-             f"({', '.join(differences)}); one folder reads one preparation")
+    check_same_preparation(run / "model.pt", classes, checkpoint)
     return classes
 
 

@@ -207,11 +207,15 @@ third-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEP
 THIRD_RUNS  ?= runs/third
 THIRD_SEEDS ?= 0 1
 THIRD_BUDGET ?= --img-size 128 --epochs 3
-third_arm = $(foreach seed,$(THIRD_SEEDS),(run=$(THIRD_RUNS)/$(1)_s$(seed); test -f $$run/config.json || \
-	$(PYTHON) train.py --cache cache/$(2)_224_third_$(3) --run-dir $$run --arch efficientnet_lite0 --input crop \
-		--metadata --loss wbce --aug full $(THIRD_BUDGET) --seed $(seed) $(4) $$(test -f $$run/last.pt && echo --resume)) &&) true
-third_runs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(THIRD_RUNS)/$(1)_s$(seed)))
+# seeded_runs: $(1) run folder without the seed, $(2) cache, $(3) train.py flags; seeded_dirs: the
+# runs' folders, comma-separated (bench/panel.py's and bench/seven_classes.py's --arm)
+seeded_runs = $(foreach seed,$(THIRD_SEEDS),(run=$(1)_s$(seed); test -f $$run/config.json || \
+	$(PYTHON) train.py --cache $(2) --run-dir $$run --arch efficientnet_lite0 --input crop --metadata $(3) \
+		--seed $(seed) $$(test -f $$run/last.pt && echo --resume)) &&) true
+seeded_dirs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)))
 comma := ,
+third_arm = $(call seeded_runs,$(THIRD_RUNS)/$(1),cache/$(2)_224_third_$(3),--loss wbce --aug full $(THIRD_BUDGET) $(4))
+third_runs = $(call seeded_dirs,$(THIRD_RUNS)/$(1))
 # L1 trains on ISIC 2017 train, so it is set beside B on ISIC 2017 val alone, in a table of its own
 THIRD_ARMS ?= L3a L1 L2 L4 L3b L5a L5b L3d
 THIRD_ARM_L1  := ham+isic2017_trainval,pad,--val-source ham10000_full
@@ -250,11 +254,8 @@ third-full: | $(PY_DEPS)  ## study, 3rd edition: B and the combined levers at fu
 # Seven classes (docs/seven_classes.md, its protocol): a 7-class model beside the binary one, its
 # recipe chosen on HAM10000 val balanced accuracy at seeds 0 and 1. $(1) run folder without the
 # seed, $(2) budget, $(3) train.py flags beyond the 7-class task
-seven_arm = $(foreach seed,$(THIRD_SEEDS),(run=$(1)_s$(seed); test -f $$run/config.json || \
-	$(PYTHON) train.py --cache cache/hamfull_trainval_224_third_pad --run-dir $$run --arch efficientnet_lite0 \
-		--input crop --metadata --task multiclass --loss ce --aug full $(2) --seed $(seed) $(3) \
-		$$(test -f $$run/last.pt && echo --resume)) &&) true
-seven_runs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)))
+seven_arm = $(call seeded_runs,$(1),cache/hamfull_trainval_224_third_pad,--task multiclass --loss ce --aug full $(2) $(3))
+seven_runs = $(call seeded_dirs,$(1))
 SEVEN_SCREEN := --img-size 128 --epochs 3
 # K0's screen runs are the third edition's L4 runs: the same command
 seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 px, seeds 0 and 1, on HAM10000 val

@@ -36,11 +36,10 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, atomic_path, autocast_dtype, balanced_accuracy_7,
-                    build_model, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata, load_cache,
-                    load_checkpoint, load_torch_file, lock_output, metadata_features, model_inputs, number_in,
-                    optimisation_step, pick_device, predict_probs, prepare_model, preprocess_settings,
-                    preprocessing_differences, ranking_metrics, read_json, save_checkpoint, to_model_tensor, write_csv,
-                    write_json)
+                    build_model, check_preprocessing, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata,
+                    load_cache, load_checkpoint, load_torch_file, lock_output, metadata_features, model_inputs,
+                    number_in, optimisation_step, pick_device, predict_probs, prepare_model, ranking_metrics,
+                    read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -253,7 +252,7 @@ def epoch_order(targets, sampler, seed, epoch):
     return torch.randperm(len(targets), generator=generator)
 
 
-def frozen_network(model, args, cache_key, img_size):
+def frozen_network(model, args, img_size):
     """The new model with --frozen-from's network and metadata embedding loaded and frozen (its
     head alone trains); returns the source's normalisation. The frozen part must stay exactly the
     source's, batch-norm statistics included, so that a model folder can share it (train_one_epoch
@@ -265,11 +264,9 @@ def frozen_network(model, args, cache_key, img_size):
         if checkpoint.get(key) != ours:
             fail(args.frozen_from, f"has {key} {checkpoint.get(key)!r}, this run {ours!r}: a head is trained on "
                  "the network exactly as that model reads its images")
-    differences = preprocessing_differences(preprocess_settings(cache_key), preprocess_settings(
-        checkpoint["preprocess"])) if checkpoint.get("preprocess") else ["none recorded"]
-    if differences:
-        fail(args.frozen_from, f"was trained on differently prepared images than {args.cache} "
-             f"({', '.join(differences)})")
+    if not checkpoint.get("preprocess"):
+        fail(args.frozen_from, "has no preprocessing settings; retrain it with this version of train.py")
+    check_preprocessing(args.cache, [(source, checkpoint)])
     body = {name: value for name, value in source.state_dict().items() if not name.startswith("head.")}
     model.load_state_dict({**model.state_dict(), **body})
     for name, parameter in model.named_parameters():
@@ -386,9 +383,8 @@ def main(args):
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
     model, normalisation = build_model(args.arch, num_outputs, args.pretrained and not args.frozen_from,
                                        args.weights, args.metadata, views=2 if args.input == "both" else 1)
-    cache_key = read_json(args.cache / "cache_key.json")
     if args.frozen_from:
-        normalisation = frozen_network(model, args, cache_key, img_size)
+        normalisation = frozen_network(model, args, img_size)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
     dtype = autocast_dtype(args.precision, device, args.arch)
@@ -404,6 +400,7 @@ def main(args):
     noise, hue = (0.02, 0.02) if args.aug in ("full", "shift") else (0.0, 0.0)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
+    cache_key = read_json(args.cache / "cache_key.json")
     if args.resume:
         last_path, model_path = args.run_dir / "last.pt", args.run_dir / "model.pt"
         if not last_path.is_file():

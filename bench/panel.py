@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (check_preprocessing, ensemble_probs, fail, hidden_metadata, load_cache,  # noqa: E402
-                    load_run_models, metadata_features, pick_device, preprocess_settings, ranking_metrics, read_csv,
-                    read_json, write_csv, write_table_and_markdown)
+from common import (check_preprocessing, ensemble_probs, fail, group_members, group_resamples,  # noqa: E402
+                    hidden_metadata, load_cache, load_run_models, metadata_features, pick_device, preprocess_settings,
+                    ranking_metrics, read_csv, read_json, write_csv, write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -190,12 +190,9 @@ def compare_site(tables, arms, n_resamples, seed):
     names = list(arms)
     n_seeds = len(arms[names[0]])
     auc = {key: ranking_metrics(labels, p)["roc_auc"] for key, p in probs.items()}
-    unique_groups, group_of = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(group_of == g) for g in range(len(unique_groups))]
-    rng = np.random.default_rng(seed)
+    members = group_members(groups)
     samples = {name: [] for name in names[1:]}
-    for _ in range(n_resamples):
-        pick = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+    for pick in group_resamples(members, n_resamples, seed):
         if labels[pick].min() == labels[pick].max():
             continue
         base = [ranking_metrics(labels[pick], probs[names[0], s][pick])["roc_auc"] for s in range(n_seeds)]
@@ -208,7 +205,7 @@ def compare_site(tables, arms, n_resamples, seed):
         seed_diff = [auc[name, s] - auc[names[0], s] for s in range(n_seeds)]
         low, high = np.percentile(samples[name], [2.5, 97.5]) if name in samples else (np.nan, np.nan)
         rows.append({"arm": name, "images": len(labels), "malignant": int(labels.sum()),
-                     "groups": len(unique_groups), "roc_auc": float(np.mean(seed_auc)),
+                     "groups": len(members), "roc_auc": float(np.mean(seed_auc)),
                      **{f"roc_auc_seed{s}": v for s, v in enumerate(seed_auc)},
                      "specificity_at_recall90": float(np.mean([specificity_at_recall(labels, probs[name, s])
                                                                 for s in range(n_seeds)])),

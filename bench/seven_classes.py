@@ -22,7 +22,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import DX_CODES, fail, ranking_metrics, read_probs, write_table_and_markdown  # noqa: E402
+from common import (DX_CODES, fail, group_members, group_resamples, multiclass_figures, read_probs,  # noqa: E402
+                    write_table_and_markdown)
+from panel import parse_arms  # noqa: E402  (the same --arm NAME=RUN,RUN)
 
 CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 # the protocol's rules: (least seed-mean gain in balanced accuracy, least gain of every seed; None:
@@ -51,13 +53,12 @@ def read_arm_probs(path):
 
 
 def figures(truth, class_probs):
-    """(balanced accuracy, macro ROC-AUC, melanoma recall) of the most likely class."""
-    predicted = class_probs.argmax(axis=1)
-    present = [k for k in range(len(DX_CODES)) if np.any(truth == k)]
-    recall = {k: float(np.mean(predicted[truth == k] == k)) for k in present}
-    macro_auc = float(np.mean([ranking_metrics(truth == k, class_probs[:, k])["roc_auc"] for k in present]))
-    mel = DX_CODES.index("mel")
-    return float(np.mean(list(recall.values()))), macro_auc, recall.get(mel, np.nan)
+    """(balanced accuracy, macro ROC-AUC, melanoma recall) of the most likely class, over the
+    classes present."""
+    per_class = multiclass_figures(truth, class_probs)
+    present = np.bincount(truth, minlength=len(DX_CODES)) > 0
+    return (float(np.mean(per_class["recall"][present])), float(np.mean(per_class["roc_auc"][present])),
+            float(per_class["recall"][DX_CODES.index("mel")]))
 
 
 def compare(arms, n_resamples, seed):
@@ -70,12 +71,9 @@ def compare(arms, n_resamples, seed):
             fail(arms[key[0]][key[1]], f"scores other images than {arms[names[0]][0]}; arms are compared on one set")
     truth = np.array([DX_CODES.index(dx) for dx in first["dx"]])
     probs = {key: table[CLASS_COLUMNS].to_numpy() for key, table in tables.items()}
-    _, lesion = np.unique(first["lesion_id"].astype(str), return_inverse=True)
-    members = np.split(np.argsort(lesion, kind="stable"), np.cumsum(np.bincount(lesion))[:-1])
-    rng = np.random.default_rng(seed)
+    members = group_members(first["lesion_id"])
     samples = {name: [] for name in names[1:]}
-    for _ in range(n_resamples):
-        pick = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+    for pick in group_resamples(members, n_resamples, seed):
         base = [figures(truth[pick], probs[names[0], s][pick])[0] for s in range(n_seeds)]
         for name in names[1:]:
             samples[name].append(np.mean([figures(truth[pick], probs[name, s][pick])[0] - base[s]
@@ -125,14 +123,7 @@ def markdown(table, arms, rule):
 
 
 def main(args):
-    arms = {}
-    for spec in args.arm:
-        name, _, runs = spec.partition("=")
-        if not name or not runs:
-            fail(f"--arm {spec}", "expects NAME=RUN[,RUN...]")
-        arms[name] = runs.split(",")
-    if len({len(runs) for runs in arms.values()}) > 1:
-        fail("--arm", "every arm needs the same number of runs (one per seed)")
+    arms = parse_arms(args.arm)
     table = compare(arms, args.bootstrap, args.seed)
     n_seeds = len(next(iter(arms.values())))
     passes = verdicts(table, args.rule, n_seeds).astype(object)

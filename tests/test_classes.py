@@ -140,7 +140,7 @@ def test_per_class_intervals_resample_lesions_not_images():
     probs = rng.dirichlet(np.ones(7), 300)
     probs[np.arange(300), truth] += rng.uniform(0, 1, 300)  # better than chance, not perfect
     probs /= probs.sum(axis=1, keepdims=True)
-    figures = evaluate.multiclass_figures(truth, probs)
+    figures = common.multiclass_figures(truth, probs)
     from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
     precision, recall, _, _ = precision_recall_fscore_support(truth, probs.argmax(axis=1), labels=range(7))
     np.testing.assert_allclose(figures["precision"], precision)
