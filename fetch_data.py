@@ -8,7 +8,8 @@ Splits are grouped by lesion_id (a lesion never sits in two splits) and stratifi
 
 Sources:
   --source isic        the ISIC Archive API (default): the HAM10000 collection, image by image;
-                       --collection NAME any other collection (the ISIC 2017 challenge sets, say)
+                       --collection NAME any other collection (the ISIC 2017 challenge sets, say);
+                       --collection HAM10000 --collection 'Challenge 2017: Training' both in one
   --source dataverse   the official release on Harvard Dataverse, with its lesion masks: zips
                        checked against their MD5
   --from-dir PATH      a copy you already have: a labels CSV (metadata.csv, labels.csv,
@@ -113,7 +114,8 @@ def parse_args(argv=None):
                    help="downloads: the HAM10000 release, or the ISIC 2018 Task 3 test set")
     p.add_argument("--collection", action="append", metavar="NAME",
                    help="--source isic: download this ISIC Archive collection instead of HAM10000 (repeat for "
-                        "several); a collection named for a split ('Challenge 2017: Test') gives its images that split")
+                        "several); a collection named for a split ('Challenge 2017: Test') gives its images that split; "
+                        "one named HAM10000 gives the release's 10,015 images, split lesion-level")
     p.add_argument("--labels", type=Path, help="labels CSV for --from-dir (default: found by name)")
     p.add_argument("--assign-split", choices=SPLITS, help="put every row in this split (an external test set)")
     p.add_argument("--only-split", choices=SPLITS, nargs="+", metavar="SPLIT",
@@ -501,12 +503,14 @@ def isic_rows(args, collection, split, search, seen):
     """The rows of one collection's images (all given `split`) that have a HAM10000 diagnosis; ids
     already in `seen` (an earlier collection) are left out, unless that collection gave them another split."""
     rows, unmapped = [], []
+    # the HAM10000 collection, named or by default, gives the release (or --subset) alone
+    release = not args.collection or str(collection["name"]).strip().lower() == "ham10000"
     for image in tqdm(paginate(search, args.retries), desc="listing images", unit="image"):
         isic_id = str(image.get("isic_id"))
         if not SAFE_NAME.fullmatch(isic_id):  # it becomes a file name below
             print(f"skipped image {isic_id!r} of {search}: its id cannot be a file name")
             continue
-        if not args.collection and not in_subset(isic_id, args.subset):
+        if release and not in_subset(isic_id, args.subset):
             continue
         if isic_id in seen:
             if seen[isic_id] != split:

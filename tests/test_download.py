@@ -85,6 +85,24 @@ def test_isic_download_survives_faults_and_keeps_only_the_ham10000_release(ham_s
     assert "ViDIR" in (tmp_path / "attribution.txt").read_text()
 
 
+def test_ham10000_and_a_challenge_collection_download_as_one_dataset(ham_sample, tmp_path):
+    """The reference recipe's data from the Archive: HAM10000's release, split lesion-level, beside
+    ISIC 2017's training collection, every image of which is a training image."""
+    labels = pd.read_csv(ISIC2017 / "labels.csv")
+    chosen = labels[labels["split"] == "train"].head(4)
+    spelled = {"nv": "Nevus", "mel": "Melanoma Invasive", "bkl": "Seborrheic keratosis"}
+    training = [{"isic_id": r.image_id, "body": (ISIC2017 / r.filename).read_bytes(),
+                 "clinical": {"diagnosis_3": spelled[r.label]}} for r in chosen.itertuples()]
+    with FakeRemote(isic_images(ham_sample), challenge_images={"Challenge 2017: Training": training}) as remote:
+        meta = fetch(remote, tmp_path, "--collection", "HAM10000", "--collection", "Challenge 2017: Training")
+    meta = meta.set_index("image_id")
+    assert sorted(meta.index) == sorted([*ham_sample["image_id"], *chosen["image_id"]])  # no 2018 image
+    assert (meta.loc[chosen["image_id"], "split"] == "train").all()
+    ham = meta.loc[ham_sample["image_id"]]
+    assert set(ham["split"]) == {"train", "val", "test"}  # split lesion-level, as a download of it alone
+    assert ham.groupby("lesion_id")["split"].nunique().max() == 1
+
+
 def test_second_run_downloads_nothing_and_an_interrupted_run_resumes(ham_sample, tmp_path):
     with FakeRemote(isic_images(ham_sample)) as remote:
         fetch(remote, tmp_path)
