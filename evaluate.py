@@ -335,6 +335,13 @@ def main(args):
         if args.source not in sources:
             fail(cache / "index.csv", f"has no source '{args.source}' (its sources: {', '.join(sources) or 'none'})")
         rows = rows[rows["source"] == args.source]
+    validated = {tuple(checkpoint["args"].get("val_source") or ()) for _, checkpoint in models}
+    if args.split == "val" and args.cache is None and args.source is None and len(validated) == 1 and all(validated):
+        # the val rows that chose the epoch (train.py --val-source): thresholds chosen on these
+        # probabilities (make threshold with TTA) then come from the same images as without TTA
+        val_sources = validated.pop()
+        rows = rows[rows["source"].isin(val_sources)]
+        print(f"split val: the rows of source {', '.join(val_sources)} alone, which chose the epoch (--val-source)")
     if rows.empty:
         fail(cache / "index.csv", f"has no rows in split '{args.split}'" + (f" of source '{args.source}'"
                                                                             if args.source else ""))

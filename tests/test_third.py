@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, trained_with_thresholds
 
 import common
+import evaluate
 import train
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -71,6 +72,13 @@ def test_val_source_chooses_the_epoch_on_that_source_alone(synthetic_cache, tmp_
     run = trained_with_thresholds(two, tmp_path / "run", "--epochs", "1", "--img-size", "32", "--val-source", "ham")
     val_probs = pd.read_csv(run / "val_probs.csv")
     assert set(val_probs["image_id"]) == set(index.loc[val[1::2], "image_id"])
+    # evaluate.py's val (make threshold's test-time-augmented reading) is the same rows, unless told
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--bootstrap", "0",
+                                       "--out-dir", str(tmp_path / "val")]))
+    assert set(pd.read_csv(tmp_path / "val" / "test_probs.csv")["image_id"]) == set(val_probs["image_id"])
+    evaluate.main(evaluate.parse_args(["--run", str(run), "--split", "val", "--source", "other", "--bootstrap", "0",
+                                       "--out-dir", str(tmp_path / "other")]))
+    assert set(pd.read_csv(tmp_path / "other" / "test_probs.csv")["image_id"]) == set(index.loc[val[::2], "image_id"])
     with pytest.raises(SystemExit, match="has no source mars"):
         train.main(train.parse_args(["--cache", str(two), "--run-dir", str(tmp_path / "bad"), "--val-source", "mars"]))
 
