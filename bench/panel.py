@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arm", action="append", required=True, metavar="NAME=RUN,RUN",
                    help="an arm and its runs, one per seed in the same seed order for every arm; the first is the "
-                        "baseline")
+                        "baseline. RUN+RUN: those runs' ensemble (the mean probability) in one seed's place")
     p.add_argument("--general-sites", nargs="*", default=[], metavar="ARM",
                    help="arms that read the ISIC Archive's general site words as the HAM10000 sites they cover "
                         "(lever L6); the others read them as site unknown")
@@ -139,6 +139,21 @@ def score_run(run, cache_pattern, general_sites, keep, device):
                                   "label": rows["malignant"].to_numpy(), "prob": probs})
             write_csv(table, kept[reading])
             out[site, reading] = table
+    return out
+
+
+def ensemble_scores(results):
+    """Several runs' score_run results as one ensemble's: the mean probability, image by image, as
+    ensemble.py's ensembles give it, on the images every member scored."""
+    if len(results) == 1:
+        return results[0]
+    out = {}
+    for key, first in results[0].items():
+        tables = [result[key].set_index("image_id") for result in results]
+        scored = first["image_id"][first["image_id"].isin(set.intersection(*(set(t.index) for t in tables)))]
+        table = tables[0].loc[scored].copy()
+        table["prob"] = np.mean([t.loc[scored, "prob"].to_numpy() for t in tables], axis=0)
+        out[key] = table.reset_index()
     return out
 
 
@@ -277,7 +292,9 @@ def main(args):
     scored = {}
     for name, runs in tqdm(arms.items(), desc="scoring arms"):
         for s, run in enumerate(runs):
-            scored[name, s] = score_run(run, args.cache_pattern, name in args.general_sites, args.keep, device)
+            members = [Path(member) for member in str(run).split("+")]
+            scored[name, s] = ensemble_scores([score_run(member, args.cache_pattern, name in args.general_sites,
+                                                         args.keep, device) for member in members])
     rows = []
     for site, _, _, readings in SITES:
         for k, reading in enumerate(readings):

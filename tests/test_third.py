@@ -100,7 +100,9 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
     out = tmp_path / "panel"
     # every site read from the synthetic cache; the baseline's seeds are the tiny run and the second
     panel.main(panel.parse_args(["--arm", f"B={trained_run},{second}", "--arm", f"same={trained_run},{second}",
-                                 "--arm", f"swapped={second},{trained_run}", "--cache-pattern", str(synthetic_cache),
+                                 "--arm", f"swapped={second},{trained_run}",
+                                 "--arm", f"both={trained_run}+{second},{trained_run}+{second}",
+                                 "--cache-pattern", str(synthetic_cache),
                                  "--bootstrap", "50", "--keep", str(tmp_path / "kept"), "--out", str(out)]))
     table = pd.read_csv(out.with_suffix(".csv"))
     index = pd.read_csv(synthetic_cache / "index.csv")
@@ -118,6 +120,11 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
     assert swapped["difference_seed0"] == pytest.approx(ph2["roc_auc_seed1"] - ph2["roc_auc_seed0"])
     assert swapped["difference_seed1"] == pytest.approx(-swapped["difference_seed0"])
     assert swapped["difference"] == pytest.approx(0)
+    # an ensemble in a seed's place: the mean of its members' kept probabilities, image by image
+    second_kept = pd.read_csv(tmp_path / "kept" / str(second).strip("/").replace("/", "__") / "ph2_none.csv")
+    mean = (kept["prob"] + second_kept.set_index("image_id").loc[not_trained["image_id"], "prob"]) / 2
+    both = table[(table["arm"] == "both") & (table["site"] == "ph2")].iloc[0]
+    assert both["roc_auc_seed0"] == pytest.approx(common.ranking_metrics(not_trained["malignant"], mean)["roc_auc"])
     verdict = pd.read_csv(tmp_path / "panel_verdicts.csv").set_index("arm")
     assert not verdict.loc["same", "passes"]  # no gain is no change worth keeping
     assert "| same |" in out.with_suffix(".md").read_text()
