@@ -1,15 +1,18 @@
 # Skin lesion classification: `make all` runs the pipeline on real data, `make demo` on synthetic
 # data, `make test` the tests. Each step is a file target, so a second run redoes nothing.
-# The defaults are the reference model's recipe (models/reference/MODEL_CARD.md): the U-Net lesion
-# crop (centred on the lesion, padded beyond the image's edges) with Shades of Gray,
+# The defaults are the reference model's recipe (models/reference/MODEL_CARD.md): HAM10000 with ISIC
+# 2017's training images beside it (two clinics; validation and thresholds on HAM10000's val split),
+# the whole image with Shades of Gray (the U-Net's outline is drawn, not cropped to),
 # EfficientNet-Lite0 with metadata, 10 epochs at 160 px, thresholds chosen on test-time-augmented
-# validation probabilities. The first study's recipe: SEGMENTER=classical COLOUR=none CROP_FIT=inside
-# INPUT=full METADATA=off TTA=off TRAIN_SIZE=224.
+# validation probabilities. The first study's recipe: DATA=ham10000 COLLECTIONS= SEGMENTER=classical
+# COLOUR=none CROP_FIT=inside METADATA=off TTA=off TRAIN_SIZE=224.
 # Override any variable on the command line: make all DATA=hamfull FROM_DIR=../shared/data/ham10000_full
 # Several sources make one dataset: make all DATA=ham+isic2017 FROM_DIR="../shared/data/ham10000_full ../shared/data/isic2017"
 
-DATA          ?= ham10000
+DATA          ?= ham+isic2017
 SOURCE        ?= isic
+# the ISIC Archive collections a download takes (SOURCE=isic; none: HAM10000's release alone)
+COLLECTIONS   ?= --collection HAM10000 --collection "Challenge 2017: Training"
 FROM_DIR      ?=
 SYNTHETIC_N   ?= 1500
 ARCH          ?= efficientnet_lite0
@@ -20,7 +23,7 @@ BATCH_SIZE    ?= 32
 LR            ?= 1e-3
 LOSS          ?= wbce
 AUG           ?= full
-INPUT         ?= crop
+INPUT         ?= full
 HAIR          ?= on
 SEGMENTER     ?= unet
 COLOUR        ?= shades_of_gray
@@ -77,7 +80,7 @@ FETCH_FROM := --synthetic $(SYNTHETIC_N)
 else ifneq ($(FROM_DIR),)
 FETCH_FROM := --from-dir $(FROM_DIR)
 else
-FETCH_FROM := --source $(SOURCE)
+FETCH_FROM := --source $(SOURCE) $(if $(filter isic,$(SOURCE)),$(COLLECTIONS))
 endif
 
 .PHONY: setup all data preprocess segmenter train threshold validate evaluate export predict app app-deps reference-bench reference-test site-bench segmenter-bench source-test external external-val demo test \
@@ -202,12 +205,12 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX) --split all \
 		--out-dir $(RUN_DIR)/isic2017_trainval
 
-# The reference model (models/reference/MODEL_CARD.md). Retrained: make threshold DATA=hamfull
-# FROM_DIR=$(SHARED)/ham10000_full RUN=hamfull_pad $(HAM_SEGMENTER) (the defaults' recipe with its
-# segmenter, which that trains first), then make export DATA=hamfull RUN=hamfull_pad
-# EXPORT_DIR=models/reference. Checked and read through caches its own compact segmenter made; the
-# full-precision run's folder holds the compact model's evaluations.
-REF_RUN ?= runs/hamfull_pad
+# The reference model (models/reference/MODEL_CARD.md): the third edition's recipe C, seed 1
+# (docs/third_edition.md). Retrained: make third-data, then make third-full (which trains it as
+# runs/third_full/C_s1), then its TTA thresholds and make export RUN=third_full/C_s1
+# EXPORT_DIR=models/reference (the card's exact commands). Checked and read through caches its own
+# compact segmenter made; the full-precision run's folder holds the compact model's evaluations.
+REF_RUN ?= runs/third_full/C_s1
 # the reference model's crop (model.pt's preprocess key; a test holds them equal)
 REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
@@ -309,7 +312,7 @@ help:  ## list targets and variables
 	@echo "studies (studies.mk; their write-ups in docs/):"
 	@$(call list_targets,studies.mk)
 	@echo "variables (current value):"
-	@$(foreach v,DATA SOURCE FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
+	@$(foreach v,DATA SOURCE COLLECTIONS FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
 		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR CROP_FIT METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
 		SHARED RUN EXPORT_DIR IMAGES MODEL CLINIC PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
 

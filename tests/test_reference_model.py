@@ -41,7 +41,7 @@ def test_the_reference_folder_is_compact_complete_and_the_recipe_it_claims():
     checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
     assert all(t.dtype == torch.float16 for t in checkpoint["model"].values() if t.is_floating_point())
     assert (checkpoint["arch"], checkpoint["input"], checkpoint["img_size"], checkpoint["metadata"],
-            checkpoint["loss"]) == ("efficientnet_lite0", "crop", 160, True, "wbce")
+            checkpoint["loss"]) == ("efficientnet_lite0", "full", 160, True, "wbce")
     key = checkpoint["preprocess"]
     assert (key["segmenter"], key["segmenter_model"], key["colour_constancy"]) == ("unet", "segmenter.pt",
                                                                                    "shades_of_gray")
@@ -80,6 +80,12 @@ def test_the_make_defaults_are_the_reference_models_recipe():
         checkpoint["preprocess"]["segmenter"], settings["colour_constancy"], settings["crop_fit"],
         settings["hair_removal"])
     assert defaults["TTA"] == ("on" if json.loads((REFERENCE / "thresholds.json").read_text())["tta"] else "off")
+    # its training images: HAM10000 with ISIC 2017's training images (the third edition's C), which
+    # a default download takes from the Archive, choosing the epoch on HAM10000's val rows alone
+    assert checkpoint["args"]["val_source"] == ["ham10000_full"] and "isic2017" in checkpoint["args"]["cache"]
+    fetch = subprocess.run(["make", "-n", "data", "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60).stdout
+    assert '--collection HAM10000 --collection "Challenge 2017: Training"' in fetch
 
 
 def test_predict_with_no_run_uses_the_reference_model(tmp_path):
