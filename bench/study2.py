@@ -6,7 +6,9 @@ multiclass_metrics.csv for 7-class models) and the label of its test set, as FOL
 run that made it is the folder itself or its parent (the one with config.json). Writes <out>.csv
 (one row per evaluation and operating point, with 95% intervals) and <out>.md, and prints the
 Markdown. With --plots DIR, each evaluation's ROC curve and confusion matrix are copied there,
-named after its label.
+named after its label. Beside evaluate.py's intervals (over images), the ROC-AUC's 95% interval
+over lesions (test_probs.csv's lesion_id: a lesion's images drawn together; an image without a
+lesion id is a lesion of its own).
 
 Example: python bench/study2.py --read "runs/study2/final/F1:HAM10000 test" \
     "runs/study2/final/F1/ph2:PH2" --out bench/results/study2_final --plots docs/results/study2
@@ -16,12 +18,14 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import fail, read_csv, write_table_and_markdown  # noqa: E402
+from common import (fail, group_members, group_resamples, ranking_metrics, read_csv,  # noqa: E402
+                    write_table_and_markdown)
 from study import METRICS, balanced_accuracy_7, copy_plots, describe  # noqa: E402
 
 PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "confusion_matrix_7class.png")
@@ -45,10 +49,22 @@ def run_of(folder):
     fail(folder, "neither it nor its parent holds a run's config.json")
 
 
+def lesion_roc_interval(folder, n_resamples=1000, seed=0):
+    """The 95% interval of the ROC-AUC over lesions, from the evaluation's test_probs.csv."""
+    probs = read_csv(folder / "test_probs.csv", ["image_id", "lesion_id", "label", "prob"])
+    labels, scores = probs["label"].to_numpy(), probs["prob"].to_numpy()
+    lesions = probs["lesion_id"].where(probs["lesion_id"].notna(), probs["image_id"])
+    aucs = [ranking_metrics(labels[pick], scores[pick])["roc_auc"]
+            for pick in group_resamples(group_members(lesions), n_resamples, seed) if len(set(labels[pick])) == 2]
+    return {"lesions": int(lesions.nunique()), "roc_auc_lesion_lo": float(np.percentile(aucs, 2.5)),
+            "roc_auc_lesion_hi": float(np.percentile(aucs, 97.5))}
+
+
 def collect(reads, points):
     rows = []
     for folder, label in reads:
         info = describe(run_of(folder))
+        by_lesion = lesion_roc_interval(folder)
         table = read_csv(folder / "metrics.csv", ["operating_point", *METRICS]).set_index("operating_point")
         extra = balanced_accuracy_7(folder)
         for point in points:
@@ -56,7 +72,8 @@ def collect(reads, points):
                 fail(folder / "metrics.csv", f"has no operating point '{point}'")
             row = {"system": info["stage"], "data": label, "folder": str(folder), "operating_point": point,
                    "threshold": table.loc[point, "threshold"], "n": table.loc[point, "n"],
-                   "n_malignant": table.loc[point, "n_malignant"], "train_minutes": info["train_minutes"], **extra}
+                   "n_malignant": table.loc[point, "n_malignant"], "train_minutes": info["train_minutes"], **extra,
+                   **by_lesion}
             for m in METRICS:
                 row.update({m: table.loc[point, m], f"{m}_lo": table.loc[point, f"{m}_lo"],
                             f"{m}_hi": table.loc[point, f"{m}_hi"]})
@@ -66,14 +83,15 @@ def collect(reads, points):
 
 def markdown(table):
     head = ["system", "test set (images, malignant)", "point", "ROC-AUC", "PR-AUC", "accuracy", "precision",
-            "recall", "specificity", "F1", "7-class bal. acc."]
+            "recall", "specificity", "F1", "7-class bal. acc.", "ROC-AUC interval over lesions"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.to_dict("records"):
         cells = [f"{r[m]:.3f} ({r[m + '_lo']:.3f}-{r[m + '_hi']:.3f})" for m in METRICS]
         balanced = (f"{r['balanced_accuracy_7']:.3f} ({r['balanced_accuracy_7_lo']:.3f}-"
                     f"{r['balanced_accuracy_7_hi']:.3f})" if pd.notna(r.get("balanced_accuracy_7")) else "")
         lines.append(f"| {r['system']} | {r['data']} ({r['n']}, {r['n_malignant']}) | {r['operating_point']} "
-                     f"(t={r['threshold']:.3f}) | " + " | ".join(cells) + f" | {balanced} |")
+                     f"(t={r['threshold']:.3f}) | " + " | ".join(cells) + f" | {balanced} | "
+                     f"{r['roc_auc_lesion_lo']:.3f}-{r['roc_auc_lesion_hi']:.3f} ({r['lesions']} lesions) |")
     return "\n".join(lines) + "\n"
 
 
