@@ -283,9 +283,10 @@ seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 
 SEVEN_FULL_FLAGS  ?= --class-weights balanced
 SEVEN_FULL_EPOCHS ?= 10
 # K4: a head on the shipped binary model's frozen network, read as that model reads its images
-# (SEVEN_K4_FLAGS: its input form and size, the reference model's: padded crop at 160 px)
+# (SEVEN_K4_FLAGS: its input form and size, the reference model's since issue 33: the whole image
+# at 160 px; a test holds them to model.pt's)
 SEVEN_K4_FROM  ?= $(REFERENCE)/model.pt
-SEVEN_K4_FLAGS ?= --input crop --img-size 160
+SEVEN_K4_FLAGS ?= --input full --img-size 160
 seven_tta = $(foreach seed,$(THIRD_SEEDS),(test -f $(1)_s$(seed)/val_tta/test_probs.csv || \
 	($(PYTHON) threshold.py --run $(1)_s$(seed) && $(PYTHON) evaluate.py --run $(1)_s$(seed) --split val --tta \
 		--bootstrap 0 --out-dir $(1)_s$(seed)/val_tta)) &&) true

@@ -86,6 +86,11 @@ def test_the_make_defaults_are_the_reference_models_recipe():
     fetch = subprocess.run(["make", "-n", "data", "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60).stdout
     assert '--collection HAM10000 --collection "Challenge 2017: Training"' in fetch
+    # the 7-class head trained on its frozen network (make seven-full's K4) reads images as it does
+    k4 = [line for line in subprocess.run(["make", "-n", "seven-full", "PYTHON=python3"], cwd=ROOT, capture_output=True,
+                                          text=True, timeout=60).stdout.splitlines() if "--frozen-from" in line]
+    assert k4 and all(line.split("--input")[-1].split()[0] == checkpoint["input"] and
+                      line.split("--img-size")[-1].split()[0] == str(checkpoint["img_size"]) for line in k4)
 
 
 def test_predict_with_no_run_uses_the_reference_model(tmp_path):
