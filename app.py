@@ -166,7 +166,8 @@ class Page:
         image = model_inputs(arrays, [0], checkpoint["input"], checkpoint["img_size"])
         cam = gradcam_maps(model, image, checkpoint["normalisation"], self.device, checkpoint["task"],
                            metadata if checkpoint.get("metadata") else None)[0]
-        title = "Grad-CAM" + (" (first model)" if len(self.models) > 1 else "") + f" on the {checkpoint['input']}"
+        view = {"full": "whole image", "masked": "masked image"}.get(checkpoint["input"], checkpoint["input"])
+        title = "Grad-CAM" + (" (first model)" if len(self.models) > 1 else "") + f" on the {view}"
         return title, heat_overlay(image[0], cam)
 
 
