@@ -280,8 +280,8 @@ seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 
 # The full length: K0 and S (K0 with the screen's passing changes: SEVEN_FULL_FLAGS and
 # SEVEN_FULL_EPOCHS, set from the screen and committed before the runs), then each run's val read
 # with test-time augmentation, against without
-SEVEN_FULL_FLAGS  ?= --class-weights balanced
-SEVEN_FULL_EPOCHS ?= 10
+SEVEN_FULL_FLAGS  ?= --sampler balanced
+SEVEN_FULL_EPOCHS ?= 20
 # K4: a head on the shipped binary model's frozen network, read as that model reads its images
 # (SEVEN_K4_FLAGS: its input form and size, the reference model's since issue 33: the whole image
 # at 160 px; a test holds them to model.pt's)
