@@ -897,6 +897,13 @@ def metadata_fusion(model, num_outputs):
     return MetadataFusion(model)
 
 
+def split_head(state):
+    """(the network's weights, the head's) of a model's state dict: what a 7-class head trained on
+    a frozen network (train.py --frozen-from) shares with that network's model, and what it adds."""
+    network = {name: value for name, value in state.items() if not name.startswith("head.")}
+    return network, {name: value for name, value in state.items() if name not in network}
+
+
 def shared_heads(model, class_head):
     """One pass of a metadata model's network for two answers: forward gives its own head's
     logit(s) and then `class_head`'s 7 logits, both read from the same fused features (task
@@ -1013,8 +1020,7 @@ def load_checkpoint(path, shared_body=None):
         if shared_body is None:
             fail(path, f"holds a head alone; it is read beside the {checkpoint['shares_network_of']} whose "
                  "network it shares")
-        checkpoint["model"] = {**{name: value for name, value in shared_body.items() if not name.startswith("head.")},
-                               **checkpoint["model"]}
+        checkpoint["model"] = {**split_head(shared_body)[0], **checkpoint["model"]}
     for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
@@ -1285,11 +1291,10 @@ def shares_network(class_checkpoint, models):
     if not (checkpoint.get("metadata") and class_checkpoint.get("metadata")) or any(
             checkpoint[key] != class_checkpoint[key] for key in ("arch", "input", "img_size", "normalisation")):
         return False
-    theirs, ours = checkpoint["model"], class_checkpoint["model"]
-    body = [name for name in ours if not name.startswith("head.")]
-    return set(body) == {name for name in theirs if not name.startswith("head.")} and all(
+    theirs, ours = split_head(checkpoint["model"])[0], split_head(class_checkpoint["model"])[0]
+    return set(ours) == set(theirs) and all(
         ours[name].shape == theirs[name].shape and bool((ours[name].float() == theirs[name].float()).all())
-        for name in body)
+        for name in ours)
 
 
 def has_classes(models, class_model):

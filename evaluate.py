@@ -37,10 +37,11 @@ import pandas as pd
 
 from common import (ArgumentParser, CLASS_MODEL_FILE, DX_CODES, NO_CLASSES, SPLITS, atomic_path, balanced_accuracy_7,
                     binary_metrics, check_preprocessing, default_operating_point, ensemble_probs, fail, gradcam_maps,
-                    group_members, group_resamples, has_classes, heat_overlay, hidden_metadata, load_cache, load_class_model, load_run_models, lock_output,
-                    metadata_features, model_inputs, multiclass_figures, new_figure, number_in, operating_points, pick_device,
-                    plot_pr_curve, plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid,
-                    threshold_metrics, unknown_sites_line, write_csv)
+                    group_members, group_resamples, has_classes, heat_overlay, hidden_metadata, load_cache,
+                    load_class_model, load_run_models, lock_output, metadata_features, model_inputs,
+                    multiclass_figures, new_figure, number_in, operating_points, pick_device, plot_pr_curve,
+                    plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid, threshold_metrics,
+                    unknown_sites_line, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 

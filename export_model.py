@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, ArgumentParser, check_same_preparation, fail, file_digest,
                     git_commit, load_checkpoint, load_segmenter, lock_output, read_json, read_thresholds,
-                    replace_folder, save_checkpoint, shares_network, shown, write_json)
+                    replace_folder, save_checkpoint, shares_network, shown, split_head, write_json)
 
 
 def parse_args(argv=None):
@@ -75,7 +75,7 @@ def main(args):
         if classes is not None:
             if shares_network(classes, [(None, checkpoint)]):  # a head on model.pt's network: the head alone
                 classes = {**classes, "shares_network_of": "model.pt",
-                           "model": {name: value for name, value in classes["model"].items() if name.startswith("head.")}}
+                           "model": split_head(classes["model"])[1]}
             save_checkpoint({**classes, "model": half(classes["model"]), "preprocess": preprocess},
                             build / CLASS_MODEL_FILE)
         shutil.copyfile(args.run / "thresholds.json", build / "thresholds.json")

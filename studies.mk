@@ -255,11 +255,12 @@ third-full: | $(PY_DEPS)  ## study, 3rd edition: B and the combined levers at fu
 # seeds as one ensemble (the mean probability) in each seed's place, beside each seed alone. It has
 # one instance, not two seeds: reported, not kept by the rule. No training: the runs' kept readings.
 THIRD_ENSEMBLE_ARM ?= C
+# the seeds' runs joined by + (one ensemble), once for each seed's place
+third_ensemble = $(subst $(comma),+,$(call third_runs,$(THIRD_ENSEMBLE_ARM)))
 third-ensemble: THIRD_RUNS = runs/third_full
 third-ensemble: | $(PY_DEPS)  ## study, 3rd edition: the full-length arm's two seeds as one ensemble, beside each alone
 	$(PYTHON) bench/panel.py --arm $(THIRD_ENSEMBLE_ARM)=$(call third_runs,$(THIRD_ENSEMBLE_ARM)) \
-		--arm ensemble=$(subst $(comma),+,$(call third_runs,$(THIRD_ENSEMBLE_ARM)))$(comma)$(subst $(comma),+,$(call \
-		third_runs,$(THIRD_ENSEMBLE_ARM))) --rule keep --out bench/results/third/ensemble
+		--arm ensemble=$(third_ensemble)$(comma)$(third_ensemble) --rule keep --out bench/results/third/ensemble
 
 # Seven classes (docs/seven_classes.md, its protocol): a 7-class model beside the binary one, its
 # recipe chosen on HAM10000 val balanced accuracy at seeds 0 and 1. $(1) run folder without the

@@ -39,7 +39,7 @@ from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, atomic_path,
                     build_model, check_preprocessing, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata,
                     load_cache, load_checkpoint, load_torch_file, lock_output, metadata_features, model_inputs,
                     number_in, optimisation_step, pick_device, predict_probs, prepare_model, ranking_metrics,
-                    read_json, save_checkpoint, to_model_tensor, write_csv, write_json)
+                    read_json, save_checkpoint, split_head, to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -267,10 +267,10 @@ def frozen_network(model, args, img_size):
     if not checkpoint.get("preprocess"):
         fail(args.frozen_from, "has no preprocessing settings; retrain it with this version of train.py")
     check_preprocessing(args.cache, [(source, checkpoint)])
-    body = {name: value for name, value in source.state_dict().items() if not name.startswith("head.")}
-    model.load_state_dict({**model.state_dict(), **body})
+    network = split_head(source.state_dict())[0]
+    model.load_state_dict({**model.state_dict(), **network})
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = name.startswith("head.")
+        parameter.requires_grad = name not in network
     return checkpoint["normalisation"]
 
 
