@@ -211,6 +211,8 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 # EXPORT_DIR=models/reference (the card's exact commands). Checked and read through caches its own
 # compact segmenter made; the full-precision run's folder holds the compact model's evaluations.
 REF_RUN ?= runs/third_full/C_s1
+# the 7-class run exported beside it as classes.pt (docs/seven_classes.md; empty: none)
+REF_CLASSES_RUN ?=
 # the reference model's crop (model.pt's preprocess key; a test holds them equal)
 REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
@@ -221,7 +223,9 @@ reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_valtest_224_reference --split val \
 		--out-dir $(REF_RUN)/compact_val
 	$(PYTHON) bench/reference_model.py --full-probs $(REF_RUN)/val_tta/test_probs.csv \
-		--compact-probs $(REF_RUN)/compact_val/test_probs.csv --out bench/results/reference_faithful
+		--compact-probs $(REF_RUN)/compact_val/test_probs.csv \
+		$(if $(REF_CLASSES_RUN),--full-class-probs $(REF_CLASSES_RUN)/val_tta/test_probs.csv) \
+		--out bench/results/reference_faithful
 	$(PYTHON) bench/reference_model.py --speed --n 500 --out bench/results/reference_speed
 
 # ham10000_full's val and test rows alone: the same split as all of it (drawn from the labels alone)

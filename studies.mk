@@ -280,7 +280,8 @@ seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 
 
 # The full length: K0 and S (K0 with the screen's passing changes: SEVEN_FULL_FLAGS and
 # SEVEN_FULL_EPOCHS, set from the screen and committed before the runs), then each run's val read
-# with test-time augmentation, against without
+# with test-time augmentation, against without; K4 against each (the protocol reads the one against
+# the recipe the keep rule chose: full_K4_vs_<arm>.md)
 SEVEN_FULL_FLAGS  ?= --sampler balanced
 SEVEN_FULL_EPOCHS ?= 20
 # K4: a head on the shipped binary model's frozen network, read as that model reads its images
@@ -306,3 +307,5 @@ seven-full: | $(PY_DEPS)  ## 7 classes: K0, the screen's combined recipe and K4 
 	$(foreach arm,K0 S K4,$(PYTHON) bench/seven_classes.py --arm $(arm)=$(call seven_runs,runs/seven_full/$(arm)) \
 		--arm $(arm)_tta=$(call seven_tta_files,runs/seven_full/$(arm)) --rule keep \
 		--out bench/results/seven/full_tta_$(arm) &&) true
+	$(foreach arm,K0 S,$(PYTHON) bench/seven_classes.py --arm $(arm)=$(call seven_runs,runs/seven_full/$(arm)) \
+		--arm K4=$(call seven_runs,runs/seven_full/K4) --rule ship --out bench/results/seven/full_K4_vs_$(arm) &&) true

@@ -3,7 +3,9 @@
 Faithfulness: does the compact (fp16) folder reproduce the full-precision run? Given the run's
 test-time-augmented validation probabilities and the compact folder's on the same images (each
 through its own segmenter's cache), the ROC-AUC of both and the recall and specificity of both at
-every operating point of thresholds.json, with the differences.
+every operating point of thresholds.json, with the differences. With --full-class-probs (the 7-class
+run exported as classes.pt, its test-time-augmented validation probabilities), the same for the seven
+classes: balanced accuracy, macro ROC-AUC, melanoma recall and the largest class probability change.
 
 Speed: predict.py end to end (read, hair removal, U-Net, crop, classifier) through its command line,
 with and without test-time augmentation, on N HAM10000 images (outside the study's test split) and
@@ -29,8 +31,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (REFERENCE_MODEL, atomic_path, binary_metrics, ranking_metrics, read_probs,  # noqa: E402
-                    read_thresholds, write_json)
+import numpy as np  # noqa: E402
+
+from common import (DX_CODES, REFERENCE_MODEL, atomic_path, balanced_accuracy_7, binary_metrics,  # noqa: E402
+                    multiclass_figures, ranking_metrics, read_probs, read_thresholds, write_json)
+
+CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -40,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--model", type=Path, default=REFERENCE_MODEL, help="the compact model folder")
     p.add_argument("--full-probs", type=Path, help="the full-precision run's validation probabilities")
     p.add_argument("--compact-probs", type=Path, help="the compact folder's, on the same images")
+    p.add_argument("--full-class-probs", type=Path,
+                   help="the 7-class run's validation probabilities, against --compact-probs' prob_<dx>")
     p.add_argument("--speed", action="store_true", help="time predict.py")
     p.add_argument("--n", type=int, default=500, help="HAM10000 images for the speed figure")
     p.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are added)")
@@ -62,6 +70,26 @@ def faithfulness(full_path, compact_path, thresholds):
         row["difference"] = row["compact"] - row["full"]
     largest = float((compact["prob"] - full["prob"]).abs().max())
     return {"images": len(full), "malignant": int(full["label"].sum()), "rows": rows,
+            "largest_probability_change": largest}
+
+
+def class_faithfulness(full_path, compact_path):
+    full = read_probs(full_path, ("image_id", "dx", *CLASS_COLUMNS)).set_index("image_id")
+    compact = read_probs(compact_path, ("image_id", "dx", *CLASS_COLUMNS)).set_index("image_id")
+    if set(full.index) != set(compact.index):
+        raise SystemExit(f"error: {compact_path}: not the images of {full_path}")
+    compact = compact.loc[full.index]
+    truth = np.array([DX_CODES.index(code) for code in full["dx"]])
+    rows = []
+    for name, table in (("full", full), ("compact", compact)):
+        probs = table[CLASS_COLUMNS].to_numpy()
+        figures = multiclass_figures(truth, probs)
+        rows.append({"balanced accuracy": balanced_accuracy_7(table["dx"], probs),
+                     "macro ROC-AUC": float(np.nanmean(figures["roc_auc"])),
+                     "melanoma recall": float(figures["recall"][DX_CODES.index("mel")])})
+    largest = float(np.abs(compact[CLASS_COLUMNS].to_numpy() - full[CLASS_COLUMNS].to_numpy()).max())
+    return {"images": len(full), "rows": [{"point": point, "full": rows[0][point], "compact": rows[1][point],
+                                           "difference": rows[1][point] - rows[0][point]} for point in rows[0]],
             "largest_probability_change": largest}
 
 
@@ -102,6 +130,14 @@ def main(args):
                   f"{f['largest_probability_change']:.4f}", "", "| | full precision | compact | difference |",
                   "|---|---|---|---|"]
         lines += [f"| {r['point']} | {r['full']:.4f} | {r['compact']:.4f} | {r['difference']:+.4f} |" for r in f["rows"]]
+    if args.full_class_probs and args.compact_probs:
+        f = class_faithfulness(args.full_class_probs, args.compact_probs)
+        results["class_faithfulness"] = f
+        lines += ["", f"The seven classes, compact ({args.compact_probs}) against full precision "
+                  f"({args.full_class_probs}): {f['images']} validation images; largest class probability change "
+                  f"{f['largest_probability_change']:.4f}", "", "| | full precision | compact | difference |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['point']} | {r['full']:.4f} | {r['compact']:.4f} | {r['difference']:+.4f} |" for r in f["rows"]]
     if args.speed:
         s = speed(args.model, args.n)
         results["speed"] = s
@@ -110,7 +146,7 @@ def main(args):
                   for r in s["rows"]]
         lines += ["", f"One predict.py call on one image, start-up included: {s['one_image_call_s']} s (median of 3)"]
     if not results:
-        raise SystemExit("error: give --full-probs and --compact-probs, or --speed")
+        raise SystemExit("error: give --full-probs (or --full-class-probs) and --compact-probs, or --speed")
     write_json(results, args.out.with_suffix(".json"))
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -224,3 +224,47 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
             train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(tmp_path / "bad"),
                                          "--task", "multiclass", "--img-size", "32", *flags,
                                          "--frozen-from", str(binary / "model.pt")]))
+
+
+def test_the_recipe_rules_pair_seeds_and_judge_as_the_protocol_says(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import seven_classes
+
+    per_class = 50
+    dx = np.repeat(common.DX_CODES, per_class)
+    position = np.tile(np.arange(per_class), len(common.DX_CODES))
+
+    def probs_file(name, correct):
+        """val_probs.csv whose first `correct` images of every class are right (balanced accuracy
+        correct / 50); the others are called the next class."""
+        truth = np.array([common.DX_CODES.index(code) for code in dx])
+        called = np.where(position < correct, truth, (truth + 1) % len(common.DX_CODES))
+        probs = np.full((len(dx), len(common.DX_CODES)), 0.05)
+        probs[np.arange(len(dx)), called] = 0.7
+        run = tmp_path / name
+        run.mkdir()
+        pd.DataFrame({"image_id": [f"img{i:04d}" for i in range(len(dx))], "lesion_id": [f"les{i // 2:04d}"
+                      for i in range(len(dx))], "dx": dx, **dict(zip(CLASS_COLUMNS, probs.T))}).to_csv(
+            run / "val_probs.csv", index=False)
+        return str(run)
+
+    def verdicts(rule, arms):
+        out = tmp_path / f"{rule}_{len(list(tmp_path.iterdir()))}"
+        seven_classes.main(seven_classes.parse_args([*(f"--arm={name}={a},{b}" for name, (a, b) in arms.items()),
+                                                     "--rule", rule, "--bootstrap", "20", "--out", str(out)]))
+        table = pd.read_csv(out.with_suffix(".csv")).set_index("arm")
+        return table, dict(table["passes"].iloc[1:])
+
+    base = (probs_file("K0_s0", 35), probs_file("K0_s1", 35))  # 0.70 at both seeds
+    better = (probs_file("S_s0", 37), probs_file("S_s1", 37))  # +0.04 at both
+    uneven = (probs_file("U_s0", 39), probs_file("U_s1", 33))  # +0.08 and -0.04: mean +0.02
+    near = (probs_file("K4_s0", 35), probs_file("K4_s1", 34))  # 0 and -0.02: mean -0.01
+    far = (probs_file("F_s0", 33), probs_file("F_s1", 33))  # -0.04 at both
+    table, passed = verdicts("keep", {"K0": base, "S": better, "U": uneven})
+    assert np.isclose(table.loc["S", "difference"], 0.04) and np.isclose(table.loc["U", "difference"], 0.02)
+    assert np.isclose(table.loc["U", "balanced_accuracy_seed1"], 0.66)
+    assert passed == {"S": True, "U": False}  # keep: every seed at least level
+    assert verdicts("screen", {"K0": base, "U": uneven})[1] == {"U": True}  # a screen judges the mean alone
+    assert verdicts("ship", {"S": better, "K4": near, "F": far})[1] == {"K4": False, "F": False}
+    assert verdicts("ship", {"K0": base, "K4": near, "F": far})[1] == {"K4": True, "F": False}
