@@ -171,6 +171,17 @@ def test_hair_mask_finds_long_hairs_and_leaves_pigment_network_dots_and_globules
     assert not common.remove_hair(image, "off")[1].any() and (common.remove_hair(image, "off")[0] == image).all()
 
 
+def test_hair_shapes_a_hole_rules_out_only_a_structure_shorter_than_half_the_image():
+    import cv2
+    straight = np.zeros((300, 300), np.uint8)
+    cv2.line(straight, (20, 20), (20, 120), 1, 2)  # a short hair: its Euler number is read, and it has no hole
+    cv2.polylines(straight, [np.array([[60, 40], [130, 40], [95, 100]])], True, 1, 2)  # small loop: network-like
+    cv2.polylines(straight, [np.array([[40, 280], [280, 280], [160, 150]])], True, 1, 2)  # crossing hairs
+    hair = common.hair_shaped(straight.astype(bool), 300)
+    assert hair[20:121, 20].all() and hair[280, 40:281].all()
+    assert not hair[40, 60:131].any()
+
+
 def test_cache_keys_from_before_a_setting_mean_what_was_done_then():
     """Keys older than the hair removal setting used the legacy mask; older than the segmenter
     setting, the classical segmentation; older than colour constancy, none; older than the crop's
@@ -267,7 +278,7 @@ def test_shades_of_gray_undoes_a_colour_cast_and_leaves_a_grey_light():
 
 
 @pytest.mark.parametrize("network", ["classifier", "segmenter"])
-def test_folding_batch_norms_keeps_the_function_and_leaves_none(network):
+def test_the_inference_form_keeps_the_function_without_batch_norms_or_symmetric_pads(network):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     if network == "classifier":
@@ -283,7 +294,13 @@ def test_folding_batch_norms_keeps_the_function_and_leaves_none(network):
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         before = model.eval()(x)
-        folded = common.fold_batch_norms(model)
+        folded = common.for_inference(model)
         after = folded(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(before, after, atol=1e-4 * before.abs().max().item())
+    pads = [m.padding for m in folded.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    # the stride-2 convolutions' pads are asymmetric and stay layers; every symmetric one went in its convolution
+    assert all(left != right or top != bottom for left, right, top, bottom in pads)
+    if network == "classifier":
+        assert len(pads) == 5 and sum(isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)
+                                      for m in folded.modules()) == 12
