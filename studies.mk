@@ -1,7 +1,7 @@
 # The studies' targets (docs/first_edition.md, second_edition.md, hair_removal.md, third_edition.md,
 # seven_classes.md):
 # included by the Makefile, whose variables, macros and pipeline targets they run.
-.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full
+.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full seven-export
 
 # The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
@@ -309,3 +309,10 @@ seven-full: | $(PY_DEPS)  ## 7 classes: K0, the screen's combined recipe and K4 
 		--out bench/results/seven/full_tta_$(arm) &&) true
 	$(foreach arm,K0 S,$(PYTHON) bench/seven_classes.py --arm $(arm)=$(call seven_runs,runs/seven_full/$(arm)) \
 		--arm K4=$(call seven_runs,runs/seven_full/K4) --rule ship --out bench/results/seven/full_K4_vs_$(arm) &&) true
+
+# The protocol applied to seven-full's tables (bench/seven_classes.py --decide), and the run it names
+# exported as classes.pt beside the reference model (malignancy's files unchanged)
+seven-export: | $(PY_DEPS)  ## 7 classes: the run the protocol chose, exported beside the reference model
+	$(PYTHON) bench/seven_classes.py --decide bench/results/seven --runs runs/seven_full > bench/results/seven/decision.txt
+	cat bench/results/seven/decision.txt
+	$(PYTHON) export_model.py --run $(REF_RUN) --classes $$(tail -1 bench/results/seven/decision.txt) --out $(REFERENCE)

@@ -11,8 +11,13 @@ rule's verdict (--rule screen or keep; --rule ship: K4, the head on the shipped 
 recipe the keep rule chose, which it replaces when at most 0.020 below it).
 Writes --out.csv (every figure) and --out.md (the table and verdicts).
 
-Example: python bench/seven_classes.py --arm K0=runs/seven/K0_s0,runs/seven/K0_s1
-             --arm K1=runs/seven/K1_s0,runs/seven/K1_s1 --rule screen --out bench/results/seven/screen
+--decide applies the protocol to make seven-full's tables: S if it passed the keep rule against K0,
+else K0; then K4 if it passed the ship rule against that recipe; of the shipped arm's seeds, the one
+with the higher val balanced accuracy. Prints the reasons, and the run to export on the last line.
+
+Examples: python bench/seven_classes.py --arm K0=runs/seven/K0_s0,runs/seven/K0_s1
+              --arm K1=runs/seven/K1_s0,runs/seven/K1_s1 --rule screen --out bench/results/seven/screen
+          python bench/seven_classes.py --decide bench/results/seven --runs runs/seven_full
 """
 import argparse
 import sys
@@ -23,8 +28,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (DX_CODES, fail, group_members, group_resamples, multiclass_figures, read_probs,  # noqa: E402
-                    write_table_and_markdown)
+from common import (DX_CODES, fail, group_members, group_resamples, multiclass_figures, read_csv,  # noqa: E402
+                    read_probs, write_table_and_markdown)
 from panel import parse_arms  # noqa: E402  (the same --arm NAME=RUN,RUN)
 
 CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
@@ -37,13 +42,19 @@ RULES = {"screen": (0.010, None), "keep": (0.010, 0.0), "ship": (-0.020, None)}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arm", action="append", required=True, metavar="NAME=RUN,RUN",
+    p.add_argument("--arm", action="append", metavar="NAME=RUN,RUN",
                    help="an arm and its runs (or probability files), one per seed; the first arm is the baseline")
     p.add_argument("--rule", choices=sorted(RULES), default="screen")
-    p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
+    p.add_argument("--out", type=Path, help="output path without suffix (.csv and .md)")
+    p.add_argument("--decide", type=Path, metavar="DIR", help="the folder of make seven-full's tables "
+                   "(full.csv, full_K4_vs_<arm>.csv): print the run to ship")
+    p.add_argument("--runs", type=Path, default=Path("runs/seven_full"), help="with --decide: the runs' folder")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.decide and not (args.arm and args.out):
+        p.error("give --arm (at least one) and --out, or --decide")
+    return args
 
 
 def read_arm_probs(path):
@@ -125,7 +136,40 @@ def markdown(table, arms, rule):
     return "\n".join(lines) + "\n"
 
 
+def read_table(path):
+    if not path.is_file():
+        fail(path, "not found: run make seven-full first")
+    table = read_csv(path).set_index("arm")
+    if "passes" not in table.columns:
+        fail(path, "is no table of bench/seven_classes.py")
+    return table
+
+
+def decide(folder, runs):
+    """(reasons, the run to export) by the protocol (docs/seven_classes.md, its full length)."""
+    full = read_table(folder / "full.csv")
+    recipe = "S" if str(full.loc["S", "passes"]) == "True" else "K0"
+    reasons = [f"S against K0: {full.loc['S', 'difference']:+.3f} ({full.loc['S', 'difference_lo']:+.3f} to "
+               f"{full.loc['S', 'difference_hi']:+.3f}): the recipe is {recipe}"]
+    k4 = read_table(folder / f"full_K4_vs_{recipe}.csv")
+    shipped = "K4" if str(k4.loc["K4", "passes"]) == "True" else recipe
+    reasons.append(f"K4 against {recipe}: {k4.loc['K4', 'difference']:+.3f} (ships at -0.020 or more): {shipped} ships")
+    table = k4 if shipped == "K4" else full
+    seeds = sorted(int(c.removeprefix("balanced_accuracy_seed")) for c in table.columns
+                   if c.startswith("balanced_accuracy_seed"))
+    accuracy = [float(table.loc[shipped, f"balanced_accuracy_seed{s}"]) for s in seeds]
+    seed = seeds[int(np.argmax(accuracy))]
+    reasons.append(f"{shipped}'s seeds on val: " + ", ".join(f"s{s} {a:.4f}" for s, a in zip(seeds, accuracy)) +
+                   f": seed {seed}")
+    return reasons, runs / f"{shipped}_s{seed}"
+
+
 def main(args):
+    if args.decide:
+        reasons, run = decide(args.decide, args.runs)
+        print("\n".join(reasons))
+        print(run)
+        return
     arms = parse_arms(args.arm)
     table = compare(arms, args.bootstrap, args.seed)
     n_seeds = len(next(iter(arms.values())))

@@ -268,3 +268,19 @@ def test_the_recipe_rules_pair_seeds_and_judge_as_the_protocol_says(tmp_path):
     assert verdicts("screen", {"K0": base, "U": uneven})[1] == {"U": True}  # a screen judges the mean alone
     assert verdicts("ship", {"S": better, "K4": near, "F": far})[1] == {"K4": False, "F": False}
     assert verdicts("ship", {"K0": base, "K4": near, "F": far})[1] == {"K4": True, "F": False}
+    # --decide applies the protocol to the full length's tables and names the run to export
+    results = tmp_path / "results"
+
+    def tables(**arms_by_table):
+        for name, (rule, arms) in arms_by_table.items():
+            seven_classes.main(seven_classes.parse_args([*(f"--arm={arm}={a},{b}" for arm, (a, b) in arms.items()),
+                                                         "--rule", rule, "--bootstrap", "20",
+                                                         "--out", str(results / name)]))
+        return seven_classes.decide(results, Path("runs/seven_full"))
+
+    two_seeds = (probs_file("S2_s0", 37), probs_file("S2_s1", 38))
+    reasons, run = tables(full=("keep", {"K0": base, "S": two_seeds}),
+                          full_K4_vs_S=("ship", {"S": two_seeds, "K4": near}))
+    assert run == Path("runs/seven_full/S_s1") and "K4 against S" in reasons[1]
+    reasons, run = tables(full=("keep", {"K0": base, "S": uneven}), full_K4_vs_K0=("ship", {"K0": base, "K4": near}))
+    assert run == Path("runs/seven_full/K4_s0") and "the recipe is K0" in reasons[0]
