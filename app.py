@@ -137,7 +137,7 @@ class Page:
         prepared = result["prepared"]
         pictures = [("image", rgb), ("outline and decision", overlay_image(rgb, prepared, row["decision"],
                                                                             result["prob"], row.get("top_class")))]
-        cam = self.gradcam(prepared, metadata)
+        cam = self.gradcam(prepared, metadata, rgb.shape)
         if cam is not None:
             pictures.append(cam)
         figures = "".join(f'<figure><img alt="{html.escape(title)}" src="{data_url(image)}">'
@@ -157,8 +157,10 @@ class Page:
                 + (f"; most likely <b class='top-class'>{row['top_class']}</b> ({DX_NAMES[row['top_class']]}) "
                    f"{row['top_class_prob']:.2f}" if "top_class" in row else "") + f"</p>{bars}</div>")
 
-    def gradcam(self, prepared, metadata):
-        """(title, map) of the first model on the input it reads; None for a model of two views."""
+    def gradcam(self, prepared, metadata, photo_shape):
+        """(title, map) of the first model on the input it reads; None for a model of two views. A
+        network that reads the whole photo reads it squeezed square: its map is shown stretched back
+        to the photo's proportions, beside the photo."""
         model, checkpoint = self.models[0]
         if checkpoint["input"] == "both":
             return None
@@ -168,7 +170,13 @@ class Page:
                            metadata if checkpoint.get("metadata") else None)[0]
         view = {"full": "whole image", "masked": "masked image"}.get(checkpoint["input"], checkpoint["input"])
         title = "Grad-CAM" + (" (first model)" if len(self.models) > 1 else "") + f" on the {view}"
-        return title, heat_overlay(image[0], cam)
+        picture = heat_overlay(image[0], cam)
+        if checkpoint["input"] in ("full", "masked"):
+            import cv2
+            height, width = photo_shape[:2]
+            side = picture.shape[0] / max(height, width)
+            picture = cv2.resize(picture, (round(width * side), round(height * side)), interpolation=cv2.INTER_LINEAR)
+        return title, picture
 
 
 def data_url(rgb):

@@ -74,6 +74,17 @@ def test_the_page_gives_predicts_probabilities_and_names_each_bad_file(page, rea
     assert "recall_bound" in line and "not a diagnosis" in line and "threshold" in line
     assert html_out.count("class='result'") == len(real_images)
     assert "data:image/jpeg;base64," in html_out and "Grad-CAM" in html_out
+    # the reference model reads the whole photo squeezed square; its map is shown in the photo's proportions
+    import base64
+    import re
+
+    import cv2
+    maps = re.findall(r'<img alt="Grad-CAM on the whole image" src="data:image/jpeg;base64,([^"]+)"', html_out)
+    assert len(maps) == len(real_images)
+    for encoded, path in zip(maps, real_images):
+        shown_map = cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_COLOR)
+        photo = cv2.imread(str(path))
+        assert abs(shown_map.shape[1] / shown_map.shape[0] - photo.shape[1] / photo.shape[0]) < 0.02
 
 
 def test_too_many_or_too_large_files_are_refused_with_a_message(real_images, tmp_path):
