@@ -20,6 +20,8 @@ import pandas as pd
 # HAM10000 diagnosis codes; malignant = melanoma, basal cell carcinoma, actinic keratosis/Bowen's.
 DX_CODES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 MALIGNANT_DX = frozenset({"akiec", "bcc", "mel"})
+# the 7 class probabilities' columns of every probability file (val_probs.csv, test_probs.csv, predictions.csv)
+CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 # Columns every metadata.csv has (fetch_data.py writes them, preprocess.py reads them).
 METADATA_COLUMNS = ("image_id", "filename", "lesion_id", "dx", "malignant", "split")
 SPLITS = ("train", "val", "test")

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, DX_CODES, ENSEMBLE_FILE, balanced_accuracy_7, fail, lock_output, ranking_metrics,
-                    read_json, read_probs, write_csv, write_json)
+from common import (ArgumentParser, CLASS_COLUMNS, ENSEMBLE_FILE, balanced_accuracy_7, fail, lock_output,
+                    ranking_metrics, read_json, read_probs, write_csv, write_json)
 
 KEYS = ["image_id", "lesion_id", "dx", "label"]
-CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 
 
 def parse_args(argv=None):

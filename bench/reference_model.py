@@ -31,12 +31,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 
-from common import (DX_CODES, REFERENCE_MODEL, atomic_path, balanced_accuracy_7, binary_metrics,  # noqa: E402
-                    multiclass_figures, ranking_metrics, read_probs, read_thresholds, write_json)
-
-CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
+from common import (CLASS_COLUMNS, DX_CODES, REFERENCE_MODEL, atomic_path, binary_metrics,  # noqa: E402
+                    ranking_metrics, read_probs, read_thresholds, write_json)
+from seven_classes import figures as class_figures  # noqa: E402  (the recipe study's three figures)
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -80,17 +80,18 @@ def class_faithfulness(full_path, compact_path):
         raise SystemExit(f"error: {compact_path}: not the images of {full_path}")
     compact = compact.loc[full.index]
     truth = np.array([DX_CODES.index(code) for code in full["dx"]])
-    rows = []
-    for name, table in (("full", full), ("compact", compact)):
-        probs = table[CLASS_COLUMNS].to_numpy()
-        figures = multiclass_figures(truth, probs)
-        rows.append({"balanced accuracy": balanced_accuracy_7(table["dx"], probs),
-                     "macro ROC-AUC": float(np.nanmean(figures["roc_auc"])),
-                     "melanoma recall": float(figures["recall"][DX_CODES.index("mel")])})
+    points = ("balanced accuracy", "macro ROC-AUC", "melanoma recall")
+    a, b = class_figures(truth, full[CLASS_COLUMNS].to_numpy()), class_figures(truth, compact[CLASS_COLUMNS].to_numpy())
     largest = float(np.abs(compact[CLASS_COLUMNS].to_numpy() - full[CLASS_COLUMNS].to_numpy()).max())
-    return {"images": len(full), "rows": [{"point": point, "full": rows[0][point], "compact": rows[1][point],
-                                           "difference": rows[1][point] - rows[0][point]} for point in rows[0]],
+    return {"images": len(full), "rows": [{"point": point, "full": x, "compact": y, "difference": y - x}
+                                          for point, x, y in zip(points, a, b)],
             "largest_probability_change": largest}
+
+
+def comparison_lines(heading, rows):
+    """A faithfulness table in Markdown: each figure at full precision, compact and the difference."""
+    return [heading, "", "| | full precision | compact | difference |", "|---|---|---|---|"] + \
+        [f"| {r['point']} | {r['full']:.4f} | {r['compact']:.4f} | {r['difference']:+.4f} |" for r in rows]
 
 
 def predict_run(files, *flags):
@@ -125,19 +126,16 @@ def main(args):
     if args.full_probs and args.compact_probs:
         f = faithfulness(args.full_probs, args.compact_probs, read_thresholds(args.model))
         results["faithfulness"] = f
-        lines += [f"Compact ({args.compact_probs}) against full precision ({args.full_probs}): {f['images']} "
-                  f"validation images, {f['malignant']} malignant; largest probability change "
-                  f"{f['largest_probability_change']:.4f}", "", "| | full precision | compact | difference |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['point']} | {r['full']:.4f} | {r['compact']:.4f} | {r['difference']:+.4f} |" for r in f["rows"]]
+        lines += comparison_lines(f"Compact ({args.compact_probs}) against full precision ({args.full_probs}): "
+                                  f"{f['images']} validation images, {f['malignant']} malignant; largest probability "
+                                  f"change {f['largest_probability_change']:.4f}", f["rows"])
     if args.full_class_probs and args.compact_probs:
         f = class_faithfulness(args.full_class_probs, args.compact_probs)
         results["class_faithfulness"] = f
-        lines += ["", f"The seven classes, compact ({args.compact_probs}) against full precision "
-                  f"({args.full_class_probs}): {f['images']} validation images; largest class probability change "
-                  f"{f['largest_probability_change']:.4f}", "", "| | full precision | compact | difference |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['point']} | {r['full']:.4f} | {r['compact']:.4f} | {r['difference']:+.4f} |" for r in f["rows"]]
+        lines += [""] + comparison_lines(
+            f"The seven classes, compact ({args.compact_probs}) against full precision ({args.full_class_probs}): "
+            f"{f['images']} validation images; largest class probability change "
+            f"{f['largest_probability_change']:.4f}", f["rows"])
     if args.speed:
         s = speed(args.model, args.n)
         results["speed"] = s

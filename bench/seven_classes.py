@@ -28,11 +28,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (DX_CODES, fail, group_members, group_resamples, multiclass_figures, read_csv,  # noqa: E402
-                    read_probs, write_table_and_markdown)
+from common import (CLASS_COLUMNS, DX_CODES, fail, group_members, group_resamples, multiclass_figures,  # noqa: E402
+                    read_csv, read_probs, write_table_and_markdown)
 from panel import parse_arms  # noqa: E402  (the same --arm NAME=RUN,RUN)
 
-CLASS_COLUMNS = [f"prob_{code}" for code in DX_CODES]
 # the protocol's rules: (least seed-mean gain in balanced accuracy, least gain of every seed; None:
 # no such clause: two short runs of one recipe differ by 0.05, so a screen judges their mean alone).
 # ship: K4 is one pass of the shipped network, faster and smaller than a second network, so it may
