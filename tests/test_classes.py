@@ -1,18 +1,23 @@
 """The seven classes beside malignancy (issue 34): a model folder's classes.pt, what predict.py and
-evaluate.py make of it, the per-class figures and their intervals over lesions, label smoothing."""
+evaluate.py make of it, the per-class figures and their intervals over lesions, label smoothing, and
+the recipe study's rules (bench/seven_classes.py)."""
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import trained_with_thresholds
+from conftest import ROOT, trained_with_thresholds
 
 import common
 import evaluate
 import export_model
 import predict
 import train
+
+sys.path.insert(0, str(ROOT / "bench"))
+import seven_classes  # noqa: E402
 
 CLASS_COLUMNS = [f"prob_{code}" for code in common.DX_CODES]
 
@@ -227,10 +232,6 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
 
 
 def test_the_recipe_rules_pair_seeds_and_judge_as_the_protocol_says(tmp_path):
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import seven_classes
-
     per_class = 50
     dx = np.repeat(common.DX_CODES, per_class)
     position = np.tile(np.arange(per_class), len(common.DX_CODES))
@@ -249,11 +250,13 @@ def test_the_recipe_rules_pair_seeds_and_judge_as_the_protocol_says(tmp_path):
             run / "val_probs.csv", index=False)
         return str(run)
 
-    def verdicts(rule, arms):
-        out = tmp_path / f"{rule}_{len(list(tmp_path.iterdir()))}"
+    def compare(rule, arms, out):
         seven_classes.main(seven_classes.parse_args([*(f"--arm={name}={a},{b}" for name, (a, b) in arms.items()),
                                                      "--rule", rule, "--bootstrap", "20", "--out", str(out)]))
-        table = pd.read_csv(out.with_suffix(".csv")).set_index("arm")
+        return pd.read_csv(out.with_suffix(".csv")).set_index("arm")
+
+    def verdicts(rule, arms):
+        table = compare(rule, arms, tmp_path / f"{rule}_{len(list(tmp_path.iterdir()))}")
         return table, dict(table["passes"].iloc[1:])
 
     base = (probs_file("K0_s0", 35), probs_file("K0_s1", 35))  # 0.70 at both seeds
@@ -273,9 +276,7 @@ def test_the_recipe_rules_pair_seeds_and_judge_as_the_protocol_says(tmp_path):
 
     def tables(**arms_by_table):
         for name, (rule, arms) in arms_by_table.items():
-            seven_classes.main(seven_classes.parse_args([*(f"--arm={arm}={a},{b}" for arm, (a, b) in arms.items()),
-                                                         "--rule", rule, "--bootstrap", "20",
-                                                         "--out", str(results / name)]))
+            compare(rule, arms, results / name)
         return seven_classes.decide(results, Path("runs/seven_full"))
 
     two_seeds = (probs_file("S2_s0", 37), probs_file("S2_s1", 38))
