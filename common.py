@@ -1927,6 +1927,18 @@ def balanced_accuracy_7(dx, class_probs):
         return float(balanced_accuracy_score([DX_CODES.index(code) for code in dx], np.argmax(class_probs, axis=1)))
 
 
+def class_table_lines(table):
+    """evaluate.py's multiclass_metrics.csv as a Markdown table, intervals in brackets (evaluate.py's
+    report and bench/study2.py's test tables)."""
+    lines = ["| class | images | predicted | recall | precision | ROC-AUC (one vs rest) |", "|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        cells = [("n/a" if np.isnan(row[m]) else f"{row[m]:.3f}") + (
+            f" [{row[m + '_lo']:.3f}, {row[m + '_hi']:.3f}]" if not np.isnan(row.get(m + "_lo", np.nan)) else "")
+            for m in ("recall", "precision", "roc_auc")]
+        lines.append(f"| {row['class']} | {row['support']} | {row['predicted']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def binary_metrics(y_true, prob, threshold):
     """Every metric at one operating point."""
     return {**threshold_metrics(y_true, prob, threshold), **ranking_metrics(y_true, prob)}

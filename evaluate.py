@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from common import (ArgumentParser, CLASS_MODEL_FILE, DX_CODES, NO_CLASSES, SPLITS, atomic_path, balanced_accuracy_7,
-                    binary_metrics, check_preprocessing, default_operating_point, ensemble_probs, fail, gradcam_maps,
-                    group_members, group_resamples, has_classes, heat_overlay, hidden_metadata, load_cache,
-                    load_class_model, load_run_models, lock_output, metadata_features, model_inputs,
+                    binary_metrics, class_table_lines, check_preprocessing, default_operating_point, ensemble_probs,
+                    fail, gradcam_maps, group_members, group_resamples, has_classes, heat_overlay, hidden_metadata,
+                    load_cache, load_class_model, load_run_models, lock_output, metadata_features, model_inputs,
                     multiclass_figures, new_figure, number_in, operating_points, pick_device, plot_pr_curve,
                     plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid, threshold_metrics,
                     unknown_sites_line, write_csv)
@@ -252,17 +252,6 @@ def with_interval(summary, name):
 def multiclass_line(summary):
     return (f"{with_interval(summary, 'balanced_accuracy')}, macro ROC-AUC "
             f"{with_interval(summary, 'macro_roc_auc')}")
-
-
-def class_table_lines(table):
-    """The per-class table of multiclass_report as Markdown, intervals in brackets."""
-    lines = ["| class | images | predicted | recall | precision | ROC-AUC (one vs rest) |", "|---|---|---|---|---|---|"]
-    for row in table.to_dict("records"):
-        cells = [("n/a" if np.isnan(row[m]) else f"{row[m]:.3f}") + (
-            f" [{row[m + '_lo']:.3f}, {row[m + '_hi']:.3f}]" if not np.isnan(row.get(m + "_lo", np.nan)) else "")
-            for m in ("recall", "precision", "roc_auc")]
-        lines.append(f"| {row['class']} | {row['support']} | {row['predicted']} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def describe_models(models, class_model=None):

@@ -5,8 +5,9 @@ Each --read names an evaluation folder written by evaluate.py (metrics.csv, and
 multiclass_metrics.csv for 7-class models) and the label of its test set, as FOLDER:LABEL. The
 run that made it is the folder itself or its parent (the one with config.json). Writes <out>.csv
 (one row per evaluation and operating point, with 95% intervals) and <out>.md, and prints the
-Markdown. With --plots DIR, each evaluation's ROC curve and confusion matrix are copied there,
-named after its label. Beside evaluate.py's intervals (over images), the ROC-AUC's 95% interval
+Markdown; an evaluation with multiclass_metrics.csv adds its per-class table (the seven classes,
+95% intervals over lesions) under the main one. With --plots DIR, each evaluation's ROC curve and
+confusion matrices are copied there, named after its label. Beside evaluate.py's intervals (over images), the ROC-AUC's 95% interval
 over lesions (test_probs.csv's lesion_id: a lesion's images drawn together; an image without a
 lesion id is a lesion of its own).
 
@@ -24,8 +25,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import (fail, group_members, group_resamples, ranking_metrics, read_csv,  # noqa: E402
-                    write_table_and_markdown)
+from common import (class_table_lines, fail, group_members, group_resamples, ranking_metrics,  # noqa: E402
+                    read_csv, write_table_and_markdown)
 from study import METRICS, balanced_accuracy_7, copy_plots, describe  # noqa: E402
 
 PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "confusion_matrix_7class.png")
@@ -95,6 +96,20 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
+def class_sections(reads):
+    """Each 7-class evaluation's per-class table: its balanced accuracy is the mean recall over the
+    classes the set holds (ISIC 2017 holds three, PH2 two), its macro ROC-AUC the mean over them."""
+    lines = []
+    for folder, label in reads:
+        if (folder / "multiclass_metrics.csv").is_file():
+            table = read_csv(folder / "multiclass_metrics.csv", ["class", "support", "predicted", "recall",
+                                                                 "precision", "roc_auc"])
+            held = ", ".join(table.loc[(table["class"] != "macro") & (table["support"] > 0), "class"])
+            lines += ["", f"### {label}: the seven classes (the set holds {held}; macro = over those)", "",
+                      *class_table_lines(table)]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def main(args):
     reads = []
     for item in args.read:
@@ -103,7 +118,7 @@ def main(args):
             fail(item, "is not FOLDER:LABEL")
         reads.append((Path(folder), label))
     table = collect(reads, args.points)
-    write_table_and_markdown(table, markdown(table), args.out)
+    write_table_and_markdown(table, markdown(table) + class_sections(reads), args.out)
     if args.plots:
         for folder, label in reads:
             slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()

@@ -18,6 +18,7 @@ import train
 
 sys.path.insert(0, str(ROOT / "bench"))
 import seven_classes  # noqa: E402
+import study2  # noqa: E402
 
 CLASS_COLUMNS = [f"prob_{code}" for code in common.DX_CODES]
 
@@ -79,7 +80,7 @@ def test_a_folder_with_classes_keeps_malignancy_and_adds_the_seven_classes(folde
     np.testing.assert_allclose(folder[CLASS_COLUMNS].to_numpy(), run[CLASS_COLUMNS].to_numpy(), atol=0.02)
 
 
-def test_evaluate_reports_the_classes_of_a_folder_with_intervals(folders, tmp_path):
+def test_evaluate_reports_the_classes_of_a_folder_with_intervals(folders, trained_run, tmp_path):
     binary, both = folders
     for folder in folders:
         evaluate.main(evaluate.parse_args(["--run", str(folder), "--bootstrap", "50",
@@ -100,6 +101,17 @@ def test_evaluate_reports_the_classes_of_a_folder_with_intervals(folders, tmp_pa
     assert counts.to_numpy().sum() == len(test) and list(counts.columns) == list(common.DX_CODES)
     report = (tmp_path / "both" / "report.md").read_text()
     assert "7 classes: balanced accuracy" in report and "| mel |" in report and common.CLASS_MODEL_FILE in report
+    # the test-reading table (make reference-test) carries the per-class table of a folder with classes
+    for name in ("config.json", "history.csv"):  # study2 names the run beside its evaluations
+        (tmp_path / name).write_bytes((trained_run / name).read_bytes())
+    study2.main(study2.parse_args(["--read", f"{tmp_path / 'binary'}:alone", f"{tmp_path / 'both'}:beside",
+                                   "--out", str(tmp_path / "reading")]))
+    reading = (tmp_path / "reading.md").read_text()
+    assert "### alone" not in reading
+    section = reading[reading.index("### beside: the seven classes"):].splitlines()
+    macro = next(line for line in section if line.startswith("| macro |"))
+    assert macro.split(" | ")[3].startswith(f"{table.loc['macro', 'recall']:.3f} [")  # with its interval
+    assert sum(line.startswith("| ") for line in section) == 1 + len(common.DX_CODES) + 1  # header, rows, macro
 
 
 def test_asking_a_binary_model_for_classes_is_one_line(folders, synthetic_data):
