@@ -7,9 +7,9 @@ run that made it is the folder itself or its parent (the one with config.json). 
 (one row per evaluation and operating point, with 95% intervals) and <out>.md, and prints the
 Markdown; an evaluation with multiclass_metrics.csv adds its per-class table (the seven classes,
 95% intervals over lesions) under the main one. With --plots DIR, each evaluation's ROC curve and
-confusion matrices are copied there, named after its label. Beside evaluate.py's intervals (over images), the ROC-AUC's 95% interval
-over lesions (test_probs.csv's lesion_id: a lesion's images drawn together; an image without a
-lesion id is a lesion of its own).
+confusion matrices are copied there, named after its label. Beside evaluate.py's intervals (over
+images), the ROC-AUC's 95% interval over lesions (test_probs.csv's lesion_id: a lesion's images
+drawn together; an image without a lesion id is a lesion of its own).
 
 Example: python bench/study2.py --read "runs/study2/final/F1:HAM10000 test" \
     "runs/study2/final/F1/ph2:PH2" --out bench/results/study2_final --plots docs/results/study2
