@@ -212,7 +212,7 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 # compact segmenter made; the full-precision run's folder holds the compact model's evaluations.
 REF_RUN ?= runs/third_full/C_s1
 # the 7-class run exported beside it as classes.pt (docs/seven_classes.md; empty: none)
-REF_CLASSES_RUN ?=
+REF_CLASSES_RUN ?= runs/seven_full/K0_s1
 # the reference model's crop (model.pt's preprocess key; a test holds them equal)
 REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
