@@ -36,8 +36,17 @@ def real_rows(n_malignant, n_benign):
 def test_the_reference_folder_is_compact_complete_and_the_recipe_it_claims():
     shipped = [p for p in REFERENCE.iterdir() if p.name != "clinics"]  # a user's site calibrations are theirs
     files = sorted(p.name for p in shipped)
-    assert files == ["MODEL_CARD.md", "export.json", "model.pt", "segmenter.pt", "thresholds.json"]
+    assert files == ["MODEL_CARD.md", "classes.pt", "export.json", "model.pt", "segmenter.pt", "thresholds.json"]
     assert sum(p.stat().st_size for p in shipped) <= 25 * 2**20
+    # the seven classes: the seven-class study's K0 (docs/seven_classes.md), compact, on images prepared alike
+    classes = torch.load(REFERENCE / common.CLASS_MODEL_FILE, weights_only=True)
+    assert all(t.dtype == torch.float16 for t in classes["model"].values() if t.is_floating_point())
+    assert (classes["task"], classes["arch"], classes["input"], classes["img_size"], classes["args"]["class_weights"],
+            classes["args"]["sampler"], classes["args"]["epochs"]) == ("multiclass", "efficientnet_lite0", "crop", 160,
+                                                                       "balanced", "none", 10)
+    exported = json.loads((REFERENCE / "export.json").read_text())
+    assert exported["classes_run"] == "runs/seven_full/K0_s1"
+    assert all(exported["sha256"][name] == common.file_digest(REFERENCE / name) for name in exported["sha256"])
     checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
     assert all(t.dtype == torch.float16 for t in checkpoint["model"].values() if t.is_floating_point())
     assert (checkpoint["arch"], checkpoint["input"], checkpoint["img_size"], checkpoint["metadata"],
@@ -103,10 +112,10 @@ def test_predict_with_no_run_uses_the_reference_model(tmp_path):
     pred = pd.read_csv(tmp_path / "predictions.csv")  # in the working folder, not inside models/
     assert len(pred) == 2 and (pred["operating_point"] == "recall_bound").all() and (pred["tta"] == 1).all()
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["file", "probability", "decision"]
-    for row in pred.itertuples():
-        assert any(line.split()[:2] == [row.file, f"{row.malignancy_prob:.3f}"]
-                   and " ".join(line.split()[2:]) == row.decision for line in lines)
+    assert lines[0].split() == ["file", "probability", "decision", "most", "likely", "class"]
+    for row in pred.itertuples():  # malignancy, its decision, and the most likely of the seven classes
+        assert any(line.split() == [row.file, f"{row.malignancy_prob:.3f}", row.decision, row.top_class,
+                                    f"{row.top_class_prob:.2f}"] for line in lines)
     assert str(REFERENCE) in out.stdout
 
 
