@@ -95,7 +95,13 @@ threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
 validate: $(RUN_DIR)/val/metrics.csv  ## validation metrics and plots into runs/RUN/val (reads no test image)
 evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots (per source too, for a dataset of several)
 
-setup: | $(PY_DEPS)  ## create .venv and install requirements.txt (every target that needs them does it too)
+setup: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## create .venv, install requirements.txt, write the reference model's ONNX files
+
+# The reference model's networks as ONNX files, what predict.py and the page run on ONNX Runtime: made
+# on each machine from the committed weights (the folder's 25 MB hold the weights once), each checked
+# against PyTorch before it is written (export_model.py --onnx; its figures in onnx.json)
+$(REFERENCE)/onnx.json: $(REFERENCE)/model.pt $(wildcard $(REFERENCE)/classes.pt $(REFERENCE)/segmenter.pt) | $(PY_DEPS)
+	$(PYTHON) export_model.py --onnx $(REFERENCE)
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -149,7 +155,7 @@ endif
 export: $(RUN_DIR)/thresholds.json | $(PY_DEPS)  ## compact fp16 copy of runs/RUN for predict.py --run, into EXPORT_DIR (models/RUN)
 	$(PYTHON) export_model.py --run $(RUN_DIR) --out $(EXPORT_DIR)
 
-predict: | $(PY_DEPS)  ## classify IMAGES="files or folders" with the reference model (or MODEL=folder) into PREDICT_OUT
+predict: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## classify IMAGES="files or folders" with the reference model (or MODEL=folder) into PREDICT_OUT
 	$(if $(IMAGES),,$(error predict needs IMAGES="image files or folders"))
 	$(PYTHON) predict.py $(IMAGES) $(if $(MODEL),--run $(MODEL)) --out $(PREDICT_OUT)/predictions.csv \
 		--overlay $(PREDICT_OUT)
@@ -158,7 +164,7 @@ predict: | $(PY_DEPS)  ## classify IMAGES="files or folders" with the reference 
 $(VENV)/.app-installed: requirements-app.txt | $(PY_DEPS)
 	$(VENV)/bin/pip install --quiet -r requirements-app.txt
 	touch $@
-app: | $(APP_DEPS)  ## serve the web page at http://127.0.0.1:7860 with the reference model (or MODEL=folder, CLINIC=name)
+app: | $(APP_DEPS) $(REFERENCE)/onnx.json  ## serve the web page at http://127.0.0.1:7860 with the reference model (or MODEL=folder, CLINIC=name)
 	$(PYTHON) app.py $(if $(MODEL),--run $(MODEL)) $(if $(CLINIC),--clinic $(CLINIC))
 # Chromium for the page's browser test: Debian's packages where apt-get can install them, else the
 # test is skipped and says why
@@ -217,7 +223,7 @@ REF_CLASSES_RUN ?= runs/seven_full/K0_s1
 REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
 	--segmenter-model $(REFERENCE)/segmenter.pt --crop-fit $(REF_CROP_FIT) --out cache/$(1)_224_reference
-reference-bench: | $(PY_DEPS)  ## the reference model against its full-precision run (validation), predict.py's speed
+reference-bench: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## the reference model against its full-precision run (validation), predict.py's speed
 	$(MAKE) data/hamfull_valtest/metadata.csv
 	$(call ref_cache,hamfull_valtest)
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_valtest_224_reference --split val \
@@ -269,7 +275,7 @@ demo:  ## the whole pipeline on synthetic images, under 2 minutes on 2 CPU cores
 	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo IMG_SIZE=64 TRAIN_SIZE=64 EPOCHS=6 ARCH=efficientnet_lite0 \
 		BATCH_SIZE=32 LR=2e-3 TRAIN_FLAGS="--precision fp32"
 
-test: | $(PY_DEPS)  ## run the test suite
+test: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## run the test suite (the reference model as make setup leaves it: with its ONNX files)
 	$(PYTHON) -m pytest -q tests
 
 bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (DX_CODES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, classify_files, default_operating_point,
-                    fail, gradcam_maps, heat_overlay, load_class_model, load_run_models, metadata_features,
-                    model_inputs, number_in, operating_points, overlay_image, pick_device, prediction_row, read_rgb,
-                    run_preprocessing, shown, write_csv)
+from common import (DX_CODES, ENGINES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, classify_files,
+                    default_operating_point, fail, gradcam_maps, heat_overlay, load_class_model, load_run_models,
+                    metadata_features, model_inputs, number_in, operating_points, overlay_image, pick_device,
+                    prediction_row, read_rgb, run_preprocessing, shown, write_csv)
 
 DX_NAMES = {"mel": "melanoma", "nv": "melanocytic nevus", "bcc": "basal cell carcinoma",
             "akiec": "actinic keratosis / intraepithelial carcinoma", "bkl": "benign keratosis",
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=number_in(int, 1, 65535), default=7860)
     p.add_argument("--max-files", type=number_in(int, 1), default=20, help="images one request may hold")
     p.add_argument("--max-mb", type=number_in(float, 0, low_open=True), default=20, help="largest file, in MB")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="onnx: ONNX Runtime (a model folder's ONNX files); torch: PyTorch (default: onnx where the "
+                        "folder has them; the Grad-CAM map is PyTorch's either way)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -64,13 +67,19 @@ class Page:
         self.start_point = default_operating_point(operating_points(self.run, args.clinic)[0])
         self.points = list(operating_points(self.run)[0])
         self.device = pick_device(args.device)
-        self.models = load_run_models(self.run, self.device)
+        self.models = load_run_models(self.run, self.device, args.engine)
         self.class_model = load_class_model(self.run, self.device, self.models)
+        # Grad-CAM follows a gradient: PyTorch's network of the same weights, where ONNX Runtime classifies
+        self.explained = load_run_models(self.run, self.device, "torch")[0] if self.onnx else self.models[0]
         self.settings = run_preprocessing(self.models, self.run)
         self.metadata = any(checkpoint.get("metadata") for _, checkpoint in self.models)
         clinics = sorted(p.parent.name for p in (self.run / "clinics").glob("*/thresholds.json"))
         self.clinics = [NO_CLINIC, *clinics]
         self.start_clinic = args.clinic or NO_CLINIC
+
+    @property
+    def onnx(self):
+        return bool(self.models[0][1].get("onnx_networks"))
 
     def describe(self):
         c = self.models[0][1]
@@ -78,7 +87,8 @@ class Page:
         text = f"{name}: {c['arch']}, {c['input']} input at {c['img_size']} px"
         if len(self.models) > 1:
             text = f"{name}: the mean of {len(self.models)} models"
-        return text + ("; the 7 classes from its classes.pt" if self.class_model is not None else "")
+        return text + ("; the 7 classes from its classes.pt" if self.class_model is not None else "") + \
+            ("; run by ONNX Runtime" if self.onnx else "")
 
     def classify(self, files, age, sex, site, operating_point, clinic):
         """(result HTML, messages Markdown, table, CSV path or None, the line under the result)."""
@@ -161,7 +171,7 @@ class Page:
         """(title, map) of the first model on the input it reads; None for a model of two views. A
         network that reads the whole photo reads it squeezed square: its map is shown stretched back
         to the photo's proportions, beside the photo."""
-        model, checkpoint = self.models[0]
+        model, checkpoint = self.explained
         if checkpoint["input"] == "both":
             return None
         arrays = {"full": prepared["image"][None], "crop": prepared["crop"][None], "mask": prepared["mask_small"][None]}

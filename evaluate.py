@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (ArgumentParser, CLASS_MODEL_FILE, DX_CODES, NO_CLASSES, SPLITS, atomic_path, balanced_accuracy_7,
-                    binary_metrics, class_table_lines, check_preprocessing, default_operating_point, ensemble_probs,
-                    fail, gradcam_maps, group_members, group_resamples, has_classes, heat_overlay, hidden_metadata,
-                    load_cache, load_class_model, load_run_models, lock_output, metadata_features, model_inputs,
-                    multiclass_figures, new_figure, number_in, operating_points, pick_device, plot_pr_curve,
-                    plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid, threshold_metrics,
-                    unknown_sites_line, write_csv)
+from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, NO_CLASSES, SPLITS, ArgumentParser, atomic_path,
+                    balanced_accuracy_7, binary_metrics, check_preprocessing, class_table_lines,
+                    default_operating_point, ensemble_probs, fail, gradcam_maps, group_members, group_resamples,
+                    has_classes, heat_overlay, hidden_metadata, load_cache, load_class_model, load_run_models,
+                    lock_output, metadata_features, model_inputs, multiclass_figures, new_figure, number_in,
+                    operating_points, pick_device, plot_pr_curve, plot_reliability, ranking_metrics, recalibrated,
+                    save_figure, save_image_grid, threshold_metrics, unknown_sites_line, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--classes", action="store_true",
                    help="require the 7-class report: a model without 7 classes ends with one line saying so "
                         "(without the flag such a model is scored for malignancy alone)")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="onnx: ONNX Runtime (a model folder's ONNX files); torch: PyTorch (default: onnx where the "
+                        "folder has them; Grad-CAM always runs on PyTorch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -300,9 +303,8 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots, 
 def main(args):
     # the small file first: a malformed thresholds.json ends the run before the models' load
     thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
-    device = pick_device(args.device)
-    models = load_run_models(args.run, device)
-    class_model = load_class_model(args.run, device, models)
+    models = load_run_models(args.run, args.device, args.engine)  # picks the device where PyTorch runs the models
+    class_model = load_class_model(args.run, args.device, models)
     if args.classes and not has_classes(models, class_model):
         fail(args.run, NO_CLASSES)
     if args.gradcam and len(models) > 1:
@@ -340,7 +342,7 @@ def main(args):
     unknown_line = unknown_sites_line(known)
     if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
         print(unknown_line)
-    probs, class_probs = ensemble_probs(models, arrays, rows["row"], device, tta=args.tta,
+    probs, class_probs = ensemble_probs(models, arrays, rows["row"], None, tta=args.tta,
                                         metadata=metadata_features(known), class_model=class_model)
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
@@ -372,8 +374,9 @@ def main(args):
     if class_probs is not None:
         summary, class_table = multiclass_report(rows, class_probs, out_dir, args.bootstrap, args.seed)
         plots.append("confusion_matrix_7class.png")
-    if args.gradcam:
-        model, checkpoint = models[0]
+    if args.gradcam:  # a gradient: PyTorch's network, whichever engine scored the images
+        device = pick_device(args.device)
+        model, checkpoint = load_run_models(args.run, device, "torch")[0]
         images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["img_size"])
         threshold = thresholds[default_operating_point(thresholds)]
         plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")

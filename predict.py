@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (IMAGE_SUFFIXES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable,
+from common import (ENGINES, IMAGE_SUFFIXES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable,
                     classify_files, default_operating_point, fail, has_classes, load_class_model, load_run_models,
-                    metadata_features, number_in, operating_points, overlay_image, pick_device, prediction_row,
-                    read_rgb, run_preprocessing, shown, write_csv, write_png)
+                    metadata_features, number_in, operating_points, overlay_image, prediction_row, read_rgb,
+                    run_preprocessing, shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--classes", action="store_true",
                    help="require the 7 class probabilities: a model without them ends with one line saying so "
                         "(without the flag such a model gives malignancy alone)")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="onnx: ONNX Runtime (a model folder's ONNX files, export_model.py --onnx); torch: PyTorch "
+                        "(default: onnx where the folder has them, as models/reference has after make setup)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -122,16 +125,15 @@ def main(args):
     if not files:
         fail(" ".join(map(shown, args.images)), "no images found")
 
-    device = pick_device(args.device)
-    models = load_run_models(run, device)
-    class_model = load_class_model(run, device, models)
+    models = load_run_models(run, args.device, args.engine)  # picks the device where PyTorch runs the models
+    class_model = load_class_model(run, args.device, models)
     if args.classes and not has_classes(models, class_model):
         fail(run, NO_CLASSES)
     settings = run_preprocessing(models, run)
     metadata = metadata_features(pd.DataFrame({"age": [args.age], "sex": [args.sex], "localization": [args.site]}))
     rows, skipped, first_image = [], 0, time.time()
     names = overlay_names(files)
-    for i, result in tqdm(classify_files(models, settings, files, np.repeat(metadata, len(files), axis=0), device, tta,
+    for i, result in tqdm(classify_files(models, settings, files, np.repeat(metadata, len(files), axis=0), None, tta,
                                          class_model), total=len(files), desc="predicting"):
         if isinstance(result, str):  # unreadable or degenerate: say which and go on with the rest
             tqdm.write(f"skipped {result}")
@@ -149,7 +151,8 @@ def main(args):
     write_csv(pd.DataFrame(rows), out)
     print_table(rows)
     print(f"{operating_point} threshold {threshold:.3f}{' (test-time augmentation)' if tta else ''}; "
-          f"model {shown(run)}" + (f"; calibrated to clinic {args.clinic} (the threshold applies to model_prob)"
+          f"model {shown(run)} ({'ONNX Runtime' if models[0][1].get('onnx_networks') else 'PyTorch'})" +
+          (f"; calibrated to clinic {args.clinic} (the threshold applies to model_prob)"
                                    if args.clinic else ""))
     print(f"wrote {shown(out)}: {len(rows)} images" + (f", {skipped} skipped" if skipped else "") +
           f", {len(rows) / max(seconds, 1e-9):.1f} images/s; {time.time() - started:.1f} s in all")

@@ -218,16 +218,24 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
     for name, classes in (("alone", []), ("both", ["--classes", str(head)])):
         export_model.main(export_model.parse_args(["--run", str(binary), *classes, "--out", str(tmp_path / name)]))
     cpu = torch.device("cpu")
-    models = common.load_run_models(tmp_path / "both", cpu)
+    models = common.load_run_models(tmp_path / "both", cpu, "torch")
     shared = common.load_class_model(tmp_path / "both", cpu, models)
     assert shared[1]["shared"]
     index, arrays = common.load_cache(synthetic_cache)
     rows, metadata = index["row"][:16], common.metadata_features(index.iloc[:16])
     probs, class_probs = common.ensemble_probs(models, arrays, rows, cpu, tta=True, metadata=metadata,
                                                class_model=shared)
-    alone, none = common.ensemble_probs(common.load_run_models(tmp_path / "alone", cpu), arrays, rows, cpu, tta=True,
-                                        metadata=metadata)
+    alone, none = common.ensemble_probs(common.load_run_models(tmp_path / "alone", cpu, "torch"), arrays, rows, cpu,
+                                        tta=True, metadata=metadata)
     np.testing.assert_allclose(probs, alone, atol=1e-6)  # malignancy is the binary model's own
+    # the folder's ONNX files (export_model.py writes them): one network pass for both answers there too
+    onnx_models = common.load_run_models(tmp_path / "both", cpu, "onnx")
+    onnx_shared = common.load_class_model(tmp_path / "both", cpu, onnx_models)
+    assert onnx_shared[1]["shared"] and isinstance(onnx_shared[0], common.OnnxNetwork)
+    onnx_probs, onnx_classes = common.ensemble_probs(onnx_models, arrays, rows, cpu, tta=True, metadata=metadata,
+                                                     class_model=onnx_shared)
+    np.testing.assert_allclose(onnx_probs, probs, atol=1e-5)
+    np.testing.assert_allclose(onnx_classes, class_probs, atol=1e-5)
     assert (tmp_path / "both" / common.CLASS_MODEL_FILE).stat().st_size < 100_000  # the head alone is stored
     with pytest.raises(SystemExit, match="holds a head alone"):
         common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE)

@@ -148,8 +148,8 @@ def test_export_writes_a_compact_folder_that_predicts_as_the_run(unet_run, unet_
     (out / "MODEL_CARD.md").write_text("kept\n")
     (out / "model.pt").write_bytes(b"an older export")
     export_model.main(export_model.parse_args(["--run", str(unet_run), "--out", str(out)]))
-    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "export.json", "model.pt", "segmenter.pt",
-                                                     "thresholds.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "export.json", "model.onnx", "model.pt",
+                                                     "onnx.json", "segmenter.onnx", "segmenter.pt", "thresholds.json"]
     assert (out / "MODEL_CARD.md").read_text() == "kept\n"
     assert not [p for p in out.parent.iterdir() if p.name.startswith((".small.export", ".small.old"))]  # none left
     assert (out / "thresholds.json").read_bytes() == (unet_run / "thresholds.json").read_bytes()
@@ -161,6 +161,9 @@ def test_export_writes_a_compact_folder_that_predicts_as_the_run(unet_run, unet_
     export = json.loads((out / "export.json").read_text())
     assert export["sha256"]["segmenter.pt"] == common.file_digest(out / "segmenter.pt") == \
         checkpoint["preprocess"]["segmenter_sha256"]
+    # the ONNX files, checked against PyTorch before they were written, say so in export.json
+    assert set(export["onnx"]["largest_probability_difference"]) == {"model.onnx", "segmenter.onnx"}
+    assert all(0 <= d <= 1e-4 for d in export["onnx"]["largest_probability_difference"].values())
 
     # moved, the folder predicts as the full-precision run does, reading images as its thresholds were chosen
     moved = tmp_path / "moved"
