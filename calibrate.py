@@ -87,11 +87,13 @@ def main(args):
     lock_output(out)
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
-    unknown_line = unknown_sites_line(known)
+    general_sites = models[0][1].get("general_sites", False)  # train.py --general-sites: read as it trained
+    unknown_line = unknown_sites_line(known, general_sites)
     if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
         print(unknown_line)
     probs = np.full(len(rows), np.nan)
-    for i, result in tqdm(classify_files(models, settings, files, metadata_features(known), device, tta),
+    for i, result in tqdm(classify_files(models, settings, files, metadata_features(known, general_sites), device,
+                                         tta),
                           total=len(files), desc="predicting"):
         if isinstance(result, str):
             tqdm.write(f"skipped {result}")

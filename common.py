@@ -1486,7 +1486,7 @@ def shares_network(class_checkpoint, models):
 
 
 def has_classes(models, class_model):
-    return class_model is not None or models[0][1]["task"] == "multiclass"
+    return class_model is not None or models[0][1]["task"] in ("multiclass", SHARED_TASK)
 
 
 NO_CLASSES = (f"gives malignancy only: no 7-class model ({CLASS_MODEL_FILE}, export_model.py --classes), "
@@ -1674,11 +1674,12 @@ def to_model_tensor(images_uint8, normalisation):
     return ((x - mean) / std).permute(0, 3, 1, 2)
 
 
-TASKS = ("binary", "multiclass")
+# binary: one malignancy logit; multiclass: the 7 classes' logits (malignancy their malignant sum);
+# joint: one network for both answers, a malignancy logit and then the 7 classes' (train.py --task
+# joint; the fourth edition's design (a)), as shared_heads also reads a frozen network
+SHARED_TASK = "joint"
+TASKS = ("binary", "multiclass", SHARED_TASK)
 MALIGNANT_COLUMNS = [DX_CODES.index(code) for code in sorted(MALIGNANT_DX)]
-
-
-SHARED_TASK = "binary+multiclass"  # shared_heads' output: a binary logit, then the 7 classes'
 
 
 def output_probs(logits, task):

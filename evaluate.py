@@ -339,11 +339,12 @@ def main(args):
                                                                             if args.source else ""))
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
-    unknown_line = unknown_sites_line(known)
+    general_sites = models[0][1].get("general_sites", False)  # train.py --general-sites: read as it trained
+    unknown_line = unknown_sites_line(known, general_sites)
     if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
         print(unknown_line)
     probs, class_probs = ensemble_probs(models, arrays, rows["row"], None, tta=args.tta,
-                                        metadata=metadata_features(known), class_model=class_model)
+                                        metadata=metadata_features(known, general_sites), class_model=class_model)
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()

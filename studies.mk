@@ -1,7 +1,8 @@
 # The studies' targets (docs/first_edition.md, second_edition.md, hair_removal.md, third_edition.md,
 # seven_classes.md):
 # included by the Makefile, whose variables, macros and pipeline targets they run.
-.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full seven-export
+.PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full seven-export \
+	four-data four-screen
 
 # The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
@@ -316,3 +317,35 @@ seven-export: | $(PY_DEPS)  ## 7 classes: the run the protocol chose, exported b
 	$(PYTHON) bench/seven_classes.py --decide bench/results/seven --runs runs/seven_full > bench/results/seven/decision.txt
 	cat bench/results/seven/decision.txt
 	$(PYTHON) export_model.py --run $(REF_RUN) --classes $$(tail -1 bench/results/seven/decision.txt) --out $(REFERENCE)
+
+# Study, fourth edition (docs/fourth_edition.md, its protocol): one network for both answers, trained
+# on three clinics (BCN20000 joins), both answers read at every site of the panel, at two seeds.
+# Data: the train and val rows of ham10000_full, ISIC 2017 and bcn20000_84 (no test image of any),
+# cut by the shipped model's U-Net as the third edition's caches; the panel's sites are third-data's.
+FOUR_RUNS   ?= runs/four
+FOUR_BUDGET ?= --img-size 128 --epochs 3 --epoch-size 8818
+four-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEPS)  ## study, 4th edition: HAM10000, ISIC 2017 and BCN20000 train+val, and the panel's caches
+	test -f data/hamfull_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
+		--only-split train val --out data/hamfull_trainval
+	test -f data/isic2020_dev/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2020_dev --out data/isic2020_dev
+	test -f data/ham+isic2017_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
+		$(SHARED)/isic2017 --only-split train val --out data/ham+isic2017_trainval
+	test -f data/three_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
+		$(SHARED)/isic2017 $(SHARED)/bcn20000_84 --only-split train val --out data/three_trainval
+	$(foreach data,three_trainval ham+isic2017_trainval hamfull_trainval $(THIRD_SITES),$(call third_cache,$(data),pad) &&) true
+# $(1) arm, $(2) dataset, $(3) train.py flags that change the baseline J's
+four_arm = $(call seeded_runs,$(FOUR_RUNS)/$(1),cache/$(2)_224_third_pad,--input full --val-source ham10000_full \
+	--aug full $(FOUR_BUDGET) $(3))
+FOUR_J := --task joint --loss wbce --class-weights balanced
+FOUR_ARMS ?= J M U D DR DF DS DV
+FOUR_ARM_J  := ham+isic2017_trainval,$(FOUR_J)
+FOUR_ARM_M  := ham+isic2017_trainval,--task multiclass --loss ce --class-weights balanced
+FOUR_ARM_U  := ham+isic2017_trainval,--task joint --loss wbce
+FOUR_ARM_D  := three_trainval,$(FOUR_J)
+FOUR_ARM_DR := three_trainval,$(FOUR_J) --resolution-aug 84
+FOUR_ARM_DF := three_trainval,$(FOUR_J) --frame-aug 0.3
+FOUR_ARM_DS := three_trainval,$(FOUR_J) --sampler source
+FOUR_ARM_DV := three_trainval,$(FOUR_J) --general-sites
+four_field = $(word $(2),$(subst $(comma), ,$(subst $(eval) ,^,$(FOUR_ARM_$(1)))))
+four-screen: | $(PY_DEPS)  ## study, 4th edition: the baseline J and each arm for 3 epochs at 128 px (8,818 draws an epoch), seeds 0 and 1
+	$(foreach arm,$(FOUR_ARMS),$(call four_arm,$(arm),$(call four_field,$(arm),1),$(subst ^, ,$(call four_field,$(arm),2))) &&) true

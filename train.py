@@ -2,7 +2,8 @@
 
 Reads the cache of preprocess.py (index.csv with train/val splits, images.npy, crops.npy, masks.npy).
 Writes into the run folder:
-  model.pt        the best epoch by validation ROC-AUC (binary) or balanced accuracy (multiclass):
+  model.pt        the best epoch by validation ROC-AUC (binary), balanced accuracy (multiclass) or
+                  their mean (joint: one network for both answers):
                   weights plus everything needed to rebuild the model and its preprocessing
                   (arch, task, normalisation, input form, image size, whether it reads metadata)
   last.pt         the latest epoch with optimiser, scheduler and RNG state, for --resume
@@ -35,11 +36,12 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (ARCHS, ArgumentParser, DX_CODES, INPUTS, TASKS, atomic_path, autocast_dtype, balanced_accuracy_7,
-                    build_model, check_preprocessing, cosine_with_warmup, fail, file_digest, git_commit, hide_metadata,
-                    load_cache, load_checkpoint, load_torch_file, lock_output, metadata_features, model_inputs,
-                    number_in, optimisation_step, pick_device, predict_probs, prepare_model, ranking_metrics,
-                    read_json, save_checkpoint, split_head, to_model_tensor, write_csv, write_json)
+from common import (ARCHS, DX_CODES, INPUTS, SHARED_TASK, TASKS, ArgumentParser, atomic_path, autocast_dtype,
+                    balanced_accuracy_7, build_model, check_preprocessing, cosine_with_warmup, fail, file_digest,
+                    git_commit, hide_metadata, load_cache, load_checkpoint, load_torch_file, lock_output,
+                    metadata_features, model_inputs, number_in, optimisation_step, pick_device, predict_probs,
+                    prepare_model, ranking_metrics, read_json, save_checkpoint, split_head, to_model_tensor, write_csv,
+                    write_json)
 
 
 def parse_args(argv=None):
@@ -51,7 +53,9 @@ def parse_args(argv=None):
                    help="train from scratch instead of from ImageNet weights")
     p.add_argument("--weights", type=Path, help="local ImageNet state dict (no download)")
     p.add_argument("--task", default="binary", choices=TASKS,
-                   help="binary: malignant vs benign; multiclass: the 7 HAM10000 classes")
+                   help="binary: malignant vs benign; multiclass: the 7 HAM10000 classes; joint: one network for "
+                        "both, a malignancy logit (--loss bce/wbce) beside the 7 classes' (CrossEntropy, "
+                        "--class-weights), trained on the sum of the two losses (docs/fourth_edition.md)")
     p.add_argument("--loss", choices=["ce", "bce", "wbce"],
                    help="ce: CrossEntropy; bce: BCEWithLogits; wbce: with pos_weight (default: wbce for "
                         "binary, ce for multiclass)")
@@ -59,8 +63,12 @@ def parse_args(argv=None):
                    help="wbce weight of the malignant class (default: benign/malignant of train)")
     p.add_argument("--class-weights", default="none", choices=["none", "balanced"],
                    help="multiclass CE weights: balanced = inverse class frequency")
-    p.add_argument("--sampler", default="none", choices=["none", "balanced"],
-                   help="balanced: draw each class equally often (with replacement)")
+    p.add_argument("--sampler", default="none", choices=["none", "balanced", "source"],
+                   help="balanced: draw each class equally often (with replacement); source: each source of a "
+                        "dataset of several equally often (with replacement)")
+    p.add_argument("--epoch-size", type=number_in(int, 1), metavar="N",
+                   help="images drawn an epoch (default: every training image once); without a sampler the "
+                        "images are drawn in turn across epochs, each once before any twice")
     p.add_argument("--label-smoothing", type=number_in(float, 0, 0.5), default=0.0, metavar="EPS",
                    help="CrossEntropy's label smoothing (--loss ce): the target gives EPS of its weight evenly "
                         "to every class, so the network is not pushed to certainty on HAM10000's noisy labels")
@@ -73,6 +81,12 @@ def parse_args(argv=None):
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
                         "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
                         "re-compression, zoom out, aspect, colour gains (docs/third_edition.md, lever L2)")
+    p.add_argument("--resolution-aug", type=number_in(int, 8), metavar="SIDE",
+                   help="bring each training image with probability 0.5 to SIDE px and back, so that a source's "
+                        "resolution (BCN20000's 84 px) says nothing about its clinic")
+    p.add_argument("--frame-aug", type=number_in(float, 0, 1), default=0.0, metavar="P",
+                   help="draw a dermatoscope's dark circular frame (--aug shift's) on each training image with "
+                        "probability P, so that the frame says nothing about the clinic")
     p.add_argument("--input", default="full", choices=INPUTS,
                    help="whole image, masked, lesion crop, or both: the crop and the whole image through one network")
     p.add_argument("--val-source", nargs="+", metavar="NAME",
@@ -80,6 +94,9 @@ def parse_args(argv=None):
                         "source's val images then choose nothing, and stay fit to judge the model")
     p.add_argument("--metadata", action="store_true",
                    help="also feed age, sex and anatomical site (index.csv's age, sex, localization), where known")
+    p.add_argument("--general-sites", action="store_true",
+                   help="with --metadata, read the ISIC Archive's general site words (torso, head/neck...) as the "
+                        "HAM10000 sites they cover, in training and in every later reading of the model")
     p.add_argument("--hide-metadata", type=number_in(float, 0, 1), default=0.25, metavar="P",
                    help="with --metadata, hide each field of a training image with probability P, so the "
                    "model also scores images without it")
@@ -161,6 +178,13 @@ def acquisition_shift(images, p=0.3):
     gains = torch.where((torch.rand(n) < p).view(-1, 1), torch.empty(n, 3).uniform_(-0.15, 0.15).exp(),
                         torch.ones(n, 3))
     images = images * gains.view(n, 1, 1, 3)
+    return dark_frame(images, p).clamp_(0, 255)
+
+
+def dark_frame(images, p):
+    """The dark circular frame many dermatoscopes leave, drawn on each image with probability p: a
+    vignette of random radius, centre, softness and darkness. Float NHWC (0-255) in and out."""
+    n, height, width, _ = images.shape
     framed = torch.rand(n) < p
     if framed.any():
         y = torch.linspace(-1, 1, height).view(1, -1, 1)
@@ -173,7 +197,23 @@ def acquisition_shift(images, p=0.3):
         distance = ((x - centre[:, 0].view(-1, 1, 1)) ** 2 + (y - centre[:, 1].view(-1, 1, 1)) ** 2).sqrt()
         inside = torch.sigmoid((radius - distance) / softness)
         images[framed] = images[framed] * (darkness + (1 - darkness) * inside).unsqueeze(-1)
-    return images.clamp_(0, 255)
+    return images
+
+
+def low_resolution(images, side, p=0.5):
+    """Each image with probability p brought down to side x side px (antialiased) and back up
+    (bilinear), as a photo of that resolution looks at the network's size: BCN20000's 84 px images
+    then look like any source's. uint8 NHWC in and out."""
+    chosen = torch.nonzero(torch.rand(len(images)) < p).flatten()
+    if len(chosen) == 0:
+        return images
+    size = images.shape[1:3]
+    x = images[chosen].permute(0, 3, 1, 2).float()
+    small = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    back = torch.nn.functional.interpolate(small, size=size, mode="bilinear", align_corners=False)
+    images = images.clone()
+    images[chosen] = back.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return images
 
 
 def random_hue(images, max_turn):
@@ -188,25 +228,30 @@ def random_hue(images, max_turn):
     return torch.einsum("nhwc,ndc->nhwd", images.float(), rotation).clamp_(0, 255)
 
 
-def augment_views(images, augment, hue, shift):
-    """uint8 NHWC batch of one view -> augmented (float 0-255 after hue or shift, else uint8)."""
+def augment_views(images, augment, hue, shift, low_side=None, frame=0.0):
+    """uint8 NHWC batch of one view -> augmented (float 0-255 after hue, shift or frame, else uint8).
+    low_side: the resolution guard (low_resolution), before the rest; frame: dark_frame's p, last."""
+    if low_side:
+        images = low_resolution(images, low_side)
     if augment is not None:
         images = torch.stack([augment(image) for image in images.permute(0, 3, 1, 2)]).permute(0, 2, 3, 1)
     if hue:
         images = random_hue(images, hue)
     if shift:
         images = acquisition_shift(images)
+    if frame:
+        images = dark_frame(images.float(), frame)
     return images
 
 
-def augment_batch(images, augment, normalisation, noise, hue=0.0, shift=False):
+def augment_batch(images, augment, normalisation, noise, hue=0.0, shift=False, low_side=None, frame=0.0):
     """uint8 NHWC batch -> augmented, normalised float batch for the model. Two views (--input
     both, 6 channels) are augmented each on its own: they frame the lesion differently."""
     if images.shape[-1] > 3:
-        images = torch.cat([augment_views(images[..., k:k + 3], augment, hue, shift).float()
+        images = torch.cat([augment_views(images[..., k:k + 3], augment, hue, shift, low_side, frame).float()
                             for k in range(0, images.shape[-1], 3)], dim=-1)
     else:
-        images = augment_views(images, augment, hue, shift)
+        images = augment_views(images, augment, hue, shift, low_side, frame)
     x = to_model_tensor(images, normalisation)
     if noise:
         # drawn in NHWC to match x's channels-last memory: randn_like on it was 6x slower
@@ -214,18 +259,45 @@ def augment_batch(images, augment, normalisation, noise, hue=0.0, shift=False):
     return x
 
 
+class JointLoss(torch.nn.Module):
+    """--task joint: BCE (with pos_weight for wbce) of the malignancy logit (column 0) plus the
+    CrossEntropy of the 7 class logits; targets are (malignant, class index) rows."""
+
+    def __init__(self, binary, classes):
+        super().__init__()
+        self.binary, self.classes = binary, classes
+
+    def forward(self, logits, targets):
+        return self.binary(logits[:, 0], targets[:, 0].float()) + self.classes(logits[:, 1:], targets[:, 1])
+
+
+def class_loss(args, targets):
+    """CrossEntropy of the 7 classes, with --class-weights and --label-smoothing."""
+    weight = None
+    if args.class_weights == "balanced":
+        counts = torch.bincount(targets, minlength=len(DX_CODES)).float().clamp(min=1)
+        weight = counts.sum() / (len(DX_CODES) * counts)
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+
+
 def loss_and_targets(args, train_rows):
     """(criterion, number of outputs, targets of the training rows)."""
+    classes = torch.tensor([DX_CODES.index(dx) for dx in train_rows["dx"]])
     if args.task == "multiclass":
         if args.loss != "ce":
             fail(f"--loss {args.loss}", "the multiclass task trains with CrossEntropy (--loss ce)")
-        targets = torch.tensor([DX_CODES.index(dx) for dx in train_rows["dx"]])
-        weight = None
-        if args.class_weights == "balanced":
-            counts = torch.bincount(targets, minlength=len(DX_CODES)).float().clamp(min=1)
-            weight = counts.sum() / (len(DX_CODES) * counts)
-        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing), len(DX_CODES), targets
-    targets = torch.tensor(train_rows["malignant"].to_numpy())
+        return class_loss(args, classes), len(DX_CODES), classes
+    malignant = torch.tensor(train_rows["malignant"].to_numpy())
+    if args.task == SHARED_TASK:
+        if args.loss == "ce":
+            fail("--loss ce", "the joint task's malignancy logit trains with --loss bce or wbce")
+        pos_weight = None
+        if args.loss == "wbce":
+            n_pos = int(malignant.sum())
+            pos_weight = torch.tensor(args.pos_weight or (len(malignant) - n_pos) / n_pos)
+        return (JointLoss(torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight), class_loss(args, classes)),
+                1 + len(DX_CODES), torch.stack([malignant, classes], dim=1))
+    targets = malignant
     if args.label_smoothing and args.loss != "ce":
         fail(f"--label-smoothing {args.label_smoothing}", "applies to CrossEntropy (--loss ce) only")
     if args.loss == "ce":
@@ -241,15 +313,24 @@ def batch_targets(criterion, targets):
     return targets.float().unsqueeze(1) if isinstance(criterion, torch.nn.BCEWithLogitsLoss) else targets.long()
 
 
-def epoch_order(targets, sampler, seed, epoch):
+def epoch_order(targets, sampler, seed, epoch, groups=None, size=None):
     """The training images of one epoch, in order; the same on every process (seeded by epoch),
-    so processes can take disjoint shards and a resumed run sees the same order."""
+    so processes can take disjoint shards and a resumed run sees the same order. size: images an
+    epoch (default all); without a sampler they are drawn in turn across epochs, every image once
+    before any twice. groups: each image's source, for the source sampler."""
+    n = len(targets)
+    size = size or n
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    if sampler == "balanced":
-        counts = torch.bincount(targets).float()
-        weights = (1.0 / counts)[targets]
-        return torch.multinomial(weights, len(targets), replacement=True, generator=generator)
-    return torch.randperm(len(targets), generator=generator)
+    if sampler in ("balanced", "source"):
+        labels = (targets[:, -1] if targets.dim() > 1 else targets) if sampler == "balanced" else groups
+        weights = (1.0 / torch.bincount(labels).float())[labels]
+        return torch.multinomial(weights, size, replacement=True, generator=generator)
+    if size == n:
+        return torch.randperm(n, generator=generator)
+    first, last = epoch * size, (epoch + 1) * size  # positions in a sequence of whole passes
+    passes = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + 500 + k))
+              for k in range(first // n, (last - 1) // n + 1)]
+    return torch.cat(passes)[first - (first // n) * n:last - (first // n) * n]
 
 
 def frozen_network(model, args, img_size):
@@ -275,7 +356,8 @@ def frozen_network(model, args, img_size):
 
 
 def train_one_epoch(model, images, metadata, targets, order, criterion, optimizer, scheduler, scaler, augment, noise,
-                    hue, shift, hide, normalisation, device, dtype, batch_size, epoch, epochs, show_progress):
+                    hue, shift, hide, normalisation, device, dtype, batch_size, epoch, epochs, show_progress,
+                    low_side=None, frame=0.0):
     """One pass over `order` (this process's shard); returns (mean loss, images per second)."""
     model.train()
     if not all(p.requires_grad for p in model.parameters()):  # --frozen-from: all but the head stays as it was
@@ -289,7 +371,8 @@ def train_one_epoch(model, images, metadata, targets, order, criterion, optimize
         idx = order[start:start + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
-        x = augment_batch(images[idx], augment, normalisation, noise, hue, shift).to(device, non_blocking=True)
+        x = augment_batch(images[idx], augment, normalisation, noise, hue, shift, low_side, frame).to(
+            device, non_blocking=True)
         y = batch_targets(criterion, targets[idx]).to(device, non_blocking=True)
         extra = {} if metadata is None else {"metadata": hide_metadata(metadata[idx], hide).to(device)}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -311,7 +394,9 @@ def validate(model, images, metadata, rows, normalisation, device, task):
               "val_auc": ranking_metrics(labels, probs)["roc_auc"], "val_bal_acc": float("nan")}
     if class_probs is not None:
         scores["val_bal_acc"] = balanced_accuracy_7(rows["dx"], class_probs)
-    scores["val_score"] = scores["val_bal_acc"] if task == "multiclass" else scores["val_auc"]
+    # a network of both answers is chosen on both: the mean of the two (docs/fourth_edition.md)
+    scores["val_score"] = {"multiclass": scores["val_bal_acc"], SHARED_TASK: (scores["val_auc"] + scores["val_bal_acc"])
+                           / 2}.get(task, scores["val_auc"])
     return probs, class_probs, scores
 
 
@@ -377,8 +462,15 @@ def main(args):
     img_size = args.img_size or arrays["full"].shape[1]
     train_images = torch.from_numpy(model_inputs(arrays, train_rows["row"], args.input, img_size))
     val_images = model_inputs(arrays, val_rows["row"], args.input, img_size)
-    train_metadata = torch.from_numpy(metadata_features(train_rows)) if args.metadata else None
-    val_metadata = metadata_features(val_rows) if args.metadata else None
+    if args.general_sites and not args.metadata:
+        fail("--general-sites", "reads the metadata's site words: it needs --metadata")
+    train_metadata = torch.from_numpy(metadata_features(train_rows, args.general_sites)) if args.metadata else None
+    val_metadata = metadata_features(val_rows, args.general_sites) if args.metadata else None
+    sources = None
+    if args.sampler == "source":
+        if "source" not in train_rows or train_rows["source"].nunique() < 2:
+            fail(args.cache / "index.csv", "--sampler source needs a dataset of several sources")
+        sources = torch.from_numpy(pd.factorize(train_rows["source"])[0])
 
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
     model, normalisation = build_model(args.arch, num_outputs, args.pretrained and not args.frozen_from,
@@ -393,7 +485,8 @@ def main(args):
     optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 weight_decay=args.weight_decay)
     per_process_batch = max(2, args.batch_size // world)
-    steps_per_epoch = math.ceil(math.ceil(len(train_images) / world) / per_process_batch)
+    epoch_size = args.epoch_size or len(train_images)
+    steps_per_epoch = math.ceil(math.ceil(epoch_size / world) / per_process_batch)
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch),
                                    args.epochs * steps_per_epoch)
     augment = make_augment(args.aug, img_size)
@@ -416,8 +509,10 @@ def main(args):
                  f"{', '.join(differing)}); resume with that cache, or train into another --run-dir")
     checkpoint_base = {
         "arch": args.arch, "num_outputs": num_outputs, "normalisation": normalisation, "task": args.task,
-        "classes": list(DX_CODES) if args.task == "multiclass" else ["benign", "malignant"],
+        "classes": {"multiclass": list(DX_CODES), SHARED_TASK: ["malignant", *DX_CODES]}.get(args.task,
+                                                                                           ["benign", "malignant"]),
         "input": args.input, "img_size": img_size, "loss": args.loss, "metadata": args.metadata,
+        "general_sites": args.general_sites,
         # how predict.py must prepare new images
         "preprocess": keep_segmenter(cache_key, args.run_dir) if is_main else None,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -450,12 +545,13 @@ def main(args):
 
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
-        order = epoch_order(targets, args.sampler, args.seed, epoch)[rank::world]
+        order = epoch_order(targets, args.sampler, args.seed, epoch, sources, args.epoch_size)[rank::world]
         train_loss, speed = train_one_epoch(trained, train_images, train_metadata, targets, order, criterion,
                                             optimizer, scheduler, scaler, augment, noise, hue, args.aug == "shift",
                                             args.hide_metadata,
                                             normalisation, device, dtype, per_process_batch, epoch=epoch,
-                                            epochs=args.epochs, show_progress=is_main)
+                                            epochs=args.epochs, show_progress=is_main,
+                                            low_side=args.resolution_aug, frame=args.frame_aug)
         stop = torch.zeros(1)
         if is_main:
             _, _, scores = validate(model, val_images, val_metadata, val_rows, normalisation, device, args.task)
@@ -465,7 +561,7 @@ def main(args):
             row = history[-1]
             print(f"epoch {row['epoch']:3d}  train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
                   f"val_auc {row['val_auc']:.4f}" + (f"  val_bal_acc {row['val_bal_acc']:.4f}"
-                                                     if args.task == "multiclass" else "") +
+                                                     if args.task != "binary" else "") +
                   f"  {row['seconds']:.0f}s  {row['images_per_s']:.0f} img/s")
             # Ties in the score (common on small validation sets) go to the lower validation loss.
             if (row["val_score"], -row["val_loss"]) > (best_score, -best_loss):
@@ -506,8 +602,9 @@ def main(args):
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "numpy": np.__version__}},
                    args.run_dir / "config.json")
-        print(f"best validation {'balanced accuracy' if args.task == 'multiclass' else 'ROC-AUC'} "
-              f"{best_score:.4f}; wrote {args.run_dir}")
+        score_name = {"multiclass": "balanced accuracy", SHARED_TASK: "score (the mean of ROC-AUC and balanced "
+                      "accuracy)"}.get(args.task, "ROC-AUC")
+        print(f"best validation {score_name} {best_score:.4f}; wrote {args.run_dir}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,0 +1,120 @@
+"""The fourth edition's levers (docs/fourth_edition.md): one network for both answers (--task
+joint), screens of a fixed size (--epoch-size), source-balanced sampling, the resolution and frame
+guards, and the ISIC Archive's site words read in training and in every later reading."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import trained_with_thresholds
+
+import common
+import evaluate
+import export_model
+import predict
+import train
+
+
+def test_an_epoch_of_fixed_size_draws_every_image_once_before_any_twice():
+    targets = torch.zeros(10, dtype=torch.long)
+    orders = [train.epoch_order(targets, "none", seed=3, epoch=e, size=4) for e in range(5)]
+    assert all(len(order) == 4 for order in orders)
+    drawn = torch.cat(orders).tolist()  # 20 draws: two whole passes over the 10 images
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert torch.equal(train.epoch_order(targets, "none", seed=3, epoch=2, size=4), orders[2])  # a resumed run
+    assert len(train.epoch_order(targets, "none", seed=3, epoch=0)) == 10  # by default all, once
+
+
+def test_the_source_sampler_draws_each_source_equally_often():
+    groups = torch.tensor([0] * 90 + [1] * 10)
+    order = train.epoch_order(torch.zeros(100, dtype=torch.long), "source", seed=0, epoch=0, groups=groups, size=4000)
+    share = float((groups[order] == 1).float().mean())
+    assert 0.45 < share < 0.55, share
+    # the class sampler reads the class of a joint target, (malignant, class index)
+    joint = torch.stack([torch.zeros(100, dtype=torch.long), groups], dim=1)
+    order = train.epoch_order(joint, "balanced", seed=0, epoch=0, size=4000)
+    assert 0.45 < float((groups[order] == 1).float().mean()) < 0.55
+
+
+def test_the_resolution_guard_blurs_to_the_smallest_sources_side_and_keeps_the_rest():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    low = train.low_resolution(images, 16, p=1.0)
+    assert low.dtype == torch.uint8 and low.shape == images.shape
+    # noise brought to 16 px and back loses most of its detail: neighbouring pixels become alike
+    assert (low[:, 1:].float() - low[:, :-1].float()).abs().mean() < 0.5 * (images[:, 1:].float()
+                                                                            - images[:, :-1].float()).abs().mean()
+    assert torch.equal(train.low_resolution(images, 16, p=0.0), images)
+
+
+def test_the_frame_guard_darkens_the_corners_and_not_the_centre():
+    images = torch.full((8, 64, 64, 3), 200.0)
+    torch.manual_seed(0)
+    framed = train.dark_frame(images.clone(), p=1.0)
+    # a circle of radius 0.85 to 1.35 of the half side: the corners (1.41 away) fall beyond or on its soft edge
+    assert (framed[:, 0, 0, 0] < framed[:, 32, 32, 0] - 50).all() and (framed[:, 32, 32] > 190).all()
+    assert framed[:, 0, 0].mean() < 100
+    assert torch.equal(train.dark_frame(images.clone(), p=0.0), images)
+
+
+@pytest.fixture(scope="module")
+def joint_run(synthetic_cache, tmp_path_factory):
+    return trained_with_thresholds(synthetic_cache, tmp_path_factory.mktemp("four") / "joint", "--task", "joint",
+                                   "--class-weights", "balanced", "--epochs", "2", "--img-size", "32", "--metadata",
+                                   "--general-sites", "--epoch-size", "64",
+                                   "--resolution-aug", "16", "--frame-aug", "0.3")
+
+
+def test_one_network_gives_both_answers_from_one_pass(joint_run, synthetic_cache, synthetic_data, tmp_path):
+    checkpoint = torch.load(joint_run / "model.pt", weights_only=True)
+    assert (checkpoint["task"], checkpoint["num_outputs"], checkpoint["general_sites"]) == ("joint", 8, True)
+    assert checkpoint["model"]["head.weight"].shape[0] == 8
+    val = pd.read_csv(joint_run / "val_probs.csv")
+    assert set(common.CLASS_COLUMNS) <= set(val.columns)
+    np.testing.assert_allclose(val[common.CLASS_COLUMNS].sum(axis=1), 1, atol=1e-5)
+    # malignancy is its own head's, not the malignant classes' sum
+    assert not np.allclose(val["prob"], val[["prob_mel", "prob_bcc", "prob_akiec"]].sum(axis=1), atol=1e-3)
+    history = pd.read_csv(joint_run / "history.csv")  # the epoch was chosen on both answers
+    assert np.allclose(checkpoint["val_score"], ((history["val_auc"] + history["val_bal_acc"]) / 2).max())
+    evaluate.main(evaluate.parse_args(["--run", str(joint_run), "--split", "val", "--bootstrap", "0", "--classes",
+                                       "--out-dir", str(tmp_path / "val")]))
+    assert (tmp_path / "val" / "multiclass_metrics.csv").is_file()
+    scored = pd.read_csv(tmp_path / "val" / "test_probs.csv")
+    np.testing.assert_allclose(scored[common.CLASS_COLUMNS].sum(axis=1), 1, atol=1e-5)
+    # exported, it predicts both answers on both engines alike
+    export_model.main(export_model.parse_args(["--run", str(joint_run), "--out", str(tmp_path / "folder")]))
+    index = pd.read_csv(synthetic_cache / "index.csv")
+    files = [str(synthetic_data / name) for name in index[index["split"] == "val"]["filename"].head(4)]
+    for engine in common.ENGINES:
+        predict.main(predict.parse_args(["--run", str(tmp_path / "folder"), *files, "--engine", engine, "--classes",
+                                         "--out", str(tmp_path / f"{engine}.csv")]))
+    onnx, torch_ = (pd.read_csv(tmp_path / f"{engine}.csv") for engine in common.ENGINES)
+    assert onnx["top_class"].isin(common.DX_CODES).all() and list(onnx["top_class"]) == list(torch_["top_class"])
+    np.testing.assert_allclose(onnx[["malignancy_prob", *common.CLASS_COLUMNS]],
+                               torch_[["malignancy_prob", *common.CLASS_COLUMNS]], atol=1e-4)
+
+
+def test_general_sites_are_read_as_the_model_was_trained(joint_run, synthetic_cache, tmp_path, capsys):
+    """A model trained with --general-sites reads 'anterior torso' as the HAM10000 sites it covers
+    in evaluate.py too, and does not count it as unknown."""
+    cache = tmp_path / "cache"
+    import shutil
+    shutil.copytree(synthetic_cache, cache)
+    index = pd.read_csv(cache / "index.csv")
+    index["localization"] = "anterior torso"
+    index.to_csv(cache / "index.csv", index=False)
+    evaluate.main(evaluate.parse_args(["--run", str(joint_run), "--cache", str(cache), "--split", "val",
+                                       "--bootstrap", "0", "--out-dir", str(tmp_path / "val")]))
+    assert "site the model does not know" not in capsys.readouterr().out
+    features = common.metadata_features(index.head(1), general_sites=True)
+    assert features[0, common.METADATA_FIELDS[2][1]:].sum() == pytest.approx(1.0)
+
+
+def test_the_levers_refuse_what_they_cannot_do(synthetic_cache, tmp_path):
+    for flags, words in ((["--general-sites"], "needs --metadata"),
+                         (["--sampler", "source"], "needs a dataset of several sources"),
+                         (["--task", "joint", "--loss", "ce"], "--loss bce or wbce")):
+        with pytest.raises(SystemExit, match=words):
+            train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(tmp_path / "bad"),
+                                         "--epochs", "1", "--img-size", "32", *flags]))
