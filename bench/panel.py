@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (check_preprocessing, ensemble_probs, fail, group_members, group_resamples,  # noqa: E402
-                    hidden_metadata, load_cache, load_run_models, metadata_features, pick_device, preprocess_settings,
-                    ranking_metrics, read_csv, read_json, write_csv, write_table_and_markdown)
+from common import (CLASS_COLUMNS, DX_CODES, check_preprocessing, ensemble_probs, fail, group_members,  # noqa: E402
+                    group_resamples, hidden_metadata, load_cache, load_class_model, load_run_models,
+                    metadata_features, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
+                    write_csv, write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=Path, default=Path("runs/panel"),
                    help="where each run's probabilities are kept, a folder per run")
     p.add_argument("--rule", choices=sorted(RULES), default="screen")
+    p.add_argument("--four", action="store_true",
+                   help="the fourth edition's panel (docs/fourth_edition.md): ROC-AUC and balanced accuracy at every "
+                        "site, BCN20000 val as a second guard, and its rule")
     p.add_argument("--cache-pattern", default="cache/{data}_224_third_{crop_fit}",
                    help="a site's cache, from its dataset and the run's crop fit")
     p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
@@ -283,8 +287,235 @@ def markdown(table, verdict, arms, rule):
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# the fourth edition (docs/fourth_edition.md): both answers at every site, BCN20000 val a second guard
+
+# (site, dataset, split, source, readings; the first reading is the panel's)
+FOUR_SITES = (("ham10000_val", "hamfull_trainval", "val", None, ("shown",)),
+              ("bcn20000_val", "three_trainval", "val", "bcn20000_84", ("shown",)),
+              ("isic2017", "isic2017_trainval", "all", None, ("hidden", "shown")),
+              ("ph2", "ph2", "all", None, ("none",)),
+              ("isic2020_dev", "isic2020_dev", "all", None, ("shown", "hidden")))
+FOUR_GUARDS = ("ham10000_val", "bcn20000_val")
+# the protocol's rules: the least panel gain (ROC-AUC, balanced accuracy), the largest panel fall
+# allowed beside it (none in a screen), the largest fall at an outside site and on a guard
+FOUR_RULES = {"keep": {"gain": (0.010, 0.020), "panel_fall": (0.005, 0.010), "site_fall": (0.020, 0.040),
+                       "guard_fall": (0.010, 0.020)},
+              "screen": {"gain": (0.005, 0.010), "panel_fall": None, "site_fall": (0.030, 0.060),
+                         "guard_fall": (0.020, 0.040)}}
+FOUR_METRICS = ("roc_auc", "bal_acc")
+MIN_CLASS_IMAGES = 10  # a class enters a site's balanced accuracy from this many images on
+
+
+def site_classes(dx):
+    """The classes a site holds with at least MIN_CLASS_IMAGES images, in DX_CODES order."""
+    counts = pd.Series(dx).value_counts()
+    return [code for code in DX_CODES if counts.get(code, 0) >= MIN_CLASS_IMAGES]
+
+
+def site_balanced_accuracy(dx, class_probs, classes):
+    """The mean recall over `classes` of the top class, the argmax over all seven (naming a class the
+    site does not hold is a miss); a class without images in a resample is left out of its mean."""
+    top = np.asarray(DX_CODES)[np.argmax(class_probs, axis=1)]
+    recalls = [np.mean(top[dx == code] == code) for code in classes if (dx == code).any()]
+    return float(np.mean(recalls)) if recalls else np.nan
+
+
+def trains_on(run, source):
+    """Whether a run's training cache has training rows of `source`."""
+    cache = Path(read_json(run / "config.json")["args"]["cache"])
+    index = read_csv(cache / "index.csv", ("split",))
+    return "source" in index and bool(((index["split"] == "train") & (index["source"] == source)).any())
+
+
+def score_run_four(run, cache_pattern, keep, device):
+    """{(site, reading): DataFrame(image_id, group, label, dx, prob, prob_<dx>...)} of one run on
+    the fourth edition's sites, kept as score_run keeps its files (a _four suffix). A model trained
+    with --general-sites reads the site words as it trained."""
+    model_file = run / "model.pt"
+    if not model_file.is_file():
+        fail(model_file, "missing: train the run first")
+    out, models = {}, None
+    trained_on = training_images(run)
+    folder = keep / str(run).strip("/").replace("/", "__")
+    for site, data, split, source, readings in FOUR_SITES:
+        kept = {reading: folder / f"{site}_{reading}_four.csv" for reading in readings}
+        if all(path.is_file() and path.stat().st_mtime > model_file.stat().st_mtime for path in kept.values()):
+            out.update({(site, reading): read_csv(path) for reading, path in kept.items()})
+            continue
+        if models is None:
+            models = load_run_models(run, device)
+            class_model = load_class_model(run, device, models)
+            crop_fit = preprocess_settings(models[0][1]["preprocess"])["crop_fit"]
+            general_sites = models[0][1].get("general_sites", False)
+        cache = Path(cache_pattern.format(data=data, crop_fit=crop_fit))
+        check_preprocessing(cache, models)
+        index, arrays = load_cache(cache)
+        rows = index if split == "all" else index[index["split"] == split]
+        if source is not None:
+            rows = rows[rows["source"] == source]
+        rows = rows[~rows["image_id"].isin(trained_on)]
+        group = rows["patient_id"] if "patient_id" in rows else rows["lesion_id"]
+        for reading in readings:
+            known = hidden_metadata(rows) if reading in ("hidden", "none") else rows
+            probs, class_probs = ensemble_probs(models, arrays, rows["row"], device,
+                                                metadata=metadata_features(known, general_sites),
+                                                class_model=class_model)
+            table = pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "group": group.astype(str).to_numpy(),
+                                  "label": rows["malignant"].to_numpy(), "dx": rows["dx"].to_numpy(), "prob": probs})
+            if class_probs is not None:
+                for k, column in enumerate(CLASS_COLUMNS):
+                    table[column] = class_probs[:, k]
+            write_csv(table, kept[reading])
+            out[site, reading] = table
+    return out
+
+
+def four_figures(table, ids, classes, pick=None):
+    """(ROC-AUC, balanced accuracy or NaN) of one run's table on the images `ids` (a resample: pick)."""
+    t = table.loc[ids] if pick is None else table.loc[ids].iloc[pick]
+    labels = t["label"].to_numpy()
+    auc = ranking_metrics(labels, t["prob"].to_numpy())["roc_auc"] if labels.min() != labels.max() else np.nan
+    bal = site_balanced_accuracy(t["dx"].to_numpy(), t[CLASS_COLUMNS].to_numpy(), classes) \
+        if CLASS_COLUMNS[0] in t and classes else np.nan
+    return auc, bal
+
+
+def compare_site_four(tables, arms, n_resamples, seed):
+    """Rows of one site reading: each arm's ROC-AUC and balanced accuracy (seed means, each seed),
+    and its paired seed-mean differences from the baseline with bootstrap intervals over groups."""
+    common_ids = sorted(set.intersection(*(set(t["image_id"]) for t in tables.values())))
+    tables = {key: t.set_index("image_id") for key, t in tables.items()}
+    first = next(iter(tables.values())).loc[common_ids]
+    classes = site_classes(first["dx"].to_numpy())
+    names, n_seeds = list(arms), len(next(iter(arms.values())))
+    figures = {key: four_figures(t, common_ids, classes) for key, t in tables.items()}
+    members = group_members(first["group"].to_numpy())
+    samples = {(name, m): [] for name in names[1:] for m in range(2)}
+    for pick in group_resamples(members, n_resamples, seed):
+        drawn = {key: four_figures(t, common_ids, classes, pick) for key, t in tables.items()}
+        for name in names[1:]:
+            for m in range(2):
+                samples[name, m].append(np.mean([drawn[name, s][m] - drawn[names[0], s][m] for s in range(n_seeds)]))
+    rows = []
+    for name in names:
+        row = {"arm": name, "images": len(common_ids), "malignant": int(first["label"].sum()),
+               "classes": " ".join(classes)}
+        for m, metric in enumerate(FOUR_METRICS):
+            seed_values = [figures[name, s][m] for s in range(n_seeds)]
+            seed_diffs = [figures[name, s][m] - figures[names[0], s][m] for s in range(n_seeds)]
+            drawn = [v for v in samples.get((name, m), []) if np.isfinite(v)]
+            low, high = np.percentile(drawn, [2.5, 97.5]) if drawn else (np.nan, np.nan)
+            row.update({metric: float(np.mean(seed_values)),
+                        **{f"{metric}_seed{s}": v for s, v in enumerate(seed_values)},
+                        f"{metric}_difference": float(np.mean(seed_diffs)), f"{metric}_difference_lo": low,
+                        f"{metric}_difference_hi": high,
+                        **{f"{metric}_difference_seed{s}": v for s, v in enumerate(seed_diffs)}})
+        rows.append(row)
+    return rows
+
+
+def verdicts_four(table, arms, rule, bcn_guard):
+    """Per arm beside the baseline: both panel differences, the worst outside site of each, the
+    guards (BCN20000 val only where bcn_guard[arm]: both train on it), and the rule's verdict."""
+    limits = FOUR_RULES[rule]
+    panel = table[table["in_panel"]]
+    out = []
+    for name in list(arms)[1:]:
+        mine = panel[panel["arm"] == name].set_index("site")
+        row = {"arm": name}
+        gains, falls_ok, sites_ok = [], True, True
+        for m, metric in enumerate(FOUR_METRICS):
+            gain = float(mine.loc[OUTSIDE, f"{metric}_difference"].mean())
+            worst_site = mine.loc[OUTSIDE, f"{metric}_difference"].idxmin()
+            worst = float(mine.loc[worst_site, f"{metric}_difference"])
+            row.update({f"panel_{metric}": float(mine.loc[OUTSIDE, metric].mean()),
+                        f"panel_{metric}_difference": gain,
+                        **{f"panel_{metric}_difference_seed{s}": float(mine.loc[OUTSIDE, f"{metric}_difference_seed{s}"]
+                                                                      .mean()) for s in range(len(arms[name]))},
+                        f"worst_site_{metric}": worst_site, f"worst_site_{metric}_difference": worst})
+            gains.append(gain >= limits["gain"][m])
+            if limits["panel_fall"] is not None:
+                falls_ok &= gain >= -limits["panel_fall"][m]
+            sites_ok &= worst >= -limits["site_fall"][m]
+        guards_ok = True
+        for guard in FOUR_GUARDS:
+            if guard == "bcn20000_val" and not bcn_guard[name]:
+                continue
+            for m, metric in enumerate(FOUR_METRICS):
+                difference = float(mine.loc[guard, f"{metric}_difference"])
+                row[f"{guard}_{metric}_difference"] = difference
+                guards_ok &= not difference < -limits["guard_fall"][m]
+        row["passes"] = bool(any(gains) and falls_ok and sites_ok and guards_ok)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def markdown_four(table, verdict, arms, rule):
+    n_seeds = len(next(iter(arms.values())))
+    baseline = list(arms)[0]
+    limits = FOUR_RULES[rule]
+    lines = [f"Baseline: `{baseline}` ({', '.join(str(r) for r in arms[baseline])}). Each figure is the mean of "
+             f"{n_seeds} seeds (each seed in brackets); differences are paired seed by seed, with 95% bootstrap "
+             "intervals over the site's patients, lesions or images. Balanced accuracy: the top class's mean recall "
+             f"over the classes the site holds with {MIN_CLASS_IMAGES} images or more.", "",
+             "| site, reading | images (malignant) | classes | arm | ROC-AUC (seeds) | difference (seeds) | "
+             "balanced accuracy (seeds) | difference (seeds) |", "|---|---|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        cells = []
+        for metric in FOUR_METRICS:
+            seeds = ", ".join(f"{row[f'{metric}_seed{s}']:.3f}" for s in range(n_seeds))
+            diffs = ", ".join(f"{row[f'{metric}_difference_seed{s}']:+.3f}" for s in range(n_seeds))
+            cells.append(f"{row[metric]:.3f} [{seeds}]")
+            cells.append("baseline" if row["arm"] == baseline else
+                         f"{row[f'{metric}_difference']:+.3f} ({row[f'{metric}_difference_lo']:+.3f} to "
+                         f"{row[f'{metric}_difference_hi']:+.3f}) [{diffs}]")
+        panel = " (panel)" if row["in_panel"] and row["site"] in OUTSIDE else ""
+        lines.append(f"| {row['site']}, {row['reading']}{panel} | {row['images']} ({row['malignant']}) | "
+                     f"{row['classes']} | {row['arm']} | " + " | ".join(cells) + " |")
+    gain, site_fall, guard_fall = limits["gain"], limits["site_fall"], limits["guard_fall"]
+    lines += ["", f"Rule ({rule}): panel ROC-AUC +{gain[0]:.3f} or balanced accuracy +{gain[1]:.3f}"
+              + (f", neither panel figure below -{limits['panel_fall'][0]:.3f} / -{limits['panel_fall'][1]:.3f}"
+                 if limits["panel_fall"] else "")
+              + f"; no outside site below -{site_fall[0]:.3f} (ROC-AUC) / -{site_fall[1]:.3f} (balanced accuracy); "
+              f"guards not below -{guard_fall[0]:.3f} / -{guard_fall[1]:.3f}.", "",
+              "| arm | panel ROC-AUC, difference (seeds) | panel balanced accuracy, difference (seeds) | worst site "
+              "(ROC-AUC; balanced accuracy) | HAM10000 val | BCN20000 val | verdict |", "|---|---|---|---|---|---|---|"]
+    for row in verdict.to_dict("records"):
+        cells = []
+        for metric in FOUR_METRICS:
+            seeds = ", ".join(f"{row[f'panel_{metric}_difference_seed{s}']:+.3f}" for s in range(n_seeds))
+            cells.append(f"{row[f'panel_{metric}']:.3f}, {row[f'panel_{metric}_difference']:+.3f} [{seeds}]")
+        worst = "; ".join(f"{row[f'worst_site_{m}']} {row[f'worst_site_{m}_difference']:+.3f}" for m in FOUR_METRICS)
+        guards = [" / ".join(f"{row[f'{g}_{m}_difference']:+.3f}" for m in FOUR_METRICS)
+                  if pd.notna(row.get(f"{g}_roc_auc_difference")) else "not a guard" for g in FOUR_GUARDS]
+        lines.append(f"| {row['arm']} | {cells[0]} | {cells[1]} | {worst} | {guards[0]} | {guards[1]} | "
+                     f"{'passes' if row['passes'] else 'fails'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_four(args, arms, device):
+    scored = {(name, s): score_run_four(run, args.cache_pattern, args.keep, device)
+              for name, runs in tqdm(arms.items(), desc="scoring arms") for s, run in enumerate(runs)}
+    rows = []
+    for site, _, _, _, readings in FOUR_SITES:
+        for k, reading in enumerate(readings):
+            tables = {key: result[site, reading] for key, result in scored.items()}
+            for row in compare_site_four(tables, arms, args.bootstrap, args.seed):
+                rows.append({"site": site, "reading": reading, "in_panel": k == 0, **row})
+    table = pd.DataFrame(rows)
+    baseline = list(arms)[0]
+    bcn_guard = {name: all(trains_on(run, "bcn20000_84") for run in arms[name] + arms[baseline]) for name in arms}
+    verdict = verdicts_four(table, arms, args.rule, bcn_guard)
+    write_csv(verdict, args.out.parent / f"{args.out.name}_verdicts.csv")
+    write_table_and_markdown(table, markdown_four(table, verdict, arms, args.rule), args.out)
+    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
+
+
 def main(args):
     arms = parse_arms(args.arm)
+    if args.four:
+        return main_four(args, arms, pick_device(args.device))
     unknown = set(args.general_sites) - set(arms)
     if unknown:
         fail("--general-sites", f"names no arm: {', '.join(sorted(unknown))}")

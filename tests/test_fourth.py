@@ -1,12 +1,14 @@
 """The fourth edition's levers (docs/fourth_edition.md): one network for both answers (--task
 joint), screens of a fixed size (--epoch-size), source-balanced sampling, the resolution and frame
 guards, and the ISIC Archive's site words read in training and in every later reading."""
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import trained_with_thresholds
+from conftest import ROOT, trained_with_thresholds
 
 import common
 import evaluate
@@ -118,3 +120,48 @@ def test_the_levers_refuse_what_they_cannot_do(synthetic_cache, tmp_path):
         with pytest.raises(SystemExit, match=words):
             train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(tmp_path / "bad"),
                                          "--epochs", "1", "--img-size", "32", *flags]))
+
+
+def test_the_fourth_panel_reads_both_answers_and_applies_its_rule():
+    """bench/panel.py --four on constructed scores: balanced accuracy over the classes a site holds
+    (10 images or more; a class it lacks counts as a miss), paired differences, and the verdicts."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import panel
+    dx = np.array(["mel"] * 20 + ["nv"] * 30 + ["bkl"] * 3)
+    guess = np.zeros((len(dx), 7))
+    guess[:, common.DX_CODES.index("nv")] = 1  # every image called nv
+    assert panel.site_classes(dx) == ["mel", "nv"]
+    assert panel.site_balanced_accuracy(dx, guess, ["mel", "nv"]) == pytest.approx(0.5)
+    guess[:10, common.DX_CODES.index("vasc")] = 2  # half the melanomas named a class the site lacks
+    assert panel.site_balanced_accuracy(dx, guess, ["mel", "nv"]) == pytest.approx(0.5)
+
+    rng = np.random.default_rng(0)
+
+    def table(skill):
+        labels = (dx == "mel").astype(int)
+        probs = np.clip(labels * skill + rng.uniform(0, 1, len(dx)) * (1 - skill), 0, 1)
+        classes = rng.uniform(0, 1, (len(dx), 7))
+        right = rng.uniform(0, 1, len(dx)) < skill
+        classes[right, [common.DX_CODES.index(d) for d in dx[right]]] = 5
+        frame = pd.DataFrame({"image_id": [f"I{k}" for k in range(len(dx))], "group": [f"L{k // 2}" for k in
+                                                                                      range(len(dx))],
+                              "label": labels, "dx": dx, "prob": probs})
+        return frame.assign(**{c: classes[:, k] for k, c in enumerate(common.CLASS_COLUMNS)})
+
+    arms = {"J": ["J_s0", "J_s1"], "better": ["b_s0", "b_s1"], "worse": ["w_s0", "w_s1"]}
+    skills = {"J": 0.4, "better": 0.8, "worse": 0.1}
+    rows = []
+    for site, *_ in panel.FOUR_SITES:
+        tables = {(name, s): table(skills[name]) for name in arms for s in range(2)}
+        for row in panel.compare_site_four(tables, arms, 200, 0):
+            rows.append({"site": site, "reading": "shown", "in_panel": True, **row})
+    scores = pd.DataFrame(rows)
+    better = scores[(scores["arm"] == "better") & (scores["site"] == "ph2")].iloc[0]
+    assert better["bal_acc_difference"] > 0.1 and better["bal_acc_difference_lo"] > 0
+    assert better["roc_auc_difference"] == pytest.approx(np.mean([better["roc_auc_difference_seed0"],
+                                                                  better["roc_auc_difference_seed1"]]))
+    verdict = panel.verdicts_four(scores, arms, "screen", {"better": False, "worse": False}).set_index("arm")
+    assert verdict.loc["better", "passes"] and not verdict.loc["worse", "passes"]
+    assert "bcn20000_val_roc_auc_difference" not in verdict.columns  # not a guard for arms not trained on it
+    text = panel.markdown_four(scores, verdict.reset_index(), arms, "screen")
+    assert "| better |" in text and "passes" in text and "fails" in text
