@@ -251,16 +251,18 @@ def build(page):
 def main(args):
     if not args.run.is_dir():
         fail(args.run, "is no run folder (one holding model.pt and thresholds.json)")
+    started = time.time()
+    scratch = Path(tempfile.mkdtemp(prefix="lesion-app-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # atexit's clean-up runs on a plain kill too
+    # uploads inside the scratch folder, and whatever else Gradio keeps (6.x: vibe_edit_history): set
+    # before its first import, which reads it once
+    os.environ["GRADIO_TEMP_DIR"] = str(scratch / "uploads")
     try:
         import gradio  # noqa: F401  (only to say clearly what is missing)
     except ImportError:
         fail("requirements-app.txt", "the page needs its optional requirements: pip install -r requirements-app.txt "
              "(or make app)")
-    started = time.time()
-    scratch = Path(tempfile.mkdtemp(prefix="lesion-app-"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # atexit's clean-up runs on a plain kill too
-    os.environ["GRADIO_TEMP_DIR"] = str(scratch / "uploads")  # uploads inside the scratch folder
     page = Page(args, scratch)
     import gradio as gr
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
