@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 from common import (DX_CODES, ENGINES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, classify_files,
-                    default_operating_point, fail, gradcam_maps, heat_overlay, load_class_model, load_run_models,
-                    metadata_features, model_inputs, number_in, operating_points, overlay_image, pick_device,
-                    prediction_row, read_rgb, run_preprocessing, shown, write_csv)
+                    default_operating_point, disagreement, fail, gradcam_maps, heat_overlay, load_class_model,
+                    load_run_models, metadata_features, model_inputs, number_in, operating_points, overlay_image,
+                    pick_device, prediction_row, read_rgb, run_preprocessing, shown, write_csv)
 
 DX_NAMES = {"mel": "melanoma", "nv": "melanocytic nevus", "bcc": "basal cell carcinoma",
             "akiec": "actinic keratosis / intraepithelial carcinoma", "bkl": "benign keratosis",
@@ -165,7 +165,10 @@ class Page:
                 f"<p class='verdict {decision.replace(' ', '-')}'>malignancy probability "
                 f"<b class='prob'>{row['malignancy_prob']:.3f}</b>: <b class='decision'>{decision}</b>"
                 + (f"; most likely <b class='top-class'>{row['top_class']}</b> ({DX_NAMES[row['top_class']]}) "
-                   f"{row['top_class_prob']:.2f}" if "top_class" in row else "") + f"</p>{bars}</div>")
+                   f"{row['top_class_prob']:.2f}" if "top_class" in row else "") + "</p>"
+                + (f"<p class='disagree'>The two answers disagree: {disagreement(row)}. The decision, at its "
+                   "validated operating point, is the answer to read; the class is the model's guess.</p>"
+                   if disagreement(row) else "") + f"{bars}</div>")
 
     def gradcam(self, prepared, metadata, photo_shape):
         """(title, map) of the first model on the input it reads; None for a model of two views. A
@@ -206,6 +209,7 @@ CSS = """
 .pictures figure { margin: 0; } .pictures img { max-width: 320px; max-height: 240px; display: block; }
 .pictures figcaption { font-size: 0.8em; color: #666; }
 .verdict.malignant b.decision { color: #c0392b; } .verdict.benign b.decision { color: #1e8449; }
+.disagree { color: #9a6700; }
 .classes { max-width: 420px; } .bar { display: flex; align-items: center; gap: 6px; font-size: 0.85em; }
 .bar .name { width: 3.5em; } .bar .track { flex: 1; background: #eee; height: 0.8em; border-radius: 3px; }
 .bar .fill { display: block; background: #5b7db1; height: 100%; border-radius: 3px; }

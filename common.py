@@ -1107,8 +1107,8 @@ def load_checkpoint(path, shared_body=None):
     normalisation = checkpoint["normalisation"]
     if not (isinstance(normalisation, dict) and all(
             isinstance(normalisation.get(k), (list, tuple)) and len(normalisation[k]) == 3
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalisation[k]) for k in ("mean", "std"))
-            and min(normalisation["std"]) > 0):
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalisation[k])
+            for k in ("mean", "std")) and min(normalisation["std"]) > 0):
         fail(path, f"normalisation {normalisation!r} is not a mean and a positive std for each of 3 channels")
     checkpoint = with_segmenter_beside(checkpoint, path.parent)
     model, _ = build_model(checkpoint["arch"], checkpoint["num_outputs"], pretrained=False,
@@ -1581,8 +1581,21 @@ def prediction_row(name, result, threshold, operating_point, tta, calibration=No
     if result["class_probs"] is not None:
         top = int(np.argmax(result["class_probs"]))
         row.update(top_class=DX_CODES[top], top_class_prob=float(result["class_probs"][top]))
+        # whether the most likely class is malignant exactly where the decision is (1), or the two
+        # answers disagree (0: shown beside the answer); none where no lesion was found
+        row["answers_agree"] = int((DX_CODES[top] in MALIGNANT_DX) == (decision == "malignant")) \
+            if prepared["mask_ok"] else None
         row.update({f"prob_{code}": float(result["class_probs"][k]) for k, code in enumerate(DX_CODES)})
     return row
+
+
+def disagreement(row):
+    """The words that say an image's two answers disagree, or None where they agree (or there is
+    no class, or no lesion)."""
+    if row.get("answers_agree") != 0:
+        return None
+    kind = "malignant" if row["top_class"] in MALIGNANT_DX else "benign"
+    return f"the class is {kind} but the decision {row['decision']}"
 
 
 def overlay_image(rgb, prepared, decision, prob, top_class=None):

@@ -12,7 +12,9 @@ predictions.csv in the current folder for the reference model): file, malignancy
 found: the whole image was scored, and mask_ok is 0), threshold, operating_point, tta, mask_area,
 mask_ok; where the model gives the 7 classes (a 7-class run, or a model folder with classes.pt, as
 the reference model has), top_class and top_class_prob (the most likely class, also printed beside
-malignancy and named on the overlay) and prob_<dx> for each of the seven, and with --clinic NAME (a site calibration written by
+malignancy and named on the overlay), answers_agree (1 where the class is malignant exactly where the
+decision is; 0 where the two answers disagree, which the table says beside the answer) and prob_<dx>
+for each of the seven, and with --clinic NAME (a site calibration written by
 calibrate.py) model_prob: the site's thresholds then apply to the model's probability, model_prob,
 and malignancy_prob is the site's recalibrated one. With --overlay DIR the name of each image's PNG there (lesion outline and decision; numbered
 where images in different folders share a name). Unreadable files, and images too small or too
@@ -33,9 +35,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from common import (ENGINES, IMAGE_SUFFIXES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable,
-                    classify_files, default_operating_point, fail, has_classes, load_class_model, load_run_models,
-                    metadata_features, number_in, operating_points, overlay_image, prediction_row, read_rgb,
-                    run_preprocessing, shown, write_csv, write_png)
+                    classify_files, default_operating_point, disagreement, fail, has_classes, load_class_model,
+                    load_run_models, metadata_features, number_in, operating_points, overlay_image, prediction_row,
+                    read_rgb, run_preprocessing, shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -99,10 +101,16 @@ def print_table(rows, limit=20):
     print(f"{'file':{width}s}  probability  {'decision':15s}" + ("  most likely class" if classes else ""))
     for row in rows[:limit]:
         name = row["file"] if len(row["file"]) <= width else "..." + row["file"][-width + 3:]
+        differ = disagreement(row)
         print(f"{name:{width}s}  {row['malignancy_prob']:11.3f}  {row['decision']:15s}" +
-              (f"  {row['top_class']} {row['top_class_prob']:.2f}" if classes else ""))
+              (f"  {row['top_class']} {row['top_class_prob']:.2f}" if classes else "") +
+              (f"  <- disagree: {differ}" if differ else ""))
     if len(rows) > limit:
         print(f"... and {len(rows) - limit} more")
+    differing = sum(1 for row in rows if disagreement(row))
+    if differing:
+        print(f"{differing} of {len(rows)} images: the most likely class and the malignancy decision disagree "
+              "(answers_agree 0 in the CSV); the decision, at its validated operating point, is the answer to read")
 
 
 def main(args):

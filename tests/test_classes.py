@@ -61,11 +61,20 @@ def test_a_folder_with_classes_keeps_malignancy_and_adds_the_seven_classes(folde
     assert list(with_classes["top_class"]) == [common.DX_CODES[k] for k in with_classes[CLASS_COLUMNS].to_numpy()
                                                .argmax(axis=1)]
     np.testing.assert_allclose(with_classes["top_class_prob"], with_classes[CLASS_COLUMNS].max(axis=1))
+    # answers_agree: the class is malignant exactly where the decision is, else the table says so
+    agree = [int((top in common.MALIGNANT_DX) == (decision == "malignant"))
+             for top, decision in zip(with_classes["top_class"], with_classes["decision"])]
+    assert list(with_classes["answers_agree"]) == agree
     for row in with_classes.itertuples():  # printed beside malignancy, as "bkl 0.71" (a long path shortened)
+        kind = "malignant" if row.top_class in common.MALIGNANT_DX else "benign"
+        marker = [] if row.answers_agree else ["<-", "disagree:", "the", "class", "is", kind, "but", "the",
+                                               "decision", row.decision]
         assert any(row.file.endswith(line.split()[0].removeprefix("...")) and
                    line.split()[1:] == [f"{row.malignancy_prob:.3f}", row.decision, row.top_class,
-                                        f"{row.top_class_prob:.2f}"]
+                                        f"{row.top_class_prob:.2f}", *marker]
                    for line in printed.splitlines() if line.strip())
+    assert (f"{agree.count(0)} of {len(agree)} images: the most likely class and the malignancy decision disagree"
+            in printed) == (0 in agree)
     # the class probabilities are classes.pt's, read from the images prepared as evaluate.py's cache
     # holds them (one preparation for both models), and the 7-class run's within its fp16 copy
     evaluate.main(evaluate.parse_args(["--run", str(both), "--cache", str(synthetic_cache), "--split", "all",
@@ -203,6 +212,8 @@ def test_the_page_shows_the_seven_classes_as_bars_with_predicts_numbers(folders,
     np.testing.assert_allclose([prob for _, prob in bars], expected[CLASS_COLUMNS].to_numpy().ravel(), atol=2e-6)
     for row in expected.to_dict("records"):
         assert f"most likely <b class='top-class'>{row['top_class']}</b>" in html_out
+    # where the two answers disagree the page says so, on that image's card alone
+    assert html_out.count("<p class='disagree'>") == int((expected["answers_agree"] == 0).sum())
 
 
 def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_cache, synthetic_data, tmp_path):

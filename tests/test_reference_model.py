@@ -116,8 +116,9 @@ def test_predict_with_no_run_uses_the_reference_model(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["file", "probability", "decision", "most", "likely", "class"]
     for row in pred.itertuples():  # malignancy, its decision, and the most likely of the seven classes
-        assert any(line.split() == [row.file, f"{row.malignancy_prob:.3f}", row.decision, row.top_class,
-                                    f"{row.top_class_prob:.2f}"] for line in lines)
+        assert any(line.split()[:5] == [row.file, f"{row.malignancy_prob:.3f}", row.decision, row.top_class,
+                                        f"{row.top_class_prob:.2f}"] and
+                   (line.split()[5:6] == ["<-"]) == (row.answers_agree == 0) for line in lines)
     assert str(REFERENCE) in out.stdout
 
 
