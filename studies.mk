@@ -350,7 +350,9 @@ four_field = $(word $(2),$(subst $(comma), ,$(subst $(eval) ,^,$(FOUR_ARM_$(1)))
 four-screen: | $(PY_DEPS)  ## study, 4th edition: the baseline J and each arm for 3 epochs at 128 px (8,818 draws an epoch), seeds 0 and 1
 	$(foreach arm,$(FOUR_ARMS),$(call four_arm,$(arm),$(call four_field,$(arm),1),$(subst ^, ,$(call four_field,$(arm),2))) &&) true
 	$(PYTHON) bench/panel.py --four --arm J=$(call seeded_dirs,$(FOUR_RUNS)/J) $(foreach arm,$(filter-out J D,$(FOUR_ARMS)),\
-		$(if $(filter D%,$(arm)),,--arm $(arm)=$(call seeded_dirs,$(FOUR_RUNS)/$(arm)))) --out bench/results/four/screen
+		$(if $(filter D%,$(arm)),,--arm $(arm)=$(call seeded_dirs,$(FOUR_RUNS)/$(arm)))) \
+		--arm ULA=$(call seeded_dirs,$(FOUR_RUNS)/U) --adjust ULA=la --arm JPB=$(call seeded_dirs,$(FOUR_RUNS)/J) \
+		--adjust JPB=pb --out bench/results/four/screen
 	$(PYTHON) bench/panel.py --four --arm J=$(call seeded_dirs,$(FOUR_RUNS)/J) --arm D=$(call seeded_dirs,$(FOUR_RUNS)/D) \
 		--out bench/results/four/screen_D
 	$(PYTHON) bench/panel.py --four --arm D=$(call seeded_dirs,$(FOUR_RUNS)/D) $(foreach arm,$(filter D%,$(filter-out D,\

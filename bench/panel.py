@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=Path, default=Path("runs/panel"),
                    help="where each run's probabilities are kept, a folder per run")
     p.add_argument("--rule", choices=sorted(RULES), default="screen")
+    p.add_argument("--adjust", action="append", default=[], metavar="ARM=la|pb",
+                   help="with --four, an inference-only arm: its runs' class probabilities adjusted by the training "
+                        "class prior (la) or by per-class biases chosen on HAM10000 val (pb)")
     p.add_argument("--four", action="store_true",
                    help="the fourth edition's panel (docs/fourth_edition.md): ROC-AUC and balanced accuracy at every "
                         "site, BCN20000 val as a second guard, and its rule")
@@ -371,6 +374,56 @@ def score_run_four(run, cache_pattern, keep, device):
     return out
 
 
+# inference-only arms (docs/fourth_edition.md): a run's class probabilities reweighted, malignancy unchanged
+ADJUSTMENTS = ("la", "pb")
+BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 1)
+
+
+def reweighted(table, weights):
+    """The table with each class probability times its weight, renormalised: class logits plus
+    log(weights), malignancy unchanged."""
+    probs = table[CLASS_COLUMNS].to_numpy() * np.asarray(weights)[None, :]
+    return table.assign(**dict(zip(CLASS_COLUMNS, (probs / probs.sum(axis=1, keepdims=True)).T)))
+
+
+def training_class_prior(run):
+    """The frequency of each class among a run's training images (its training cache's train rows)."""
+    cache = Path(read_json(run / "config.json")["args"]["cache"])
+    dx = read_csv(cache / "index.csv", ("split", "dx")).query("split == 'train'")["dx"]
+    counts = dx.value_counts().reindex(DX_CODES, fill_value=0).to_numpy(dtype=float)
+    return np.maximum(counts, 1) / counts.sum()
+
+
+def chosen_biases(table, sweeps=3):
+    """Seven class-logit biases that maximise the balanced accuracy of a table (HAM10000 val): a
+    coordinate search, each bias over BIAS_GRID in turn, `sweeps` times; ties keep the smaller bias."""
+    dx, probs = table["dx"].to_numpy(), table[CLASS_COLUMNS].to_numpy()
+    classes = [code for code in DX_CODES if (dx == code).any()]
+    biases = np.zeros(len(DX_CODES))
+
+    def score(b):
+        return site_balanced_accuracy(dx, probs * np.exp(b)[None, :], classes)
+
+    best = score(biases)
+    for _ in range(sweeps):
+        for k in range(len(DX_CODES)):
+            for value in sorted(BIAS_GRID, key=abs):
+                trial = biases.copy()
+                trial[k] = value
+                trial_score = score(trial)
+                if trial_score > best + 1e-12:
+                    best, biases = trial_score, trial
+    return biases
+
+
+def adjusted_scores(scores, run, adjustment):
+    """A run's scores with its class probabilities adjusted: la, logit adjustment (minus the log of
+    the training class prior, tau = 1); pb, per-class biases chosen on its HAM10000 val table."""
+    weights = 1 / training_class_prior(run) if adjustment == "la" else np.exp(chosen_biases(scores["ham10000_val",
+                                                                                                  "shown"]))
+    return {key: reweighted(table, weights) for key, table in scores.items()}
+
+
 def four_figures(table, ids, classes, pick=None):
     """(ROC-AUC, balanced accuracy or NaN) of one run's table on the images `ids` (a resample: pick)."""
     t = table.loc[ids] if pick is None else table.loc[ids].iloc[pick]
@@ -495,8 +548,16 @@ def markdown_four(table, verdict, arms, rule):
 
 
 def main_four(args, arms, device):
-    scored = {(name, s): score_run_four(run, args.cache_pattern, args.keep, device)
-              for name, runs in tqdm(arms.items(), desc="scoring arms") for s, run in enumerate(runs)}
+    adjust = dict(spec.partition("=")[::2] for spec in args.adjust)
+    for name, adjustment in adjust.items():
+        if name not in arms or adjustment not in ADJUSTMENTS:
+            fail(f"--adjust {name}={adjustment}", f"expects ARM=la or ARM=pb for an arm given with --arm")
+    scored = {}
+    for name, runs in tqdm(arms.items(), desc="scoring arms"):
+        for s, run in enumerate(runs):
+            scored[name, s] = score_run_four(run, args.cache_pattern, args.keep, device)
+            if name in adjust:
+                scored[name, s] = adjusted_scores(scored[name, s], run, adjust[name])
     rows = []
     for site, _, _, _, readings in FOUR_SITES:
         for k, reading in enumerate(readings):

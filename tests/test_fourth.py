@@ -165,3 +165,30 @@ def test_the_fourth_panel_reads_both_answers_and_applies_its_rule():
     assert "bcn20000_val_roc_auc_difference" not in verdict.columns  # not a guard for arms not trained on it
     text = panel.markdown_four(scores, verdict.reset_index(), arms, "screen")
     assert "| better |" in text and "passes" in text and "fails" in text
+
+
+def test_the_inference_only_arms_reweight_the_classes_and_leave_malignancy(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import panel
+    rng = np.random.default_rng(1)
+    dx = np.array(["nv"] * 60 + ["mel"] * 20 + ["bcc"] * 20)
+    probs = rng.dirichlet(np.ones(7), len(dx))
+    probs[np.arange(len(dx)), [common.DX_CODES.index(d) for d in dx]] += 0.5  # it knows the class...
+    probs[:, common.DX_CODES.index("nv")] += 1.0  # ...but says nv too often, as a prior-heavy model does
+    probs /= probs.sum(axis=1, keepdims=True)
+    table = pd.DataFrame({"image_id": range(len(dx)), "dx": dx, "prob": rng.uniform(0, 1, len(dx))})
+    table = table.assign(**dict(zip(common.CLASS_COLUMNS, probs.T)))
+    biases = panel.chosen_biases(table)
+    tuned = panel.reweighted(table, np.exp(biases))
+    classes = ["bcc", "mel", "nv"]
+    before = panel.site_balanced_accuracy(dx, probs, classes)
+    after = panel.site_balanced_accuracy(dx, tuned[common.CLASS_COLUMNS].to_numpy(), classes)
+    assert after > before + 0.2 and biases[common.DX_CODES.index("nv")] < biases[common.DX_CODES.index("mel")]
+    np.testing.assert_allclose(tuned[common.CLASS_COLUMNS].sum(axis=1), 1)
+    assert tuned["prob"].equals(table["prob"])  # malignancy is the malignancy head's, unchanged
+    # logit adjustment: minus log prior is a division of each class probability by its prior
+    prior = np.full(7, 0.1)
+    prior[common.DX_CODES.index("nv")] = 0.4
+    adjusted = panel.reweighted(table, 1 / prior)[common.CLASS_COLUMNS].to_numpy()
+    expected = probs / prior
+    np.testing.assert_allclose(adjusted, expected / expected.sum(axis=1, keepdims=True))
