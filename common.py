@@ -266,6 +266,20 @@ def default_operating_point(thresholds):
     return next((name for name in ("recall_bound", "recall_target") if name in thresholds), next(iter(thresholds)))
 
 
+def image_files(paths):
+    """(the image files among paths and in the folders among them, sorted within each folder; the
+    paths that do not exist), for the caller to report or refuse."""
+    files, missing = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            files.append(path)
+        else:
+            missing.append(path)
+    return files, missing
+
+
 def files_by_stem(root):
     """Every image file below root, at any depth, by its name without the suffix: paths relative to root."""
     return {p.stem: p.relative_to(root).as_posix() for p in sorted(Path(root).rglob("*"))
@@ -1372,9 +1386,8 @@ def onnx_networks(folder, engine=None):
         return unusable("holds no model.pt")
     if not record_path.is_file():
         return unusable("has no ONNX files")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("onnxruntime") is None:
         return unusable("needs onnxruntime (pip install -r requirements.txt) to run on ONNX Runtime")
     record = read_json(record_path).get("networks", {})
     found = {}

@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, IMAGE_SUFFIXES, METADATA_SIZE, ONNX_FILES, ONNX_RECORD,
-                    SHARED_TASK, ArgumentParser, OnnxNetwork, atomic_path, check_same_preparation, cleaned_image, fail,
-                    file_digest, git_commit, load_checkpoint, load_class_model, load_run_models, load_segmenter,
+from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, METADATA_SIZE, ONNX_FILES, ONNX_RECORD, SHARED_TASK,
+                    ArgumentParser, OnnxNetwork, atomic_path, check_same_preparation, cleaned_image, fail, file_digest,
+                    git_commit, image_files, load_checkpoint, load_class_model, load_run_models, load_segmenter,
                     load_torch_file, loaded_segmenter, lock_output, model_inputs, predict_probs, prepare_cleaned,
                     read_json, read_thresholds, remove_hair, replace_folder, run_preprocessing, save_checkpoint,
                     segmenter_logits, shares_network, shown, split_head, working_image, write_json)
@@ -104,14 +104,9 @@ def generated_images(n, seed=0):
 
 
 def check_image_files(paths, limit=64):
-    files = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            fail(path, "file not found")
+    files, missing = image_files(paths)
+    if missing:
+        fail(missing[0], "file not found")
     if not files:
         fail(" ".join(map(shown, paths)), "no images found")
     return files[:limit]

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ENGINES, IMAGE_SUFFIXES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable,
-                    classify_files, default_operating_point, disagreement, fail, has_classes, load_class_model,
+from common import (ENGINES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable, classify_files,
+                    default_operating_point, disagreement, fail, has_classes, image_files, load_class_model,
                     load_run_models, metadata_features, number_in, operating_points, overlay_image, prediction_row,
                     read_rgb, run_preprocessing, shown, write_csv, write_png)
 
@@ -72,14 +72,9 @@ def parse_args(argv=None):
 
 
 def list_images(paths):
-    files = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            files.append(path)
-        else:
-            print(f"skipped {shown(path)}: file not found")
+    files, missing = image_files(paths)
+    for path in missing:
+        print(f"skipped {shown(path)}: file not found")
     return files
 
 

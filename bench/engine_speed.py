@@ -15,11 +15,8 @@ PH2's 100 (765x573). Writes <out>.json and <out>.md.
 Example: python bench/engine_speed.py --model models/reference --n 500 --out bench/results/engine_speed
 """
 import argparse
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +24,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from common import REFERENCE_MODEL, atomic_path, write_json  # noqa: E402
+from reference_model import predict_run  # noqa: E402  (predict.py's own images/s, the call's wall seconds)
 
 SHARED = ROOT.parent / "shared" / "data"
 ENGINES = ("onnx", "torch")
@@ -117,18 +116,6 @@ def stage_times(model_dir, engine, files, tta):
     return times, len(files) / total
 
 
-def predict_call(files, *flags):
-    """(predict.py's own images/s, wall seconds of the whole call)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.time()
-        out = subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, files), "--out",
-                              str(Path(tmp) / "p.csv"), *flags], capture_output=True, text=True)
-        wall = time.time() - started
-    if out.returncode:
-        raise SystemExit(out.stderr.strip())
-    return float(re.search(r"([\d.]+) images/s", out.stdout).group(1)), wall
-
-
 def main(args):
     labels = pd.read_csv(SHARED / "ham10000_full" / "labels.csv")
     ham = [SHARED / "ham10000_full" / f for f in labels["filename"].head(args.n)]
@@ -145,7 +132,7 @@ def main(args):
         calls = {engine: [] for engine in ENGINES}
         for _ in range(2):
             for engine in ENGINES:
-                calls[engine].append(predict_call(files, "--run", args.model, "--engine", engine, tta_flag))
+                calls[engine].append(predict_run(files, "--run", args.model, "--engine", engine, tta_flag))
                 print(set_name, engine, "predict.py", calls[engine][-1])
         results["sets"][set_name] = {
             engine: {"stages_ms_per_image": {stage: min(run[0][stage] for run in stages[engine])
@@ -153,7 +140,7 @@ def main(args):
                      "predict_images_per_s": max(rate for rate, _ in calls[engine]),
                      "predict_wall_s": min(wall for _, wall in calls[engine])}
             for engine in ENGINES}
-    results["one_image_wall_s"] = {engine: statistics.median(predict_call(ham[:1], "--run", args.model, "--engine",
+    results["one_image_wall_s"] = {engine: statistics.median(predict_run(ham[:1], "--run", args.model, "--engine",
                                                                           engine, tta_flag)[1] for _ in range(3))
                                    for engine in ENGINES}
     write_json(results, args.out.with_suffix(".json"))

@@ -551,7 +551,7 @@ def main_four(args, arms, device):
     adjust = dict(spec.partition("=")[::2] for spec in args.adjust)
     for name, adjustment in adjust.items():
         if name not in arms or adjustment not in ADJUSTMENTS:
-            fail(f"--adjust {name}={adjustment}", f"expects ARM=la or ARM=pb for an arm given with --arm")
+            fail(f"--adjust {name}={adjustment}", "expects ARM=la or ARM=pb for an arm given with --arm")
     scored = {}
     for name, runs in tqdm(arms.items(), desc="scoring arms"):
         for s, run in enumerate(runs):
