@@ -278,7 +278,7 @@ demo:  ## the whole pipeline on synthetic images, under 2 minutes on 2 CPU cores
 test: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## run the test suite (the reference model as make setup leaves it: with its ONNX files)
 	$(PYTHON) -m pytest -q tests
 
-bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)
+bench: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --out data/hamfull
 	$(PYTHON) preprocess.py --data data/hamfull --img-size 224
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
@@ -288,6 +288,7 @@ bench: | $(PY_DEPS)  ## benchmarks on the real images in SHARED (about an hour w
 	$(PYTHON) bench/hair_removal.py --shared $(SHARED) --out bench/results/hair_removal
 	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
 	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
+	$(PYTHON) bench/engine_speed.py --model $(REFERENCE) --n 500 --out bench/results/engine_speed
 	$(MAKE) segmenter-bench
 
 # The segmenters side by side on expert masks (docs/segmenter.md): the classical recipe, the
