@@ -38,6 +38,7 @@ MEMBERS       ?=
 SHARED        ?= ../shared/data
 RUN           ?= $(DATA)_$(ARCH)
 REFERENCE     := models/reference
+REFERENCE_ONNX := cache/onnx/$(REFERENCE)/onnx.json
 EXPORT_DIR    ?= models/$(RUN)
 IMAGES        ?=
 MODEL         ?=
@@ -95,13 +96,14 @@ threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
 validate: $(RUN_DIR)/val/metrics.csv  ## validation metrics and plots into runs/RUN/val (reads no test image)
 evaluate: $(RUN_DIR)/metrics.csv  ## test-split metrics and plots (per source too, for a dataset of several)
 
-setup: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## create .venv, install requirements.txt, write the reference model's ONNX files
+setup: | $(PY_DEPS) $(REFERENCE_ONNX)  ## create .venv, install requirements.txt, write the reference model's ONNX files
 
 # The reference model's networks as ONNX files, what predict.py and the page run on ONNX Runtime: made
-# on each machine from the committed weights (the folder's 25 MB hold the weights once), each checked
-# against PyTorch before it is written (export_model.py --onnx; its figures in onnx.json)
-$(REFERENCE)/onnx.json: $(REFERENCE)/model.pt $(wildcard $(REFERENCE)/classes.pt $(REFERENCE)/segmenter.pt) | $(PY_DEPS)
-	$(PYTHON) export_model.py --onnx $(REFERENCE)
+# on each machine from the committed weights, outside the folder (which holds its weights once, within
+# 25 MB; common.onnx_dir finds them), each checked against PyTorch before it is written (its figures
+# in onnx.json)
+$(REFERENCE_ONNX): $(REFERENCE)/model.pt $(wildcard $(REFERENCE)/classes.pt $(REFERENCE)/segmenter.pt) | $(PY_DEPS)
+	$(PYTHON) export_model.py --onnx $(REFERENCE) --onnx-out $(dir $@)
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -155,7 +157,7 @@ endif
 export: $(RUN_DIR)/thresholds.json | $(PY_DEPS)  ## compact fp16 copy of runs/RUN for predict.py --run, into EXPORT_DIR (models/RUN)
 	$(PYTHON) export_model.py --run $(RUN_DIR) --out $(EXPORT_DIR)
 
-predict: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## classify IMAGES="files or folders" with the reference model (or MODEL=folder) into PREDICT_OUT
+predict: | $(PY_DEPS) $(REFERENCE_ONNX)  ## classify IMAGES="files or folders" with the reference model (or MODEL=folder) into PREDICT_OUT
 	$(if $(IMAGES),,$(error predict needs IMAGES="image files or folders"))
 	$(PYTHON) predict.py $(IMAGES) $(if $(MODEL),--run $(MODEL)) --out $(PREDICT_OUT)/predictions.csv \
 		--overlay $(PREDICT_OUT)
@@ -164,7 +166,7 @@ predict: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## classify IMAGES="files or folde
 $(VENV)/.app-installed: requirements-app.txt | $(PY_DEPS)
 	$(VENV)/bin/pip install --quiet -r requirements-app.txt
 	touch $@
-app: | $(APP_DEPS) $(REFERENCE)/onnx.json  ## serve the web page at http://127.0.0.1:7860 with the reference model (or MODEL=folder, CLINIC=name)
+app: | $(APP_DEPS) $(REFERENCE_ONNX)  ## serve the web page at http://127.0.0.1:7860 with the reference model (or MODEL=folder, CLINIC=name)
 	$(PYTHON) app.py $(if $(MODEL),--run $(MODEL)) $(if $(CLINIC),--clinic $(CLINIC))
 # Chromium for the page's browser test: Debian's packages where apt-get can install them, else the
 # test is skipped and says why
@@ -223,7 +225,7 @@ REF_CLASSES_RUN ?= runs/seven_full/K0_s1
 REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
 	--segmenter-model $(REFERENCE)/segmenter.pt --crop-fit $(REF_CROP_FIT) --out cache/$(1)_224_reference
-reference-bench: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## the reference model against its full-precision run (validation), predict.py's speed
+reference-bench: | $(PY_DEPS) $(REFERENCE_ONNX)  ## the reference model against its full-precision run (validation), predict.py's speed
 	$(MAKE) data/hamfull_valtest/metadata.csv
 	$(call ref_cache,hamfull_valtest)
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_valtest_224_reference --split val \
@@ -275,10 +277,10 @@ demo:  ## the whole pipeline on synthetic images, under 2 minutes on 2 CPU cores
 	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo IMG_SIZE=64 TRAIN_SIZE=64 EPOCHS=6 ARCH=efficientnet_lite0 \
 		BATCH_SIZE=32 LR=2e-3 TRAIN_FLAGS="--precision fp32"
 
-test: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## run the test suite (the reference model as make setup leaves it: with its ONNX files)
+test: | $(PY_DEPS) $(REFERENCE_ONNX)  ## run the test suite (the reference model as make setup leaves it: with its ONNX files)
 	$(PYTHON) -m pytest -q tests
 
-bench: | $(PY_DEPS) $(REFERENCE)/onnx.json  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)
+bench: | $(PY_DEPS) $(REFERENCE_ONNX)  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --out data/hamfull
 	$(PYTHON) preprocess.py --data data/hamfull --img-size 224
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test

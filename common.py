@@ -1364,16 +1364,36 @@ def onnx_checkpoint(onnx_path, weights_name):
     return {**entry["checkpoint"], "source_sha256": entry.get("source_sha256")}
 
 
+# Where the ONNX files of a model folder inside this toolkit lie when they are not beside its weights:
+# made on each machine (make setup writes models/reference's here), so that the shipped folder
+# holds its weights once and stays within its 25 MB
+MACHINE_ONNX = Path(__file__).resolve().parent / "cache" / "onnx"
+
+
+def onnx_dir(folder):
+    """The folder that holds a model folder's ONNX files and ONNX_RECORD: the folder itself where
+    they are there (what export_model.py writes), else, for a folder inside this toolkit, its place
+    under MACHINE_ONNX."""
+    folder = Path(folder)
+    if (folder / ONNX_RECORD).is_file():
+        return folder
+    try:
+        return MACHINE_ONNX / folder.resolve().relative_to(MACHINE_ONNX.parents[1])
+    except ValueError:
+        return folder
+
+
 def onnx_networks(folder, engine=None):
     """{weights file name: its ONNX file} for the networks of a model folder that ONNX Runtime runs.
     engine "torch": none. "onnx": every network of the folder, or the end with one line naming
-    what is missing. None (the default): ONNX where the folder has current ONNX files and
+    what is missing. The files lie in onnx_dir(folder). None (the default): ONNX where the folder has current ONNX files and
     onnxruntime is installed, else PyTorch. An ONNX file made from other weights than the folder's
     (their SHA-256 differs from the record's) is never used."""
     if engine == "torch":
         return {}
     folder = Path(folder)
-    record_path = folder / ONNX_RECORD
+    where = onnx_dir(folder)
+    record_path = where / ONNX_RECORD
     networks = [name for name in ONNX_FILES if (folder / name).is_file()]
 
     def unusable(problem):
@@ -1394,12 +1414,12 @@ def onnx_networks(folder, engine=None):
     for name in networks:
         entry = record.get(name)
         if not isinstance(entry, dict) or entry.get("onnx") != ONNX_FILES[name] \
-                or not (folder / ONNX_FILES[name]).is_file():
+                or not (where / ONNX_FILES[name]).is_file():
             return unusable(f"has no {ONNX_FILES[name]} for its {name}")
         if entry.get("source_sha256") != file_digest(folder / name):
             return unusable(f"{ONNX_FILES[name]} was made from another {name} than the folder's (its SHA-256 "
                             "differs)")
-        found[name] = folder / ONNX_FILES[name]
+        found[name] = where / ONNX_FILES[name]
     return found
 
 

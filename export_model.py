@@ -24,9 +24,9 @@ files of the old folder that an export does not write, such as MODEL_CARD.md, ar
                    on which images, and the versions (an ONNX file whose weights file changed since
                    is not used)
 
---onnx FOLDER adds the ONNX files to a model folder that has none (make setup does it for
-models/reference, whose ONNX files are made on each machine rather than shipped: the folder's
-committed weights stay within 25 MB).
+--onnx FOLDER adds the ONNX files to a model folder that has none; --onnx-out DIR puts them
+elsewhere (make setup writes models/reference's into cache/onnx/models/reference, where predict.py
+finds them: made on each machine rather than shipped, they leave the folder its 25 MB).
 
 Example: python export_model.py --run runs/study2/final/F1 --out models/reference
          python export_model.py --run runs/third_full/C_s0 --classes runs/seven/K0_s0 --out models/reference
@@ -67,6 +67,9 @@ def parse_args(argv=None):
                         f"its model goes in as {CLASS_MODEL_FILE}, the folder's 7 class probabilities")
     p.add_argument("--onnx", type=Path, metavar="FOLDER",
                    help="instead of exporting a run: add ONNX files (and onnx.json) to this model folder")
+    p.add_argument("--onnx-out", type=Path, metavar="DIR",
+                   help="with --onnx: write the ONNX files and onnx.json into DIR rather than beside the weights "
+                        "(make setup: cache/onnx/models/reference, where predict.py finds them)")
     p.add_argument("--check-images", type=Path, nargs="+", metavar="PATH",
                    help="image files or folders the ONNX files are checked on against PyTorch (at most 64 "
                         f"images are read; default: {GENERATED_IMAGES} generated lesion-like images)")
@@ -75,6 +78,8 @@ def parse_args(argv=None):
         p.error("give --run and --out (export a run), or --onnx FOLDER (add ONNX files to a model folder)")
     if args.onnx is not None and (args.run or args.out or args.classes):
         p.error("--onnx FOLDER takes no --run, --out or --classes")
+    if args.onnx_out is not None and args.onnx is None:
+        p.error("--onnx-out goes with --onnx FOLDER")
     return args
 
 
@@ -178,9 +183,11 @@ def checkpoint_fields(path):
     return fields
 
 
-def add_onnx(folder, check_paths):
-    """Write the ONNX file of each network of a model folder and onnx.json; each checked against
-    the folder's PyTorch networks first, on real images (check_paths) or generated ones."""
+def add_onnx(folder, check_paths, out=None):
+    """Write the ONNX file of each network of a model folder and onnx.json into out (default: the
+    folder); each checked against the folder's PyTorch networks first, on real images
+    (check_paths) or generated ones."""
+    out = out or folder
     import onnxruntime
     models = load_run_models(folder, cpu(), engine="torch")
     if len(models) != 1:
@@ -208,7 +215,8 @@ def add_onnx(folder, check_paths):
     if class_model is not None:
         task = SHARED_TASK if class_model[1].get("shared") else class_model[1]["task"]
         networks.append((CLASS_MODEL_FILE, class_model[0], class_model[1], task))
-    record_path = folder / ONNX_RECORD
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / ONNX_RECORD
     record_path.unlink(missing_ok=True)  # until every file below is written and checked, the folder has none
     record = {}
     for name, network, ck, task in networks:
@@ -217,7 +225,7 @@ def add_onnx(folder, check_paths):
         example = [torch.zeros(2, ck["img_size"], ck["img_size"], channels, dtype=torch.uint8)]
         if ck.get("metadata"):
             example.append(torch.zeros(2, METADATA_SIZE))
-        path = folder / ONNX_FILES[name]
+        path = out / ONNX_FILES[name]
         export_network(PixelInput(network, ck["normalisation"], channels), tuple(example),
                        ["image", "metadata"][:len(example)], path)
         difference = classifier_difference(network, OnnxNetwork(path), x, ck, task)
@@ -230,7 +238,7 @@ def add_onnx(folder, check_paths):
             fail(folder, "its model.pt names a segmenter outside the folder; export_model.py --run writes folders "
                  "that hold theirs")
         width, height = seg_checkpoint["input_size"]
-        path = folder / ONNX_FILES["segmenter.pt"]
+        path = out / ONNX_FILES["segmenter.pt"]
         export_network(PixelInput(segmenter, seg_checkpoint["normalisation"], 3),
                        (torch.zeros(2, height, width, 3, dtype=torch.uint8),), ["image"], path)
         small = np.stack([cv2.resize(clean, (width, height), interpolation=cv2.INTER_AREA) for clean, _, _ in images])
@@ -243,10 +251,10 @@ def add_onnx(folder, check_paths):
     for name, entry in record.items():
         if entry["difference"] > ONNX_TOLERANCE:
             for written in record.values():
-                (folder / written["onnx"]).unlink(missing_ok=True)
-            fail(folder / entry["onnx"], f"differs from PyTorch's {name} by {entry['difference']:.2g} (more than "
+                (out / written["onnx"]).unlink(missing_ok=True)
+            fail(out / entry["onnx"], f"differs from PyTorch's {name} by {entry['difference']:.2g} (more than "
                  f"{ONNX_TOLERANCE:g}) on {checked_on}: not written")
-        entry.update(source_sha256=file_digest(folder / name), sha256=file_digest(folder / entry["onnx"]))
+        entry.update(source_sha256=file_digest(folder / name), sha256=file_digest(out / entry["onnx"]))
     write_json({"networks": record, "checked_on": checked_on, "tolerance": ONNX_TOLERANCE, "opset": ONNX_OPSET,
                 "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                              "python": platform.python_version()}}, record_path)
@@ -273,9 +281,10 @@ def main(args):
     if args.onnx is not None:
         if not (args.onnx / "model.pt").is_file():
             fail(args.onnx, "is no model folder (one holding model.pt)")
-        lock_output(args.onnx)
-        record, checked_on = add_onnx(args.onnx, args.check_images)
-        print(f"wrote {', '.join(entry['onnx'] for entry in record.values())} into {shown(args.onnx)}; largest "
+        out = args.onnx_out or args.onnx
+        lock_output(out)
+        record, checked_on = add_onnx(args.onnx, args.check_images, out)
+        print(f"wrote {', '.join(entry['onnx'] for entry in record.values())} into {shown(out)}; largest "
               f"probability difference from PyTorch on {checked_on}: " +
               ", ".join(f"{entry['onnx']} {entry['difference']:.1g}" for entry in record.values()))
         return
