@@ -5,7 +5,7 @@
 # the whole image with Shades of Gray (the U-Net's outline is drawn, not cropped to),
 # EfficientNet-Lite0 with metadata, 10 epochs at 160 px, thresholds chosen on test-time-augmented
 # validation probabilities. The first study's recipe: DATA=ham10000 COLLECTIONS= SEGMENTER=classical
-# COLOUR=none CROP_FIT=inside METADATA=off TTA=off TRAIN_SIZE=224.
+# COLOUR=none CROP_FIT=inside METADATA=off TTA=off INPUT_SIZE=224.
 # Override any variable on the command line: make all DATA=hamfull FROM_DIR=../shared/data/ham10000_full
 # Several sources make one dataset: make all DATA=ham+isic2017 FROM_DIR="../shared/data/ham10000_full ../shared/data/isic2017"
 
@@ -17,8 +17,10 @@ FROM_DIR      ?=
 SYNTHETIC_N   ?= 1500
 ARCH          ?= efficientnet_lite0
 EPOCHS        ?= 10
-IMG_SIZE      ?= 224
-TRAIN_SIZE    ?= 160
+# two sizes: the cache's square images (preprocess.py --cache-size) and the network's input, to which
+# they are resized (train.py --input-size); IMG_SIZE and TRAIN_SIZE, their names before, still work
+CACHE_SIZE    ?= $(or $(IMG_SIZE),224)
+INPUT_SIZE    ?= $(or $(TRAIN_SIZE),160)
 BATCH_SIZE    ?= 32
 LR            ?= 1e-3
 LOSS          ?= wbce
@@ -73,7 +75,7 @@ SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(if $(filter $(SEG_RUN)/model.pt
 # default names)
 CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)$(if \
 	$(filter shades_of_gray,$(COLOUR)),_sog)$(if $(filter pad,$(CROP_FIT)),_pad)
-CACHE    := cache/$(DATA)_$(IMG_SIZE)$(CACHE_SUFFIX)
+CACHE    := cache/$(DATA)_$(CACHE_SIZE)$(CACHE_SUFFIX)
 RUN_DIR  := runs/$(RUN)
 
 ifeq ($(DATA),synthetic)
@@ -90,7 +92,7 @@ endif
 all: $(RUN_DIR)/metrics.csv  ## data -> preprocess -> train -> threshold -> evaluate
 
 data: $(DATA_DIR)/metadata.csv  ## fetch or import DATA into data/DATA
-preprocess: $(CACHE)/index.csv  ## hair removal, segmentation, crops into cache/DATA_IMG_SIZE
+preprocess: $(CACHE)/index.csv  ## hair removal, segmentation, crops into cache/DATA_CACHE_SIZE
 train: $(RUN_DIR)/val_probs.csv  ## train ARCH into runs/RUN (with MEMBERS: their ensemble)
 threshold: $(RUN_DIR)/thresholds.json  ## choose operating points on validation
 validate: $(RUN_DIR)/val/metrics.csv  ## validation metrics and plots into runs/RUN/val (reads no test image)
@@ -114,9 +116,9 @@ $(VENV)/.installed: requirements.txt
 $(DATA_DIR)/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py $(FETCH_FROM) --out $(DATA_DIR) $(FETCH_FLAGS)
 
-cache/%_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
-	$(PYTHON) preprocess.py --data data/$* --img-size $(IMG_SIZE) --hair-removal $(HAIR) --colour-constancy $(COLOUR) \
-		--crop-fit $(CROP_FIT) $(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(IMG_SIZE)$(CACHE_SUFFIX)
+cache/%_$(CACHE_SIZE)$(CACHE_SUFFIX)/index.csv: data/%/metadata.csv $(SEG_DEPS) | $(PY_DEPS)
+	$(PYTHON) preprocess.py --data data/$* --cache-size $(CACHE_SIZE) --hair-removal $(HAIR) --colour-constancy $(COLOUR) \
+		--crop-fit $(CROP_FIT) $(if $(SEG_DEPS),--segmenter unet --segmenter-model $(SEG_MODEL)) --out cache/$*_$(CACHE_SIZE)$(CACHE_SUFFIX)
 
 # The learned segmenter (SEGMENTER=unet): a U-Net trained on the train split of SEG_DATA's expert
 # masks, its epoch and mask threshold chosen on the val split of each source (train_segmenter.py).
@@ -132,7 +134,7 @@ ifeq ($(MEMBERS),)
 # interrupted run is not taken for a finished one; it resumes from its last.pt.
 $(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
 	$(PYTHON) train.py --cache $(CACHE) --run-dir $(RUN_DIR) --arch $(ARCH) --epochs $(EPOCHS) \
-		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) --img-size $(TRAIN_SIZE) \
+		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) --input-size $(INPUT_SIZE) \
 		$(if $(filter on,$(METADATA)),--metadata) $(TRAIN_FLAGS) $(if $(wildcard $(RUN_DIR)/last.pt),--resume)
 else
 # MEMBERS="a b c" (run names, as RUN): runs/RUN is their ensemble instead of a model of its own.
@@ -199,8 +201,8 @@ data/ph2/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
 endif
 
-$(RUN_DIR)/ph2/metrics.csv: $(RUN_DIR)/thresholds.json cache/ph2_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv | $(PY_DEPS)
-	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/ph2_$(IMG_SIZE)$(CACHE_SUFFIX) --split all --out-dir $(RUN_DIR)/ph2
+$(RUN_DIR)/ph2/metrics.csv: $(RUN_DIR)/thresholds.json cache/ph2_$(CACHE_SIZE)$(CACHE_SUFFIX)/index.csv | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/ph2_$(CACHE_SIZE)$(CACHE_SUFFIX) --split all --out-dir $(RUN_DIR)/ph2
 
 # An external validation set, for choices about other clinics: ISIC 2017's train and val images
 # (melanoma vs the rest). Its test images are left unread (--only-split): a study reads them once.
@@ -209,8 +211,8 @@ external-val: $(RUN_DIR)/isic2017_trainval/metrics.csv  ## evaluate RUN on ISIC 
 data/isic2017_trainval/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split train val --out data/isic2017_trainval --assign-split val
 
-$(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX)/index.csv | $(PY_DEPS)
-	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(IMG_SIZE)$(CACHE_SUFFIX) --split all \
+$(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2017_trainval_$(CACHE_SIZE)$(CACHE_SUFFIX)/index.csv | $(PY_DEPS)
+	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(CACHE_SIZE)$(CACHE_SUFFIX) --split all \
 		--out-dir $(RUN_DIR)/isic2017_trainval
 
 # The reference model (models/reference/MODEL_CARD.md): the third edition's recipe C, seed 1
@@ -223,7 +225,7 @@ REF_RUN ?= runs/third_full/C_s1
 REF_CLASSES_RUN ?= runs/seven_full/K0_s1
 # the reference model's crop (model.pt's preprocess key; a test holds them equal)
 REF_CROP_FIT ?= pad
-ref_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
+ref_cache = $(PYTHON) preprocess.py --data data/$(1) --cache-size 224 --colour-constancy shades_of_gray --segmenter unet \
 	--segmenter-model $(REFERENCE)/segmenter.pt --crop-fit $(REF_CROP_FIT) --out cache/$(1)_224_reference
 reference-bench: | $(PY_DEPS) $(REFERENCE_ONNX)  ## the reference model against its full-precision run (validation), predict.py's speed
 	$(MAKE) data/hamfull_valtest/metadata.csv
@@ -274,7 +276,7 @@ reference-test: | $(PY_DEPS)  ## read the HAM10000 test split, ISIC 2017 test an
 
 # fp32: at 64 px bf16 autocast trains slower on a CPU than fp32 (17 s an epoch against 10 here)
 demo:  ## the whole pipeline on synthetic images, under 2 minutes on 2 CPU cores
-	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo IMG_SIZE=64 TRAIN_SIZE=64 EPOCHS=6 ARCH=efficientnet_lite0 \
+	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo CACHE_SIZE=64 INPUT_SIZE=64 EPOCHS=6 ARCH=efficientnet_lite0 \
 		BATCH_SIZE=32 LR=2e-3 TRAIN_FLAGS="--precision fp32"
 
 test: | $(PY_DEPS) $(REFERENCE_ONNX)  ## run the test suite (the reference model as make setup leaves it: with its ONNX files)
@@ -282,14 +284,14 @@ test: | $(PY_DEPS) $(REFERENCE_ONNX)  ## run the test suite (the reference model
 
 bench: | $(PY_DEPS) $(REFERENCE_ONNX)  ## benchmarks on the real images in SHARED (about an hour with the segmenter's training; results under cache/ and bench/results/)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full --out data/hamfull
-	$(PYTHON) preprocess.py --data data/hamfull --img-size 224
+	$(PYTHON) preprocess.py --data data/hamfull --cache-size 224
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ph2 --out data/ph2 --assign-split test
 	$(PYTHON) preprocess.py --data data/ph2 --score-masks $(SHARED)/ph2/masks
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_224 --out data/ham224
 	$(PYTHON) preprocess.py --data data/ham224 --overlay-sheet 50
 	$(PYTHON) bench/hair_removal.py --shared $(SHARED) --out bench/results/hair_removal
 	$(PYTHON) bench/preprocess_speed.py --n 500 --workers 2 --out bench/results/preprocess_speed.json
-	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
+	$(PYTHON) bench/train_speed.py --cache cache/ham224_224 --input-size 224 --out bench/results/train_speed.json
 	$(PYTHON) bench/engine_speed.py --model $(REFERENCE) --n 500 --out bench/results/engine_speed
 	$(MAKE) segmenter-bench
 
@@ -297,11 +299,11 @@ bench: | $(PY_DEPS) $(REFERENCE_ONNX)  ## benchmarks on the real images in SHARE
 # reference model's U-Net (HAM10000's masks alone) and make segmenter's (two sources), per source
 # on the val splits that chose it, then on ham10000_full's test split and PH2.
 # unet_caches: both U-Nets' caches of data/$(1), with further preprocess.py flags $(2) and a name suffix $(3)
-unet_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(REFERENCE)/segmenter.pt \
+unet_caches = $(PYTHON) preprocess.py --data data/$(1) --cache-size 224 --segmenter unet --segmenter-model $(REFERENCE)/segmenter.pt \
 		$(2) --out cache/$(1)_224_unet_reference$(3) && \
-	$(PYTHON) preprocess.py --data data/$(1) --img-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt \
+	$(PYTHON) preprocess.py --data data/$(1) --cache-size 224 --segmenter unet --segmenter-model $(SEG_RUN)/model.pt \
 		$(2) --out cache/$(1)_224_unet$(3)
-seg_caches = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --out cache/$(1)_224 && $(call unet_caches,$(1))
+seg_caches = $(PYTHON) preprocess.py --data data/$(1) --cache-size 224 --out cache/$(1)_224 && $(call unet_caches,$(1))
 seg_bench = $(PYTHON) bench/segmenter.py --data data/$(1) --cache classical=cache/$(1)_224 \
 	--cache unet_ham10000=cache/$(1)_224_unet_reference --cache unet_two_sources=cache/$(1)_224_unet
 segmenter-bench: $(SEG_RUN)/config.json | $(PY_DEPS)  ## classical, reference and make segmenter's masks side by side (bench/results/segmenter)
@@ -325,7 +327,7 @@ help:  ## list targets and variables
 	@echo "studies (studies.mk; their write-ups in docs/):"
 	@$(call list_targets,studies.mk)
 	@echo "variables (current value):"
-	@$(foreach v,DATA SOURCE COLLECTIONS FROM_DIR SYNTHETIC_N ARCH EPOCHS IMG_SIZE TRAIN_SIZE BATCH_SIZE LR LOSS AUG INPUT \
+	@$(foreach v,DATA SOURCE COLLECTIONS FROM_DIR SYNTHETIC_N ARCH EPOCHS CACHE_SIZE INPUT_SIZE BATCH_SIZE LR LOSS AUG INPUT \
 		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR CROP_FIT METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
 		SHARED RUN EXPORT_DIR IMAGES MODEL CLINIC PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
 

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (DX_CODES, ENGINES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, classify_files,
-                    default_operating_point, disagreement, fail, gradcam_maps, heat_overlay, load_class_model,
-                    load_run_models, metadata_features, model_inputs, number_in, operating_points, overlay_image,
-                    pick_device, prediction_row, read_rgb, run_preprocessing, shown, write_csv)
+from common import (DX_CODES, ENGINES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, ModelFolder, OperatingPoints,
+                    ToolkitError, disagreement, fail, gradcam_maps, heat_overlay, model_inputs, number_in,
+                    one_line_errors, overlay_image, patient_metadata, prediction_row, read_rgb, shown, write_csv)
 
 DX_NAMES = {"mel": "melanoma", "nv": "melanocytic nevus", "bcc": "basal cell carcinoma",
             "akiec": "actinic keratosis / intraepithelial carcinoma", "bkl": "benign keratosis",
@@ -61,34 +60,26 @@ def parse_args(argv=None):
 class Page:
     """The model, loaded once, and what one request of the page does with it."""
 
-    def __init__(self, args, scratch):
-        self.run, self.scratch, self.max_files, self.max_bytes = args.run, scratch, args.max_files, args.max_mb * 1e6
-        # a bad folder or calibration ends here, before the models load
-        self.start_point = default_operating_point(operating_points(self.run, args.clinic)[0])
-        self.points = list(operating_points(self.run)[0])
-        self.device = pick_device(args.device)
-        self.models = load_run_models(self.run, self.device, args.engine)
-        self.class_model = load_class_model(self.run, self.device, self.models)
+    def __init__(self, args, scratch, model=None):
+        model = model or ModelFolder(args.run, args.clinic, args.engine, args.device)
+        self.model, self.scratch, self.max_files, self.max_bytes = model, scratch, args.max_files, args.max_mb * 1e6
+        self.start_point = model.points.threshold()[0]
+        self.points = list(OperatingPoints(model.path).thresholds)
+        model.load()
         # Grad-CAM follows a gradient: PyTorch's network of the same weights, where ONNX Runtime classifies
-        self.explained = load_run_models(self.run, self.device, "torch")[0] if self.onnx else self.models[0]
-        self.settings = run_preprocessing(self.models, self.run)
-        self.metadata = any(checkpoint.get("metadata") for _, checkpoint in self.models)
-        clinics = sorted(p.parent.name for p in (self.run / "clinics").glob("*/thresholds.json"))
+        self.explained = model.explained_network()
+        clinics = sorted(p.parent.name for p in (model.path / "clinics").glob("*/thresholds.json"))
         self.clinics = [NO_CLINIC, *clinics]
         self.start_clinic = args.clinic or NO_CLINIC
 
-    @property
-    def onnx(self):
-        return bool(self.models[0][1].get("onnx_networks"))
-
     def describe(self):
-        c = self.models[0][1]
-        name = "the reference model (models/reference)" if self.run.resolve() == REFERENCE_MODEL else shown(self.run)
-        text = f"{name}: {c['arch']}, {c['input']} input at {c['img_size']} px"
-        if len(self.models) > 1:
-            text = f"{name}: the mean of {len(self.models)} models"
-        return text + ("; the 7 classes from its classes.pt" if self.class_model is not None else "") + \
-            ("; run by ONNX Runtime" if self.onnx else "")
+        model, c = self.model, self.model.checkpoint
+        name = "the reference model (models/reference)" if model.path.resolve() == REFERENCE_MODEL else shown(model.path)
+        text = f"{name}: {c['arch']}, {c['input']} input at {c['input_size']} px"
+        if len(model.models) > 1:
+            text = f"{name}: the mean of {len(model.models)} models"
+        return text + ("; the 7 classes from its classes.pt" if model.class_model is not None else "") + \
+            ("; run by ONNX Runtime" if model.engine == "onnx" else "")
 
     def classify(self, files, age, sex, site, operating_point, clinic):
         """(result HTML, messages Markdown, table, CSV path or None, the line under the result)."""
@@ -100,13 +91,10 @@ class Page:
                         "Choose fewer and try again."), None, None, ""
         clinic = None if clinic in (None, "", NO_CLINIC) else clinic
         try:
-            thresholds, tta, calibration, points_dir = operating_points(self.run, clinic)
-        except SystemExit as e:
-            return "", str(e).removeprefix("error: "), None, None, ""
-        if operating_point not in thresholds:
-            return "", (f"{shown(points_dir / 'thresholds.json')} has no operating point '{operating_point}' "
-                        f"(it has {', '.join(thresholds)})"), None, None, ""
-        threshold = thresholds[operating_point]
+            points = OperatingPoints(self.model.path, clinic)
+            operating_point, threshold = points.threshold(operating_point)
+        except ToolkitError as e:
+            return "", str(e), None, None, ""
         messages, readable = [], []
         for path in files:
             size = path.stat().st_size
@@ -115,22 +103,19 @@ class Page:
                                 f"{self.max_bytes / 1e6:g} MB; not read")
             else:
                 readable.append(path)
-        known = pd.DataFrame({"age": [age if age not in (None, "") else None], "sex": [sex or None],
-                              "localization": [site or None]})
-        metadata = np.repeat(metadata_features(known), len(readable), axis=0)
+        metadata = patient_metadata(age, sex, site, len(readable))
         cards, rows = [], []
-        for i, result in classify_files(self.models, self.settings, readable, metadata, self.device, tta,
-                                        self.class_model):
+        for i, result in self.model.classify(readable, metadata, points.tta):
             name = readable[i].name
-            if isinstance(result, str):  # unreadable, truncated, too small: say so on that file
-                messages.append(f"{name}: {result.removeprefix(shown(readable[i])).lstrip(': ')}")
+            if isinstance(result, ToolkitError):  # unreadable, truncated, too small: say so on that file
+                messages.append(f"{name}: {result.problem}")
                 continue
-            row = prediction_row(name, result, threshold, operating_point, tta, calibration)
+            row = prediction_row(name, result, threshold, operating_point, points.tta, points.calibration)
             rows.append(row)
             cards.append(self.card(readable[i], result, row, metadata[i:i + 1]))
         line = (f"Model {self.describe()}. Operating point {operating_point}, threshold {threshold:.3f}"
                 + (" on the model's probability (calibrated to clinic " + clinic + ")" if clinic else "")
-                + ("; test-time augmentation" if tta else "") + ". For research and teaching: not a diagnosis, "
+                + ("; test-time augmentation" if points.tta else "") + ". For research and teaching: not a diagnosis, "
                 "and no substitute for a clinician's examination.")
         csv_path = None
         if rows:
@@ -178,11 +163,12 @@ class Page:
         if checkpoint["input"] == "both":
             return None
         arrays = {"full": prepared["image"][None], "crop": prepared["crop"][None], "mask": prepared["mask_small"][None]}
-        image = model_inputs(arrays, [0], checkpoint["input"], checkpoint["img_size"])
-        cam = gradcam_maps(model, image, checkpoint["normalisation"], self.device, checkpoint["task"],
+        image = model_inputs(arrays, [0], checkpoint["input"], checkpoint["input_size"])
+        device = next(model.parameters()).device
+        cam = gradcam_maps(model, image, checkpoint["normalisation"], device, checkpoint["task"],
                            metadata if checkpoint.get("metadata") else None)[0]
         view = {"full": "whole image", "masked": "masked image"}.get(checkpoint["input"], checkpoint["input"])
-        title = "Grad-CAM" + (" (first model)" if len(self.models) > 1 else "") + f" on the {view}"
+        title = "Grad-CAM" + (" (first model)" if len(self.model.models) > 1 else "") + f" on the {view}"
         picture = heat_overlay(image[0], cam)
         if checkpoint["input"] in ("full", "masked"):
             import cv2
@@ -235,7 +221,7 @@ def build(page):
                                      info=None if len(page.clinics) > 1 else
                                      "this model has none: calibrate.py makes one from a clinic's labelled images")
                 with gr.Accordion("patient (for a model trained with age, sex and site)", open=False,
-                                  visible=page.metadata):
+                                  visible=page.model.reads_metadata):
                     age = gr.Number(label="age", minimum=0, maximum=120, value=None)
                     sex = gr.Dropdown(["", *SEXES], value="", label="sex")
                     site = gr.Dropdown(["", *SITES], value="", label="site")
@@ -252,10 +238,11 @@ def build(page):
     return blocks
 
 
+@one_line_errors
 def main(args):
-    if not args.run.is_dir():
-        fail(args.run, "is no run folder (one holding model.pt and thresholds.json)")
     started = time.time()
+    # a bad folder or calibration ends here, before Gradio's import and the networks' load
+    model = ModelFolder(args.run, args.clinic, args.engine, args.device)
     scratch = Path(tempfile.mkdtemp(prefix="lesion-app-"))
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # atexit's clean-up runs on a plain kill too
@@ -267,7 +254,7 @@ def main(args):
     except ImportError:
         fail("requirements-app.txt", "the page needs its optional requirements: pip install -r requirements-app.txt "
              "(or make app)")
-    page = Page(args, scratch)
+    page = Page(args, scratch, model)
     import gradio as gr
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     print(f"serving {page.describe()} at http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)

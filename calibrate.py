@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (REFERENCE_MODEL, ArgumentParser, binary_metrics, calibration_errors, check_names, chosen_with_tta,
-                    classify_files, clinic_dir, fail, fit_recalibration, hidden_metadata, load_run_models, lock_output,
-                    metadata_features, number_in, pick_device, plot_reliability, ranking_metrics, read_csv,
-                    recalibrated, replace_folder, run_preprocessing, shown, site_operating_points, unknown_sites_line,
-                    write_csv, write_json)
+from common import (REFERENCE_MODEL, ArgumentParser, ModelFolder, ToolkitError, binary_metrics, calibration_errors,
+                    check_names, clinic_dir, fail, fit_recalibration, hidden_metadata, lock_output, metadata_features,
+                    number_in, one_line_errors, plot_reliability, ranking_metrics, read_csv, recalibrated,
+                    replace_folder, shown, site_operating_points, unknown_sites_line, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -75,27 +74,24 @@ def site_rows(data_dir, splits):
     return rows.reset_index(drop=True), files
 
 
+@one_line_errors
 def main(args):
-    run = args.run or REFERENCE_MODEL
     name = args.name or args.data.name
-    out = clinic_dir(run, name, must_exist=False)
+    model = ModelFolder(args.run or REFERENCE_MODEL, device=args.device)
+    out = clinic_dir(model.path, name, must_exist=False)
     rows, files = site_rows(args.data, args.split)
-    device = pick_device(args.device)
-    models = load_run_models(run, device)
-    settings = run_preprocessing(models, run)
-    tta = chosen_with_tta(run) if args.tta is None else args.tta
+    model.load()
+    tta = model.points.tta if args.tta is None else args.tta
     lock_output(out)
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
-    general_sites = models[0][1].get("general_sites", False)  # train.py --general-sites: read as it trained
-    unknown_line = unknown_sites_line(known, general_sites)
-    if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
+    unknown_line = unknown_sites_line(known, model.general_sites)  # train.py --general-sites: read as it trained
+    if unknown_line and model.reads_metadata:
         print(unknown_line)
     probs = np.full(len(rows), np.nan)
-    for i, result in tqdm(classify_files(models, settings, files, metadata_features(known, general_sites), device,
-                                         tta),
+    for i, result in tqdm(model.classify(files, metadata_features(known, model.general_sites), tta),
                           total=len(files), desc="predicting"):
-        if isinstance(result, str):
+        if isinstance(result, ToolkitError):
             tqdm.write(f"skipped {result}")
         else:
             probs[i] = result["prob"]

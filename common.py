@@ -76,9 +76,38 @@ def shown(path):
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
+class ToolkitError(Exception):
+    """A problem that ends the work asked of a file (an image, a table, a checkpoint, a folder, a
+    server's address): `path` names it, `problem` says what is wrong, in words a user can act on.
+    A script's main prints it as one line, "error: <path>: <problem>", and ends with status 1
+    (one_line_errors); the page shows it beside the file; a notebook sees an ordinary exception."""
+
+    def __init__(self, path, problem):
+        super().__init__(path, problem)  # as raised: pickled whole across preprocess.py's worker processes
+        self.path, self.problem = shown(path), problem
+
+    def __str__(self):
+        return f"{self.path}: {self.problem}"
+
+
 def fail(path, problem):
-    """End the script with one line that names the file and the problem."""
-    raise SystemExit(f"error: {shown(path)}: {problem}")
+    """Stop the work with a ToolkitError that names the file and the problem."""
+    raise ToolkitError(path, problem)
+
+
+def one_line_errors(main):
+    """A script's main, which ends on a ToolkitError with its one line ("error: <path>: <problem>")
+    on standard error and exit status 1, never a traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def main_of_script(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ToolkitError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return main_of_script
 
 
 def check_writable(folder):
@@ -652,12 +681,31 @@ def shades_of_gray(rgb, p=6):
     return np.clip(image * gains, 0, 255).astype(np.uint8)
 
 
+# Two sizes, two names: a cache's images are cache_size pixels square (preprocess.py --cache-size,
+# 224 by default), and a network reads them resized to its input_size (train.py --input-size, 160
+# for the reference model); the segmenter's own input_size is its (width, height). Files written
+# before the names were two call either "img_size": read back by the functions below.
+def cache_size(cache_key):
+    """The side of a cache's square images, from its cache_key.json (or a checkpoint's "preprocess")."""
+    return cache_key["cache_size"] if "cache_size" in cache_key else cache_key["img_size"]
+
+
+def with_input_size(checkpoint):
+    """A classifier's checkpoint (or its fields in onnx.json) with its network's size as "input_size",
+    however it was written."""
+    if "input_size" in checkpoint or "img_size" not in checkpoint:
+        return checkpoint
+    checkpoint = dict(checkpoint)
+    checkpoint["input_size"] = checkpoint.pop("img_size")
+    return checkpoint
+
+
 def preprocess_settings(cache_key):
     """The arguments of preprocess_image that a cache was built with, from its cache_key.json (a
     model's checkpoint holds its training cache's). Keys written before hair removal was a setting
     used the legacy hair mask; before the segmenter was, the classical one; before colour constancy
     was, none; a key without crop_fit, a crop inside the image."""
-    return {"img_size": cache_key["img_size"], "work_size": cache_key["work_size"],
+    return {"cache_size": cache_size(cache_key), "work_size": cache_key["work_size"],
             "crop_margin": cache_key["crop_margin"], "crop_fit": cache_key.get("crop_fit", "inside"),
             "hair_removal": cache_key.get("hair_removal", "legacy"),
             "segmenter": cache_key.get("segmenter_model"), "segmenter_sha256": cache_key.get("segmenter_sha256"),
@@ -702,7 +750,7 @@ def cleaned_image(path, work_size, hair_removal="on"):
     return clean, hair, scale
 
 
-def prepare_cleaned(cleaned, img_size, crop_margin, segmenter=None, segmenter_sha256=None,
+def prepare_cleaned(cleaned, cache_size, crop_margin, segmenter=None, segmenter_sha256=None,
                     colour_constancy="none", crop_fit="inside", segmenter_onnx=None):
     """The second half of preprocess_image, for several cleaned_image results at once: a segmenter
     sees them in one forward pass (twice as fast as one by one on a CPU); segmenter_onnx: its ONNX
@@ -718,9 +766,9 @@ def prepare_cleaned(cleaned, img_size, crop_margin, segmenter=None, segmenter_sh
         if colour_constancy == "shades_of_gray":  # what the classifier sees; the masks come from the colours as taken
             clean = shades_of_gray(clean)
         prepared.append({
-            "image": resize_to(clean, img_size),
-            "crop": resize_to(cut_box(clean, box), img_size),
-            "mask_small": (resize_to(mask.astype(np.uint8), img_size) > 0).astype(np.uint8),
+            "image": resize_to(clean, cache_size),
+            "crop": resize_to(cut_box(clean, box), cache_size),
+            "mask_small": (resize_to(mask.astype(np.uint8), cache_size) > 0).astype(np.uint8),
             "mask": mask.astype(np.uint8) * 255,
             "mask_area": float(mask.mean()), "hair_fraction": float(hair.mean()),
             "mask_ok": int(plausible), "mask_source": source,
@@ -732,13 +780,13 @@ def prepare_cleaned(cleaned, img_size, crop_margin, segmenter=None, segmenter_sh
     return prepared
 
 
-def preprocess_image(path, img_size, work_size, crop_margin, hair_removal="on", segmenter=None,
+def preprocess_image(path, cache_size, work_size, crop_margin, hair_removal="on", segmenter=None,
                      segmenter_sha256=None, colour_constancy="none", crop_fit="inside"):
     """Everything preprocess.py does to one image, and predict.py to a new one: hair removal and
     segmentation at a working resolution, then the cached arrays and the index values. With a
     segmenter checkpoint the U-Net segments, and the classical recipe where its mask is implausible.
     Colour constancy, where asked, changes the cached images and crops, not the segmentation."""
-    return prepare_cleaned([cleaned_image(path, work_size, hair_removal)], img_size, crop_margin, segmenter,
+    return prepare_cleaned([cleaned_image(path, work_size, hair_removal)], cache_size, crop_margin, segmenter,
                            segmenter_sha256, colour_constancy, crop_fit)[0]
 
 
@@ -1106,7 +1154,8 @@ def load_checkpoint(path, shared_body=None):
             fail(path, f"holds a head alone; it is read beside the {checkpoint['shares_network_of']} whose "
                  "network it shares")
         checkpoint["model"] = {**split_head(shared_body)[0], **checkpoint["model"]}
-    for key in ("arch", "num_outputs", "model", "normalisation", "input", "img_size", "task"):
+    checkpoint = with_input_size(checkpoint)
+    for key in ("arch", "num_outputs", "model", "normalisation", "input", "input_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
     if checkpoint["arch"] not in ARCHS:
@@ -1115,7 +1164,7 @@ def load_checkpoint(path, shared_body=None):
         fail(path, f"input {checkpoint['input']!r} is not one of {', '.join(INPUTS)}")
     if checkpoint["task"] not in TASKS:
         fail(path, f"task {checkpoint['task']!r} is not one of {', '.join(TASKS)}")
-    for key in ("num_outputs", "img_size"):
+    for key in ("num_outputs", "input_size"):
         if isinstance(checkpoint[key], bool) or not isinstance(checkpoint[key], int) or checkpoint[key] < 1:
             fail(path, f"{key} {checkpoint[key]!r} is not a positive whole number")
     normalisation = checkpoint["normalisation"]
@@ -1361,7 +1410,7 @@ def onnx_checkpoint(onnx_path, weights_name):
     if not isinstance(entry.get("checkpoint"), dict):
         fail(onnx_path.parent / ONNX_RECORD, f"has no checkpoint fields for {weights_name}; export_model.py --onnx "
              f"{shown(onnx_path.parent)} writes them again")
-    return {**entry["checkpoint"], "source_sha256": entry.get("source_sha256")}
+    return {**with_input_size(entry["checkpoint"]), "source_sha256": entry.get("source_sha256")}
 
 
 # Where the ONNX files of a model folder inside this toolkit lie when they are not beside its weights:
@@ -1510,16 +1559,12 @@ def shares_network(class_checkpoint, models):
     if checkpoint["task"] != "binary" or checkpoint["num_outputs"] != 1:  # SHARED_TASK reads one binary logit
         return False
     if not (checkpoint.get("metadata") and class_checkpoint.get("metadata")) or any(
-            checkpoint[key] != class_checkpoint[key] for key in ("arch", "input", "img_size", "normalisation")):
+            checkpoint[key] != class_checkpoint[key] for key in ("arch", "input", "input_size", "normalisation")):
         return False
     theirs, ours = split_head(checkpoint["model"])[0], split_head(class_checkpoint["model"])[0]
     return set(ours) == set(theirs) and all(
         ours[name].shape == theirs[name].shape and bool((ours[name].float() == theirs[name].float()).all())
         for name in ours)
-
-
-def has_classes(models, class_model):
-    return class_model is not None or models[0][1]["task"] in ("multiclass", SHARED_TASK)
 
 
 NO_CLASSES = (f"gives malignancy only: no 7-class model ({CLASS_MODEL_FILE}, export_model.py --classes), "
@@ -1533,12 +1578,12 @@ def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None, class
     the class probabilities are its own; malignancy stays the models'."""
     if class_model is not None and class_model[1].get("shared"):
         model, checkpoint = class_model
-        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
+        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["input_size"])
         return predict_probs(model, images, checkpoint["normalisation"], device, SHARED_TASK, tta=tta,
                              metadata=metadata)
     probs, class_probs = [], []
     for model, checkpoint in models + ([class_model] if class_model is not None else []):
-        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
+        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["input_size"])
         p, c = predict_probs(model, images, checkpoint["normalisation"], device, checkpoint["task"], tta=tta,
                              metadata=metadata if checkpoint.get("metadata") else None)
         probs.append(p)
@@ -1581,11 +1626,11 @@ def classify_files(models, settings, files, metadata, device, tta, class_model=N
             try:
                 cleaned.append(cleaned_image(files[i], settings["work_size"], settings["hair_removal"]))
                 readable.append(i)
-            except SystemExit as e:
-                yield i, str(e).removeprefix("error: ")
+            except ToolkitError as e:
+                yield i, e
         if not readable:
             continue
-        prepared = prepare_cleaned(cleaned, settings["img_size"], settings["crop_margin"], settings["segmenter"],
+        prepared = prepare_cleaned(cleaned, settings["cache_size"], settings["crop_margin"], settings["segmenter"],
                                    settings["segmenter_sha256"], settings["colour_constancy"], settings["crop_fit"],
                                    settings.get("segmenter_onnx"))
         arrays = {name: np.stack([p[key] for p in prepared])
@@ -1658,6 +1703,134 @@ def pick_device(name="auto"):
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+NOT_A_MODEL_FOLDER = "is no model folder (one holding model.pt and thresholds.json)"
+
+
+class OperatingPoints:
+    """A model folder's operating points (thresholds.json), or a site calibration's: thresholds by
+    name, whether they were chosen on test-time-augmented probabilities (tta), the site's
+    recalibration (None for the folder's own points), and the folder they come from."""
+
+    def __init__(self, folder, clinic=None):
+        self.thresholds, self.tta, self.calibration, self.folder = operating_points(folder, clinic)
+
+    def threshold(self, name=None):
+        """(name, threshold) of the named point, default_operating_point's without a name; a name the
+        file does not hold ends with one line naming the points it does."""
+        name = name or default_operating_point(self.thresholds)
+        if name not in self.thresholds:
+            fail(self.folder / "thresholds.json", f"has no operating point '{name}' "
+                 f"(it has {', '.join(self.thresholds) or 'none'})")
+        return name, self.thresholds[name]
+
+
+def patient_metadata(age=None, sex=None, site=None, n=1):
+    """metadata_features of n images of one patient (predict.py's --age, --sex, --site; the page's
+    fields): None or '' is unknown, as it is for a model that reads no metadata."""
+    known = pd.DataFrame({"age": [None if age in (None, "") else age], "sex": [sex or None],
+                          "localization": [site or None]})
+    return np.repeat(metadata_features(known), n, axis=0)
+
+
+class ModelFolder:
+    """A model folder: what train.py writes, export_model.py copies, ensemble.py combines, and the
+    reference model is. Its networks are loaded once, on ONNX Runtime where the folder has current
+    ONNX files, else on PyTorch (engine "onnx" or "torch" chooses); then classify() and predict()
+    take images as many times as asked, through the preparation the networks were trained with
+    (hair removal, the segmenter, the input form and size). Its operating points (thresholds.json,
+    or with clinic a site calibration of calibrate.py) are read first: a malformed one ends here,
+    before torch's import and the networks' load, which happens at load() or the first use.
+
+        model = ModelFolder("models/reference")
+        table, problems = model.predict(["lesion.jpg"], age=60, site="back")
+    """
+
+    def __init__(self, path=REFERENCE_MODEL, clinic=None, engine=None, device="auto"):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            fail(self.path, NOT_A_MODEL_FOLDER)
+        self.engine_asked, self.device_asked = engine, device
+        self.points = OperatingPoints(self.path, clinic)
+        self.models = self.class_model = self.settings = self.device = None
+
+    def load(self):
+        """The networks (load_run_models, load_class_model) and their preparation (run_preprocessing),
+        once. Returns the folder."""
+        if self.models is None:
+            models = load_run_models(self.path, self.device_asked, self.engine_asked)
+            if not models[0][1].get("onnx_networks"):  # a torch device: where PyTorch runs the networks
+                self.device = pick_device(self.device_asked) if isinstance(self.device_asked, str) \
+                    else self.device_asked
+            self.class_model = load_class_model(self.path, self.device, models)
+            self.settings = run_preprocessing(models, self.path)
+            self.models = models
+        return self
+
+    @property
+    def checkpoint(self):
+        """The (first) malignancy network's checkpoint: its arch, input, size, task, metadata, training args."""
+        return self.load().models[0][1]
+
+    @property
+    def engine(self):
+        return "onnx" if self.checkpoint.get("onnx_networks") else "torch"
+
+    @property
+    def has_classes(self):
+        """Whether the folder gives the 7 class probabilities (classes.pt, or a 7-class or joint network)."""
+        return self.load().class_model is not None or self.checkpoint["task"] in ("multiclass", SHARED_TASK)
+
+    @property
+    def reads_metadata(self):
+        return any(checkpoint.get("metadata") for _, checkpoint in self.load().models)
+
+    @property
+    def general_sites(self):
+        """train.py --general-sites: the folder reads the ISIC Archive's general site words as it trained."""
+        return self.checkpoint.get("general_sites", False)
+
+    def require_classes(self):
+        if not self.has_classes:
+            fail(self.path, NO_CLASSES)
+
+    def classify(self, files, metadata=None, tta=None):
+        """classify_files through the folder's networks: yields (index of the file, result) in order,
+        result a dict (prepared, prob, class_probs) or, for a file that cannot be read or holds no
+        lesion to diagnose, the ToolkitError that says so. metadata: a row of metadata_features per
+        file (None: unknown); tta: as the operating points were chosen where None."""
+        self.load()
+        metadata = patient_metadata(n=len(files)) if metadata is None else metadata
+        tta = self.points.tta if tta is None else tta
+        yield from classify_files(self.models, self.settings, files, metadata, self.device, tta, self.class_model)
+
+    def probs(self, arrays, rows, metadata=None, tta=False):
+        """(malignancy probabilities, class probabilities or None) of a preprocess cache's rows (ensemble_probs)."""
+        self.load()
+        return ensemble_probs(self.models, arrays, rows, self.device, tta=tta, metadata=metadata,
+                              class_model=self.class_model)
+
+    def predict(self, files, age=None, sex=None, site=None, operating_point=None, tta=None):
+        """(a table of predict.py's CSV rows, one per image read; the ToolkitErrors of the files that
+        could not be), at the named operating point (the default one where None)."""
+        name, threshold = self.points.threshold(operating_point)
+        tta = self.points.tta if tta is None else tta
+        rows, problems = [], []
+        for i, result in self.classify(files, patient_metadata(age, sex, site, len(files)), tta):
+            if isinstance(result, ToolkitError):
+                problems.append(result)
+            else:
+                rows.append(prediction_row(shown(files[i]), result, threshold, name, tta, self.points.calibration))
+        return pd.DataFrame(rows), problems
+
+    def explained_network(self):
+        """(model, checkpoint) of the first network on PyTorch, what Grad-CAM follows a gradient through:
+        the very one that classifies, or where ONNX Runtime does, PyTorch's network of the same weights."""
+        if self.engine == "torch":
+            return self.models[0]
+        device = self.device if self.device is not None else pick_device(self.device_asked)
+        return load_run_models(self.path, device, "torch")[0]
 
 
 # ---------------------------------------------------------------------------------------------

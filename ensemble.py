@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, CLASS_COLUMNS, ENSEMBLE_FILE, balanced_accuracy_7, fail, lock_output,
-                    ranking_metrics, read_json, read_probs, write_csv, write_json)
+from common import (CLASS_COLUMNS, ENSEMBLE_FILE, ArgumentParser, balanced_accuracy_7, fail, lock_output,
+                    one_line_errors, ranking_metrics, read_json, read_probs, write_csv, write_json)
 
 KEYS = ["image_id", "lesion_id", "dx", "label"]
 
@@ -54,6 +54,7 @@ def validation_score(val, task):
     return ranking_metrics(val["label"], val["prob"])["roc_auc"]
 
 
+@one_line_errors
 def main(args):
     if len(set(map(os.path.abspath, args.members))) < 2:
         fail(" ".join(map(str, args.members)), "an ensemble needs at least two different runs")

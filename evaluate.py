@@ -35,13 +35,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, NO_CLASSES, SPLITS, ArgumentParser, atomic_path,
-                    balanced_accuracy_7, binary_metrics, check_preprocessing, class_table_lines,
-                    default_operating_point, ensemble_probs, fail, gradcam_maps, group_members, group_resamples,
-                    has_classes, heat_overlay, hidden_metadata, load_cache, load_class_model, load_run_models,
-                    lock_output, metadata_features, model_inputs, multiclass_figures, new_figure, number_in,
-                    operating_points, pick_device, plot_pr_curve, plot_reliability, ranking_metrics, recalibrated,
-                    save_figure, save_image_grid, threshold_metrics, unknown_sites_line, write_csv)
+from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, SPLITS, ArgumentParser, ModelFolder, atomic_path,
+                    balanced_accuracy_7, binary_metrics, check_preprocessing, class_table_lines, fail, gradcam_maps,
+                    group_members, group_resamples, heat_overlay, hidden_metadata, load_cache, lock_output,
+                    metadata_features, model_inputs, multiclass_figures, new_figure, number_in, one_line_errors,
+                    plot_pr_curve, plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid,
+                    threshold_metrics, unknown_sites_line, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -258,11 +257,11 @@ def multiclass_line(summary):
 
 
 def describe_models(models, class_model=None):
-    parts = [f"{c['arch']} ({c['task']}, {c['input']} input, {c['img_size']} px, loss {c['loss']})" for _, c in models]
+    parts = [f"{c['arch']} ({c['task']}, {c['input']} input, {c['input_size']} px, loss {c['loss']})" for _, c in models]
     text = parts[0] if len(parts) == 1 else f"mean probability of {len(parts)} models: " + "; ".join(parts)
     if class_model is not None:
         c = class_model[1]
-        text += (f"; the 7 classes from {CLASS_MODEL_FILE}, {c['arch']} ({c['input']} input, {c['img_size']} px, "
+        text += (f"; the 7 classes from {CLASS_MODEL_FILE}, {c['arch']} ({c['input']} input, {c['input_size']} px, "
                  f"loss {c['loss']})")
     return text
 
@@ -300,19 +299,20 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots, 
         tmp.write_text("\n".join(lines) + "\n")
 
 
+@one_line_errors
 def main(args):
     # the small file first: a malformed thresholds.json ends the run before the models' load
-    thresholds, chosen_tta, calibration, _ = operating_points(args.run, args.clinic)
-    models = load_run_models(args.run, args.device, args.engine)  # picks the device where PyTorch runs the models
-    class_model = load_class_model(args.run, args.device, models)
-    if args.classes and not has_classes(models, class_model):
-        fail(args.run, NO_CLASSES)
+    model = ModelFolder(args.run, args.clinic, args.engine, args.device)
+    thresholds, calibration = model.points.thresholds, model.points.calibration
+    models = model.load().models
+    if args.classes:
+        model.require_classes()
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
     if args.gradcam and models[0][1]["input"] == "both":
         fail(args.run, "--gradcam explains a model of one view; this one reads two (--input both)")
     if args.tta is None:
-        args.tta = chosen_tta
+        args.tta = model.points.tta
     training_caches = {checkpoint["args"]["cache"] for _, checkpoint in models}
     if args.cache is None and len(training_caches) > 1:
         fail(args.run, f"members were trained on different caches ({', '.join(sorted(training_caches))}); "
@@ -339,12 +339,10 @@ def main(args):
                                                                             if args.source else ""))
 
     known = hidden_metadata(rows) if args.hide_metadata else rows
-    general_sites = models[0][1].get("general_sites", False)  # train.py --general-sites: read as it trained
-    unknown_line = unknown_sites_line(known, general_sites)
-    if unknown_line and any(checkpoint.get("metadata") for _, checkpoint in models):
+    unknown_line = unknown_sites_line(known, model.general_sites)  # train.py --general-sites: read as it trained
+    if unknown_line and model.reads_metadata:
         print(unknown_line)
-    probs, class_probs = ensemble_probs(models, arrays, rows["row"], None, tta=args.tta,
-                                        metadata=metadata_features(known, general_sites), class_model=class_model)
+    probs, class_probs = model.probs(arrays, rows["row"], metadata_features(known, model.general_sites), args.tta)
     labels = rows["malignant"].to_numpy()
     out_dir = args.out_dir or args.run
     test = rows[["image_id", "lesion_id", "dx"]].copy()
@@ -376,13 +374,13 @@ def main(args):
         summary, class_table = multiclass_report(rows, class_probs, out_dir, args.bootstrap, args.seed)
         plots.append("confusion_matrix_7class.png")
     if args.gradcam:  # a gradient: PyTorch's network, whichever engine scored the images
-        device = pick_device(args.device)
-        model, checkpoint = load_run_models(args.run, device, "torch")[0]
-        images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["img_size"])
-        threshold = thresholds[default_operating_point(thresholds)]
-        plot_gradcam(model, checkpoint, images, test, threshold, args.gradcam, device, out_dir / "gradcam.png")
+        network, checkpoint = model.explained_network()
+        images = model_inputs(arrays, rows["row"], checkpoint["input"], checkpoint["input_size"])
+        plot_gradcam(network, checkpoint, images, test, model.points.threshold()[1], args.gradcam,
+                     next(network.parameters()).device, out_dir / "gradcam.png")
         plots.append("gradcam.png")
-    write_report(out_dir, table, summary, args, models, cache, len(rows), plots, by_source, class_model, class_table)
+    write_report(out_dir, table, summary, args, models, cache, len(rows), plots, by_source, model.class_model,
+                 class_table)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160):
         print(table[["operating_point", "threshold", *METRICS]].to_string(index=False))
         if by_source is not None:

@@ -46,9 +46,9 @@ import torch
 from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, METADATA_SIZE, ONNX_FILES, ONNX_RECORD, SHARED_TASK,
                     ArgumentParser, OnnxNetwork, atomic_path, check_same_preparation, cleaned_image, fail, file_digest,
                     git_commit, image_files, load_checkpoint, load_class_model, load_run_models, load_segmenter,
-                    load_torch_file, loaded_segmenter, lock_output, model_inputs, predict_probs, prepare_cleaned,
-                    read_json, read_thresholds, remove_hair, replace_folder, run_preprocessing, save_checkpoint,
-                    segmenter_logits, shares_network, shown, split_head, working_image, write_json)
+                    load_torch_file, loaded_segmenter, lock_output, model_inputs, one_line_errors, predict_probs,
+                    prepare_cleaned, read_json, read_thresholds, remove_hair, replace_folder, run_preprocessing,
+                    save_checkpoint, segmenter_logits, shares_network, shown, split_head, working_image, write_json)
 
 ONNX_OPSET = 17
 # The largest difference of a probability (malignancy, each class, each segmenter pixel) between an
@@ -206,7 +206,7 @@ def add_onnx(folder, check_paths, out=None):
         for rgb in generated_images(GENERATED_IMAGES):
             small, scale = working_image(rgb, settings["work_size"])
             images.append((*remove_hair(small, settings["hair_removal"]), scale))
-    prepared = prepare_cleaned(images, settings["img_size"], settings["crop_margin"], settings["segmenter"],
+    prepared = prepare_cleaned(images, settings["cache_size"], settings["crop_margin"], settings["segmenter"],
                                settings["segmenter_sha256"], settings["colour_constancy"], settings["crop_fit"])
     arrays = {name: np.stack([p[key] for p in prepared])
               for name, key in (("full", "image"), ("crop", "crop"), ("mask", "mask_small"))}
@@ -220,9 +220,9 @@ def add_onnx(folder, check_paths, out=None):
     record_path.unlink(missing_ok=True)  # until every file below is written and checked, the folder has none
     record = {}
     for name, network, ck, task in networks:
-        x = model_inputs(arrays, np.arange(len(prepared)), ck["input"], ck["img_size"])
+        x = model_inputs(arrays, np.arange(len(prepared)), ck["input"], ck["input_size"])
         channels = x.shape[-1]
-        example = [torch.zeros(2, ck["img_size"], ck["img_size"], channels, dtype=torch.uint8)]
+        example = [torch.zeros(2, ck["input_size"], ck["input_size"], channels, dtype=torch.uint8)]
         if ck.get("metadata"):
             example.append(torch.zeros(2, METADATA_SIZE))
         path = out / ONNX_FILES[name]
@@ -277,6 +277,7 @@ def half(state_dict):
     return {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
 
 
+@one_line_errors
 def main(args):
     if args.onnx is not None:
         if not (args.onnx / "model.pt").is_file():

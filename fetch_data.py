@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ArgumentParser, DX_CODES, METADATA_COLUMNS, SAFE_NAME, SPLITS, atomic_path, check_names, fail,
-                    file_digest, files_by_stem, is_malignant, lock_output, masks_by_image_id, number_in, read_csv,
-                    read_mask, read_rgb, write_csv, write_png)
+from common import (DX_CODES, METADATA_COLUMNS, SAFE_NAME, SPLITS, ArgumentParser, ToolkitError, atomic_path,
+                    check_names, fail, file_digest, files_by_stem, is_malignant, lock_output, masks_by_image_id,
+                    number_in, one_line_errors, read_csv, read_mask, read_rgb, write_csv, write_png)
 
 # How a labels column may spell a diagnosis, mapped to the HAM10000 code. PH2 has no dx codes:
 # its nevi (common and atypical) are nv, its melanomas mel.
@@ -794,8 +794,8 @@ def import_rows(df, out_dir, link=False):
             if not source.is_file():
                 fail(source, "file not found")
             shape = read_rgb(source).shape[:2]
-        except SystemExit as e:
-            problems.append(str(e).removeprefix("error: "))
+        except ToolkitError as e:
+            problems.append(str(e))
             images.append(None)
             masks.append(None)
             continue
@@ -815,8 +815,8 @@ def import_rows(df, out_dir, link=False):
                 if not mask_target.is_file():  # written whole or not at all
                     imported_mask(root / row.mask, shape, mask_target)
                 masks.append(mask_target.relative_to(out_dir).as_posix())
-            except SystemExit as e:
-                print(f"imported {row.image_id} without its mask: {str(e).removeprefix('error: ')}")
+            except ToolkitError as e:
+                print(f"imported {row.image_id} without its mask: {e}")
                 masks.append(None)
         else:
             masks.append(None)
@@ -830,6 +830,7 @@ def import_rows(df, out_dir, link=False):
     return df[df["filename"].notna()].copy()
 
 
+@one_line_errors
 def main(args):
     if args.val_frac + args.test_frac >= 1:
         fail("--val-frac/--test-frac", "the fractions must leave lesions to train on")

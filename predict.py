@@ -30,14 +30,12 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common import (ENGINES, NO_CLASSES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, check_writable, classify_files,
-                    default_operating_point, disagreement, fail, has_classes, image_files, load_class_model,
-                    load_run_models, metadata_features, number_in, operating_points, overlay_image, prediction_row,
-                    read_rgb, run_preprocessing, shown, write_csv, write_png)
+from common import (ENGINES, REFERENCE_MODEL, SEXES, SITES, ArgumentParser, ModelFolder, ToolkitError, check_writable,
+                    disagreement, fail, image_files, number_in, one_line_errors, overlay_image, patient_metadata,
+                    prediction_row, read_rgb, shown, write_csv, write_png)
 
 
 def parse_args(argv=None):
@@ -108,41 +106,31 @@ def print_table(rows, limit=20):
               "(answers_agree 0 in the CSV); the decision, at its validated operating point, is the answer to read")
 
 
+@one_line_errors
 def main(args):
     started = time.time()
-    run = args.run or REFERENCE_MODEL
-    if not run.is_dir():
-        fail(run, "is no run folder (one holding model.pt and thresholds.json)")
-    # the small files first: a malformed one ends the run before torch's import and the models' load
-    thresholds, chosen_tta, calibration, points_dir = operating_points(run, args.clinic)
-    operating_point = args.operating_point or default_operating_point(thresholds)
-    if operating_point not in thresholds:
-        fail(points_dir / "thresholds.json", f"has no operating point '{operating_point}' "
-             f"(it has {', '.join(thresholds) or 'none'})")
-    threshold = thresholds[operating_point]
-    tta = chosen_tta if args.tta is None else args.tta
-    out = args.out or (run / "predictions.csv" if args.run else Path("predictions.csv"))
+    model = ModelFolder(args.run or REFERENCE_MODEL, args.clinic, args.engine, args.device)  # its small files
+    operating_point, threshold = model.points.threshold(args.operating_point)
+    tta = model.points.tta if args.tta is None else args.tta
+    out = args.out or (model.path / "predictions.csv" if args.run else Path("predictions.csv"))
     for folder in [out.parent] + ([args.overlay] if args.overlay else []):
         check_writable(folder)  # before the work, not after it
     files = list_images(args.images)
     if not files:
         fail(" ".join(map(shown, args.images)), "no images found")
 
-    models = load_run_models(run, args.device, args.engine)  # picks the device where PyTorch runs the models
-    class_model = load_class_model(run, args.device, models)
-    if args.classes and not has_classes(models, class_model):
-        fail(run, NO_CLASSES)
-    settings = run_preprocessing(models, run)
-    metadata = metadata_features(pd.DataFrame({"age": [args.age], "sex": [args.sex], "localization": [args.site]}))
+    model.load()  # its networks: torch's import, where PyTorch runs them, and the weights
+    if args.classes:
+        model.require_classes()
+    metadata = patient_metadata(args.age, args.sex, args.site, len(files))
     rows, skipped, first_image = [], 0, time.time()
     names = overlay_names(files)
-    for i, result in tqdm(classify_files(models, settings, files, np.repeat(metadata, len(files), axis=0), None, tta,
-                                         class_model), total=len(files), desc="predicting"):
-        if isinstance(result, str):  # unreadable or degenerate: say which and go on with the rest
+    for i, result in tqdm(model.classify(files, metadata, tta), total=len(files), desc="predicting"):
+        if isinstance(result, ToolkitError):  # unreadable or degenerate: say which and go on with the rest
             tqdm.write(f"skipped {result}")
             skipped += 1
             continue
-        row = prediction_row(shown(files[i]), result, threshold, operating_point, tta, calibration)
+        row = prediction_row(shown(files[i]), result, threshold, operating_point, tta, model.points.calibration)
         if args.overlay:
             row["overlay"] = names[i]
             write_png(args.overlay / names[i], overlay_image(read_rgb(files[i]), result["prepared"], row["decision"],
@@ -154,12 +142,11 @@ def main(args):
     write_csv(pd.DataFrame(rows), out)
     print_table(rows)
     print(f"{operating_point} threshold {threshold:.3f}{' (test-time augmentation)' if tta else ''}; "
-          f"model {shown(run)} ({'ONNX Runtime' if models[0][1].get('onnx_networks') else 'PyTorch'})" +
+          f"model {shown(model.path)} ({'ONNX Runtime' if model.engine == 'onnx' else 'PyTorch'})" +
           (f"; calibrated to clinic {args.clinic} (the threshold applies to model_prob)"
                                    if args.clinic else ""))
     print(f"wrote {shown(out)}: {len(rows)} images" + (f", {skipped} skipped" if skipped else "") +
           f", {len(rows) / max(seconds, 1e-9):.1f} images/s; {time.time() - started:.1f} s in all")
-
 
 if __name__ == "__main__":
     main(parse_args())

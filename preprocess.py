@@ -1,9 +1,9 @@
 """Step 2: hair removal, lesion segmentation and crop, cached for training and evaluation.
 
 Reads data/<dataset>/metadata.csv and its images. Writes a cache folder (default
-cache/<dataset>_<img-size>) holding:
+cache/<dataset>_<cache-size>) holding:
   masks/<image_id>.png   lesion masks at working resolution (open them to check the segmentation)
-  images.npy             images after hair removal, N x S x S x 3 uint8 (S = --img-size)
+  images.npy             images after hair removal, N x S x S x 3 uint8 (S = --cache-size)
   crops.npy              square lesion crops with a margin, N x S x S x 3 uint8 (--crop-fit pad:
                          never cut by the image's edges, black beyond them)
   masks.npy              lesion masks at S x S, N x S x S uint8 (0/1), for masked input
@@ -35,7 +35,7 @@ and worst_overlays.png (the worst cases: ground truth green, ours red) go into t
 --overlay-sheet N draws N random images with their masks into overlays.png, for data without
 ground truth.
 
-Examples: python preprocess.py --data data/hamfull --img-size 224
+Examples: python preprocess.py --data data/hamfull --cache-size 224
           python preprocess.py --data data/hamfull --segmenter unet --segmenter-model runs/segmenter/model.pt
           python preprocess.py --data data/ph2 --score-masks ../shared/data/ph2/masks
 """
@@ -50,10 +50,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (ArgumentParser, CACHE_ARRAYS, COLOUR_CONSTANCY, CROP_FITS, HAIR_REMOVAL_MODES, METADATA_COLUMNS,
-                    SEGMENTERS, check_names, fail, file_digest, load_segmenter, lock_output, masks_by_image_id,
-                    number_in, preprocess_image, preprocess_settings, read_csv, read_json, read_mask, read_rgb,
-                    save_image_grid, write_csv, write_json, write_png)
+from common import (CACHE_ARRAYS, COLOUR_CONSTANCY, CROP_FITS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, SEGMENTERS,
+                    ArgumentParser, ToolkitError, check_names, fail, file_digest, load_segmenter, lock_output,
+                    masks_by_image_id, number_in, one_line_errors, preprocess_image, preprocess_settings, read_csv,
+                    read_json, read_mask, read_rgb, save_image_grid, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -62,9 +62,11 @@ PIPELINE_VERSION = 3
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="dataset folder with metadata.csv")
-    p.add_argument("--out", type=Path, help="cache folder (default cache/<dataset>_<img-size>, with _hair-<mode> "
+    p.add_argument("--out", type=Path, help="cache folder (default cache/<dataset>_<cache-size>, with _hair-<mode> "
                                             "added for a --hair-removal other than on)")
-    p.add_argument("--img-size", type=number_in(int, 8), default=224, help="side of the cached square images")
+    p.add_argument("--cache-size", "--img-size", type=number_in(int, 8), default=224,
+                   help="side of the cached square images (a network reads them resized to its own size, train.py "
+                        "--input-size)")
     p.add_argument("--work-size", type=number_in(int, 32), default=384,
                    help="longest side at which hair removal and segmentation run")
     p.add_argument("--crop-margin", type=number_in(float, 0, 2), default=0.15,
@@ -101,14 +103,14 @@ def _worker(job):
         torch.set_num_threads(1)
     try:
         return image_id, preprocess_image(path, **settings), None
-    except SystemExit as e:  # read_rgb's one-line error
-        return image_id, None, str(e)
+    except ToolkitError as e:  # read_rgb's one-line error
+        return image_id, None, f"error: {e}"
     except Exception as e:  # report any per-image failure by name and go on
         return image_id, None, f"error: {path}: {type(e).__name__}: {e}"
 
 
 def cache_key(args, metadata_path):
-    key = {"pipeline_version": PIPELINE_VERSION, "img_size": args.img_size,
+    key = {"pipeline_version": PIPELINE_VERSION, "cache_size": args.cache_size,
            "work_size": args.work_size, "crop_margin": args.crop_margin, "hair_removal": args.hair_removal,
            "segmenter": args.segmenter, "colour_constancy": args.colour_constancy,
            "metadata_sha256": file_digest(metadata_path)}
@@ -117,6 +119,15 @@ def cache_key(args, metadata_path):
     if args.segmenter == "unet":
         load_segmenter(args.segmenter_model)  # a missing or foreign file ends here, before any work
         key.update(segmenter_model=str(args.segmenter_model), segmenter_sha256=file_digest(args.segmenter_model))
+    return key
+
+
+def read_cache_key(path):
+    """A cache's cache_key.json, its size under today's name (cache_size; "img_size" before), so that a
+    cache built before the rename is no stale one."""
+    key = read_json(path)
+    if isinstance(key, dict) and "img_size" in key and "cache_size" not in key:
+        key = {("cache_size" if name == "img_size" else name): value for name, value in key.items()}
     return key
 
 
@@ -136,7 +147,7 @@ def allocated_array(path, shape):
 def preprocess_all(metadata, data_dir, out_dir, key, args):
     """Preprocess every image into the arrays and mask PNGs of out_dir (a fresh folder).
     Returns (index rows of the images done, error lines of those that failed)."""
-    n, s = len(metadata), args.img_size
+    n, s = len(metadata), args.cache_size
     settings = preprocess_settings(key)
     jobs = [(row.image_id, data_dir / row.filename, settings) for row in metadata.itertuples()]
     # Arrays are written in place as results arrive, so memory stays flat for large datasets.
@@ -176,12 +187,12 @@ def write_cache(metadata, metadata_path, out_dir, key, args):
     (build_dir / "masks").mkdir(parents=True)
     try:
         rows, failures = preprocess_all(metadata, args.data, build_dir, key, args)
-    except SystemExit:  # a full disk, a dead worker: leave nothing half-built behind
+    except BaseException:  # a full disk, a dead worker, Ctrl+C: leave nothing half-built behind
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     if not rows:
         shutil.rmtree(build_dir)
-        raise SystemExit(f"error: {metadata_path}: no image could be preprocessed")
+        fail(metadata_path, "no image could be preprocessed")
     per_image = pd.DataFrame(rows)
     index = metadata.iloc[per_image["position"]].reset_index(drop=True)
     # Rows of failed images stay in the arrays (zeros) but not in the index.
@@ -277,8 +288,8 @@ def score_masks(index, data_dir, cache_dir, truth_paths, worst, truth_name):
     for row in tqdm(scored.itertuples(), total=len(scored), desc="scoring masks"):
         try:
             truth = read_mask(truth_paths[row.image_id])
-        except SystemExit as e:  # a mask gone or damaged costs that image its score, not the run
-            tqdm.write(f"no mask score for {row.image_id}: {str(e).removeprefix('error: ')}")
+        except ToolkitError as e:  # a mask gone or damaged costs that image its score, not the run
+            tqdm.write(f"no mask score for {row.image_id}: {e}")
             unreadable += 1
             continue
         ours = read_mask(cache_dir / "masks" / f"{row.image_id}.png").astype(np.uint8)
@@ -333,6 +344,7 @@ def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
     print(f"wrote {cache_dir / 'overlays.png'}")
 
 
+@one_line_errors
 def main(args):
     metadata_path = args.data / "metadata.csv"
     metadata = read_csv(metadata_path, METADATA_COLUMNS)
@@ -340,11 +352,11 @@ def main(args):
     suffix = ("" if args.hair_removal == "on" else f"_hair-{args.hair_removal}") + \
         ("_unet" if args.segmenter == "unet" else "") + \
         ("_sog" if args.colour_constancy == "shades_of_gray" else "") + ("_pad" if args.crop_fit == "pad" else "")
-    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.img_size}{suffix}"
+    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.cache_size}{suffix}"
     key = cache_key(args, metadata_path)
     lock_output(out_dir)
     complete = all((out_dir / name).is_file() for name in ("index.csv", "cache_key.json", *CACHE_ARRAYS.values()))
-    rebuilt = not (complete and read_json(out_dir / "cache_key.json") == key)
+    rebuilt = not (complete and read_cache_key(out_dir / "cache_key.json") == key)
     if rebuilt:
         write_cache(metadata, metadata_path, out_dir, key, args)
     else:

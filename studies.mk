@@ -19,12 +19,12 @@ STUDY_HAIR   ?= legacy
 STUDY1_PINS := SEGMENTER=classical COLOUR=none CROP_FIT=inside METADATA=off TTA=off
 # $(1) run folder under runs/, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training
 # size, $(7) more train flags, $(8) more make variables and goals
-recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
-	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--img-size $(6) $(7)" $(STUDY1_PINS) $(8)
+recipe_run = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) CACHE_SIZE=$(STUDY_IMG_SIZE) EPOCHS=$(STUDY_EPOCHS) \
+	RUN=$(1) ARCH=$(2) LOSS=$(3) AUG=$(4) INPUT=$(5) TRAIN_FLAGS="--input-size $(6) $(7)" $(STUDY1_PINS) $(8)
 # $(1) run name, $(2) arch, $(3) loss, $(4) augmentation, $(5) input, $(6) training size, $(7) more flags
 study_stage = $(call recipe_run,study/$(1),$(2),$(3),$(4),$(5),$(6),$(7),HAIR=$(STUDY_HAIR))
 # $(1) run name, $(2) the member stages, whose mean probability it is
-study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) IMG_SIZE=$(STUDY_IMG_SIZE) \
+study_ensemble = $(MAKE) all external DATA=$(STUDY_DATA) FROM_DIR=$(STUDY_FROM) CACHE_SIZE=$(STUDY_IMG_SIZE) \
 	HAIR=$(STUDY_HAIR) RUN=study/$(1) MEMBERS="$(addprefix study/,$(2))" $(STUDY1_PINS)
 
 # Stage 5 trains the recipe of stages 3-4 with the highest validation ROC-AUC again at the cache's
@@ -66,9 +66,9 @@ study: | $(PY_DEPS)  ## the reference study's stages on real images (hours on 2 
 STUDY2_FROM ?= $(SHARED)/ham10000_full
 # the segmenter the study trained (HAM10000's masks alone), and each stage's own flags for the rest
 STUDY2_PINS := $(HAM_SEGMENTER) SEG_MODEL=runs/segmenter_ham10000/model.pt CROP_FIT=inside METADATA=off TTA=off
-screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) IMG_SIZE=224 EPOCHS=3 \
+screen_run = $(MAKE) validate external-val DATA=hamfull FROM_DIR=$(STUDY2_FROM) CACHE_SIZE=224 EPOCHS=3 \
 	RUN=study2/screen/$(1) ARCH=efficientnet_lite0 LOSS=wbce AUG=full INPUT=$(2) SEGMENTER=$(3) COLOUR=$(4) \
-	TRAIN_FLAGS="--img-size 128 --seed 0" $(STUDY2_PINS)
+	TRAIN_FLAGS="--input-size 128 --seed 0" $(STUDY2_PINS)
 STUDY2_SCREEN = S1_full S2_full_sog S3_crop_unet S4_crop_unet_sog
 study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on validation and ISIC 2017 train+val (about 25 min)
 	$(call screen_run,S1_full,full,classical,none)
@@ -82,8 +82,8 @@ study2-screen: | $(PY_DEPS)  ## study, 2nd edition, stage S: levers screened on 
 # $(4) more train.py flags
 STUDY2_S4 := runs/study2/screen/S4_crop_unet_sog
 lever_run = $(MAKE) validate $(if $(5),,external-val) DATA=$(if $(5),ham+isic2017,hamfull) \
-	FROM_DIR="$(STUDY2_FROM) $(5)" IMG_SIZE=224 EPOCHS=3 RUN=study2/levers/$(1) ARCH=$(2) LOSS=$(3) AUG=full \
-	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 128 --seed 0 $(4)" $(STUDY2_PINS)
+	FROM_DIR="$(STUDY2_FROM) $(5)" CACHE_SIZE=224 EPOCHS=3 RUN=study2/levers/$(1) ARCH=$(2) LOSS=$(3) AUG=full \
+	INPUT=crop SEGMENTER=unet COLOUR=shades_of_gray TRAIN_FLAGS="--input-size 128 --seed 0 $(4)" $(STUDY2_PINS)
 isic2017_val = $(PYTHON) evaluate.py --run $(1) --cache cache/ham+isic2017_224_unet_sog --split val --source isic2017 \
 	--out-dir $(1)/isic2017_val
 STUDY2_LEVERS = T1_meta T2_lite1 T3_7class
@@ -104,9 +104,9 @@ study2-levers: | $(PY_DEPS)  ## study, 2nd edition, stage T: metadata, Lite1, 7-
 STUDY2_F       := runs/study2/final
 STUDY2_F_ARCH  ?= efficientnet_lite0
 STUDY2_F_FLAGS ?= --metadata
-final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" IMG_SIZE=224 \
+final_run = $(MAKE) validate $(if $(filter hamfull,$(2)),external-val) DATA=$(2) FROM_DIR="$(3)" CACHE_SIZE=224 \
 	EPOCHS=10 RUN=study2/final/$(1) ARCH=$(STUDY2_F_ARCH) LOSS=$(4) AUG=full INPUT=crop SEGMENTER=unet \
-	COLOUR=shades_of_gray TRAIN_FLAGS="--img-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)" $(STUDY2_PINS)
+	COLOUR=shades_of_gray TRAIN_FLAGS="--input-size 160 --seed 0 $(STUDY2_F_FLAGS) $(5)" $(STUDY2_PINS)
 study2-final: | $(PY_DEPS)  ## study, 2nd edition, stage F: the full-length runs (validation only; about 95 min on 2 cores)
 	$(call final_run,F1,hamfull,$(STUDY2_FROM),wbce)
 	$(call final_run,F2,ham+isic2017,$(STUDY2_FROM) $(SHARED)/isic2017,wbce)
@@ -150,11 +150,11 @@ hair-study: | $(PY_DEPS)  ## stage 3's recipe with each hair removal: validation
 # HAM10000 val, ISIC 2017 train+val with its age and sex and with them hidden
 SCREEN_RUN ?= runs/screen25
 SCREEN_FIRST_SEG ?= runs/segmenter_ham10000/model.pt
-screen_cache = $(PYTHON) preprocess.py --data data/$(1) --img-size 224 --colour-constancy shades_of_gray --segmenter unet \
+screen_cache = $(PYTHON) preprocess.py --data data/$(1) --cache-size 224 --colour-constancy shades_of_gray --segmenter unet \
 	--segmenter-model $(3) $(4) --out cache/$(1)_224_screen_$(2)
 screen_arm = $(call screen_cache,hamfull,$(1),$(2),$(3)) && $(call screen_cache,isic2017_trainval,$(1),$(2),$(3)) && \
 	$(PYTHON) train.py --cache cache/hamfull_224_screen_$(1) --run-dir $(SCREEN_RUN)/$(1) --arch efficientnet_lite0 \
-		--input crop --metadata --loss wbce --aug full --img-size 128 --epochs 3 --seed 0 && \
+		--input crop --metadata --loss wbce --aug full --input-size 128 --epochs 3 --seed 0 && \
 	$(PYTHON) threshold.py --run $(SCREEN_RUN)/$(1) && \
 	$(PYTHON) evaluate.py --run $(SCREEN_RUN)/$(1) --cache cache/isic2017_trainval_224_screen_$(1) --split all --no-tta \
 		--bootstrap 0 --out-dir $(SCREEN_RUN)/$(1)/isic2017_trainval && \
@@ -190,7 +190,7 @@ crop-fit-study: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the padded crop's lesion
 # sites; every cache is cut by the shipped model's U-Net. $(1) dataset, $(2) crop fit
 THIRD_SEG ?= $(REFERENCE)/segmenter.pt
 THIRD_SITES := isic2017_trainval ph2 isic2020_dev
-third_cache = test -f cache/$(1)_224_third_$(2)/index.csv || $(PYTHON) preprocess.py --data data/$(1) --img-size 224 \
+third_cache = test -f cache/$(1)_224_third_$(2)/index.csv || $(PYTHON) preprocess.py --data data/$(1) --cache-size 224 \
 	--colour-constancy shades_of_gray --segmenter unet --segmenter-model $(THIRD_SEG) --crop-fit $(2) \
 	--out cache/$(1)_224_third_$(2)
 third-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEPS)  ## study, 3rd edition: its datasets and padded-crop caches
@@ -207,7 +207,7 @@ third-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEP
 # $(3) crop fit, $(4) train.py flags that change B's
 THIRD_RUNS  ?= runs/third
 THIRD_SEEDS ?= 0 1
-THIRD_BUDGET ?= --img-size 128 --epochs 3
+THIRD_BUDGET ?= --input-size 128 --epochs 3
 # seeded_runs: $(1) run folder without the seed, $(2) cache, $(3) train.py flags; seeded_dirs: the
 # runs' folders, comma-separated (bench/panel.py's and bench/seven_classes.py's --arm)
 seeded_runs = $(foreach seed,$(THIRD_SEEDS),(run=$(1)_s$(seed); test -f $$run/config.json || \
@@ -225,7 +225,7 @@ THIRD_ARM_L3a := hamfull_trainval,pad,--input full
 THIRD_ARM_L3b := hamfull_trainval,inside,
 THIRD_ARM_L4  := hamfull_trainval,pad,--task multiclass --loss ce --class-weights balanced
 THIRD_ARM_L5a := hamfull_trainval,pad,--arch efficientnet_lite1
-THIRD_ARM_L5b := hamfull_trainval,pad,--img-size 192
+THIRD_ARM_L5b := hamfull_trainval,pad,--input-size 192
 THIRD_ARM_L3d := hamfull_trainval,pad,--input both
 arm_field = $(word $(2),$(subst $(comma), ,$(subst $(eval) ,^,$(THIRD_ARM_$(1)))))
 third-screen: | $(PY_DEPS)  ## study, 3rd edition: the baseline and each arm for 3 epochs at 128 px, seeds 0 and 1, on the outside panel
@@ -245,7 +245,7 @@ third-screen: | $(PY_DEPS)  ## study, 3rd edition: the baseline and each arm for
 THIRD_FULL_DATA  ?= ham+isic2017_trainval
 THIRD_FULL_FLAGS ?= --input full --val-source ham10000_full
 third-full: THIRD_RUNS = runs/third_full
-third-full: THIRD_BUDGET = --img-size 160 --epochs 10
+third-full: THIRD_BUDGET = --input-size 160 --epochs 10
 third-full: | $(PY_DEPS)  ## study, 3rd edition: B and the combined levers at full length, seeds 0 and 1, held to the keep rule
 	$(call third_arm,B,hamfull_trainval,pad,)
 	$(call third_arm,C,$(THIRD_FULL_DATA),pad,$(THIRD_FULL_FLAGS))
@@ -268,13 +268,13 @@ third-ensemble: | $(PY_DEPS)  ## study, 3rd edition: the full-length arm's two s
 # seed, $(2) budget, $(3) train.py flags beyond the 7-class task
 seven_arm = $(call seeded_runs,$(1),cache/hamfull_trainval_224_third_pad,--task multiclass --loss ce --aug full $(2) $(3))
 seven_runs = $(call seeded_dirs,$(1))
-SEVEN_SCREEN := --img-size 128 --epochs 3
+SEVEN_SCREEN := --input-size 128 --epochs 3
 # K0's screen runs are the third edition's L4 runs: the same command
 seven-screen: | $(PY_DEPS)  ## 7 classes: the recipe's arms for 3 epochs at 128 px, seeds 0 and 1, on HAM10000 val
 	$(call seven_arm,runs/third/L4,$(SEVEN_SCREEN),--class-weights balanced)
 	$(call seven_arm,runs/seven/K1,$(SEVEN_SCREEN),--sampler balanced)
 	$(call seven_arm,runs/seven/K2,$(SEVEN_SCREEN),--class-weights balanced --label-smoothing 0.1)
-	$(call seven_arm,runs/seven/K3,--img-size 128 --epochs 6,--class-weights balanced)
+	$(call seven_arm,runs/seven/K3,--input-size 128 --epochs 6,--class-weights balanced)
 	$(PYTHON) bench/seven_classes.py --arm K0=$(call seven_runs,runs/third/L4) --arm K1=$(call seven_runs,runs/seven/K1) \
 		--arm K2=$(call seven_runs,runs/seven/K2) --arm K3=$(call seven_runs,runs/seven/K3) --rule screen \
 		--out bench/results/seven/screen
@@ -289,14 +289,14 @@ SEVEN_FULL_EPOCHS ?= 20
 # (SEVEN_K4_FLAGS: its input form and size, the reference model's since issue 33: the whole image
 # at 160 px; a test holds them to model.pt's)
 SEVEN_K4_FROM  ?= $(REFERENCE)/model.pt
-SEVEN_K4_FLAGS ?= --input full --img-size 160
+SEVEN_K4_FLAGS ?= --input full --input-size 160
 seven_tta = $(foreach seed,$(THIRD_SEEDS),(test -f $(1)_s$(seed)/val_tta/test_probs.csv || \
 	($(PYTHON) threshold.py --run $(1)_s$(seed) && $(PYTHON) evaluate.py --run $(1)_s$(seed) --split val --tta \
 		--bootstrap 0 --out-dir $(1)_s$(seed)/val_tta)) &&) true
 seven_tta_files = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)/val_tta/test_probs.csv))
 seven-full: | $(PY_DEPS)  ## 7 classes: K0, the screen's combined recipe and K4 (a head on the shipped network) at full length, seeds 0 and 1
-	$(call seven_arm,runs/seven_full/K0,--img-size 160 --epochs 10,--class-weights balanced)
-	$(call seven_arm,runs/seven_full/S,--img-size 160 --epochs $(SEVEN_FULL_EPOCHS),$(SEVEN_FULL_FLAGS))
+	$(call seven_arm,runs/seven_full/K0,--input-size 160 --epochs 10,--class-weights balanced)
+	$(call seven_arm,runs/seven_full/S,--input-size 160 --epochs $(SEVEN_FULL_EPOCHS),$(SEVEN_FULL_FLAGS))
 	$(call seven_arm,runs/seven_full/K4,--epochs 10,--class-weights balanced $(SEVEN_K4_FLAGS) \
 		--frozen-from $(SEVEN_K4_FROM))
 	$(call seven_tta,runs/seven_full/K0)
@@ -323,7 +323,7 @@ seven-export: | $(PY_DEPS)  ## 7 classes: the run the protocol chose, exported b
 # Data: the train and val rows of ham10000_full, ISIC 2017 and bcn20000_84 (no test image of any),
 # cut by the shipped model's U-Net as the third edition's caches; the panel's sites are third-data's.
 FOUR_RUNS   ?= runs/four
-FOUR_BUDGET ?= --img-size 128 --epochs 3 --epoch-size 8818
+FOUR_BUDGET ?= --input-size 128 --epochs 3 --epoch-size 8818
 four-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEPS)  ## study, 4th edition: HAM10000, ISIC 2017 and BCN20000 train+val, and the panel's caches
 	test -f data/hamfull_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
 		--only-split train val --out data/hamfull_trainval

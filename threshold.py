@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, best_f1_threshold, binary_metrics, fail, number_in, plot_pr_curve, read_probs,
-                    recall_bound_threshold, recall_target_threshold, specificity_target_threshold, write_json)
+from common import (ArgumentParser, best_f1_threshold, binary_metrics, fail, number_in, one_line_errors, plot_pr_curve,
+                    read_probs, recall_bound_threshold, recall_target_threshold, specificity_target_threshold,
+                    write_json)
 
 
 def parse_args(argv=None):
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(args):
     val_path = args.probs or args.run / "val_probs.csv"
     val = read_probs(val_path)

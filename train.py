@@ -39,9 +39,9 @@ from tqdm import tqdm
 from common import (ARCHS, DX_CODES, INPUTS, SHARED_TASK, TASKS, ArgumentParser, atomic_path, autocast_dtype,
                     balanced_accuracy_7, build_model, check_preprocessing, cosine_with_warmup, fail, file_digest,
                     git_commit, hide_metadata, load_cache, load_checkpoint, load_torch_file, lock_output,
-                    metadata_features, model_inputs, number_in, optimisation_step, pick_device, predict_probs,
-                    prepare_model, ranking_metrics, read_json, save_checkpoint, split_head, to_model_tensor, write_csv,
-                    write_json)
+                    metadata_features, model_inputs, number_in, one_line_errors, optimisation_step, pick_device,
+                    predict_probs, prepare_model, ranking_metrics, read_json, save_checkpoint, split_head,
+                    to_model_tensor, write_csv, write_json)
 
 
 def parse_args(argv=None):
@@ -100,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--hide-metadata", type=number_in(float, 0, 1), default=0.25, metavar="P",
                    help="with --metadata, hide each field of a training image with probability P, so the "
                    "model also scores images without it")
-    p.add_argument("--img-size", type=number_in(int, 32), help="train at this size (default: the cache's)")
+    p.add_argument("--input-size", "--img-size", type=number_in(int, 32),
+                   help="the network's input size: the cache's images are resized to it (default: the cache's size)")
     p.add_argument("--epochs", type=number_in(int, 1), default=10)
     p.add_argument("-b", "--batch-size", type=number_in(int, 1), default=32, help="total over all processes")
     p.add_argument("--lr", type=number_in(float, 0, low_open=True), default=1e-3, help="peak learning rate")
@@ -127,7 +128,7 @@ def parse_args(argv=None):
 AUGMENTATIONS = ("none", "basic", "full", "shift")
 
 
-def make_augment(level, img_size):
+def make_augment(level, input_size):
     """Per-image random transforms on uint8 CHW tensors (torchvision.transforms.v2). Dermoscopy
     has no up or down, so vertical flips and any rotation are fair. shift adds what another
     clinic's camera changes (the rest of it in acquisition_shift, on the batch): the lesion's scale
@@ -137,14 +138,14 @@ def make_augment(level, img_size):
         return None
     steps = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if level == "full":
-        steps = [v2.RandomResizedCrop(img_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+        steps = [v2.RandomResizedCrop(input_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
                  *steps, v2.RandomRotation(180),
                  # hue is jittered on the whole batch at once (random_hue): v2's per-image hue
                  # cost 1.7 ms an image on the CPU, more than all the rest together
                  v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
     if level == "shift":
         steps = [v2.RandomApply([v2.RandomZoomOut(fill=0, side_range=(1.0, 1.6))], p=0.3),
-                 v2.RandomResizedCrop(img_size, scale=(0.4, 1.0), ratio=(0.7, 1.43), antialias=True),
+                 v2.RandomResizedCrop(input_size, scale=(0.4, 1.0), ratio=(0.7, 1.43), antialias=True),
                  *steps, v2.RandomRotation(180),
                  v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
                  v2.RandomApply([jpeg_recompression], p=0.3)]
@@ -333,7 +334,7 @@ def epoch_order(targets, sampler, seed, epoch, groups=None, size=None):
     return torch.cat(passes)[first - (first // n) * n:last - (first // n) * n]
 
 
-def frozen_network(model, args, img_size):
+def frozen_network(model, args, input_size):
     """The new model with --frozen-from's network and metadata embedding loaded and frozen (its
     head alone trains); returns the source's normalisation. The frozen part must stay exactly the
     source's, batch-norm statistics included, so that a model folder can share it (train_one_epoch
@@ -341,7 +342,7 @@ def frozen_network(model, args, img_size):
     if not args.metadata:
         fail("--frozen-from", "needs --metadata: the network shared is a metadata model's")
     source, checkpoint = load_checkpoint(args.frozen_from)
-    for key, ours in (("arch", args.arch), ("input", args.input), ("img_size", img_size), ("metadata", True)):
+    for key, ours in (("arch", args.arch), ("input", args.input), ("input_size", input_size), ("metadata", True)):
         if checkpoint.get(key) != ours:
             fail(args.frozen_from, f"has {key} {checkpoint.get(key)!r}, this run {ours!r}: a head is trained on "
                  "the network exactly as that model reads its images")
@@ -438,6 +439,7 @@ def keep_segmenter(cache_key, run_dir):
     return {**cache_key, "segmenter_model": kept.name}
 
 
+@one_line_errors
 def main(args):
     rank, world, device = setup_processes(args)
     is_main = rank == 0
@@ -459,9 +461,9 @@ def main(args):
     for name, rows in (("train", train_rows), ("val", val_rows)):
         if rows["malignant"].nunique() < 2:
             fail(args.cache / "index.csv", f"the {name} split needs benign and malignant images")
-    img_size = args.img_size or arrays["full"].shape[1]
-    train_images = torch.from_numpy(model_inputs(arrays, train_rows["row"], args.input, img_size))
-    val_images = model_inputs(arrays, val_rows["row"], args.input, img_size)
+    input_size = args.input_size or arrays["full"].shape[1]
+    train_images = torch.from_numpy(model_inputs(arrays, train_rows["row"], args.input, input_size))
+    val_images = model_inputs(arrays, val_rows["row"], args.input, input_size)
     if args.general_sites and not args.metadata:
         fail("--general-sites", "reads the metadata's site words: it needs --metadata")
     train_metadata = torch.from_numpy(metadata_features(train_rows, args.general_sites)) if args.metadata else None
@@ -476,7 +478,7 @@ def main(args):
     model, normalisation = build_model(args.arch, num_outputs, args.pretrained and not args.frozen_from,
                                        args.weights, args.metadata, views=2 if args.input == "both" else 1)
     if args.frozen_from:
-        normalisation = frozen_network(model, args, img_size)
+        normalisation = frozen_network(model, args, input_size)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
     dtype = autocast_dtype(args.precision, device, args.arch)
@@ -489,7 +491,7 @@ def main(args):
     steps_per_epoch = math.ceil(math.ceil(epoch_size / world) / per_process_batch)
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch),
                                    args.epochs * steps_per_epoch)
-    augment = make_augment(args.aug, img_size)
+    augment = make_augment(args.aug, input_size)
     noise, hue = (0.02, 0.02) if args.aug in ("full", "shift") else (0.0, 0.0)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -511,7 +513,7 @@ def main(args):
         "arch": args.arch, "num_outputs": num_outputs, "normalisation": normalisation, "task": args.task,
         "classes": {"multiclass": list(DX_CODES), SHARED_TASK: ["malignant", *DX_CODES]}.get(args.task,
                                                                                            ["benign", "malignant"]),
-        "input": args.input, "img_size": img_size, "loss": args.loss, "metadata": args.metadata,
+        "input": args.input, "input_size": input_size, "loss": args.loss, "metadata": args.metadata,
         "general_sites": args.general_sites,
         # how predict.py must prepare new images
         "preprocess": keep_segmenter(cache_key, args.run_dir) if is_main else None,
@@ -539,7 +541,7 @@ def main(args):
     if is_main:
         args.run_dir.mkdir(parents=True, exist_ok=True)
         print(f"training {args.arch} ({args.task}, {args.loss}) on {len(train_images)} images "
-              f"({int(train_rows['malignant'].sum())} malignant), validating on {len(val_images)}; {img_size}px "
+              f"({int(train_rows['malignant'].sum())} malignant), validating on {len(val_images)}; {input_size}px "
               f"{args.input} input{' with metadata' if args.metadata else ''}, device {device}, {world} process(es), "
               f"{'fp32' if dtype is None else str(dtype).replace('torch.', '')}")
 

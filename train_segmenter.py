@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype,
-                    build_segmenter, cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, logit,
-                    number_in, optimisation_step, pick_device, prepare_model, read_csv, read_mask, read_rgb,
+from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype, build_segmenter,
+                    cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, logit, number_in,
+                    one_line_errors, optimisation_step, pick_device, prepare_model, read_csv, read_mask, read_rgb,
                     save_checkpoint, segmenter_logits, write_csv, write_json)
 
 
@@ -161,6 +161,7 @@ def validation_scores(model, images, masks, sources, normalisation, thresholds=(
     return results
 
 
+@one_line_errors
 def main(args):
     lock_output(args.run_dir)
     torch.manual_seed(args.seed)

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from common import load_cache, model_inputs, save_image_grid  # noqa: E402
+from common import load_cache, model_inputs, one_line_errors, save_image_grid  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--aug", default="shift", choices=train.AUGMENTATIONS)
     p.add_argument("--input", default="crop", choices=["full", "crop"])
-    p.add_argument("--img-size", type=int, default=160)
+    p.add_argument("--input-size", "--img-size", type=int, default=160, help="the network's input size")
     p.add_argument("--images", type=int, default=6, help="rows: training images drawn at random")
     p.add_argument("--draws", type=int, default=5, help="augmented copies of each")
     p.add_argument("--seed", type=int, default=0)
@@ -30,13 +30,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(args):
     torch.manual_seed(args.seed)
     index, arrays = load_cache(args.cache)
     train_rows = index[index["split"] == "train"]
     picked = train_rows.sample(args.images, random_state=args.seed)
-    images = torch.from_numpy(model_inputs(arrays, picked["row"], args.input, args.img_size))
-    augment = train.make_augment(args.aug, args.img_size)
+    images = torch.from_numpy(model_inputs(arrays, picked["row"], args.input, args.input_size))
+    augment = train.make_augment(args.aug, args.input_size)
     identity = {"mean": [0.0] * 3, "std": [1 / 255] * 3}  # to_model_tensor then gives back 0-255
     tiles, titles = [], []
     for image, row in zip(images, picked.itertuples()):

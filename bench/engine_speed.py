@@ -25,10 +25,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import numpy as np  # noqa: E402
-
 import common  # noqa: E402
-from common import REFERENCE_MODEL, atomic_path, write_json  # noqa: E402
+from common import REFERENCE_MODEL, atomic_path, one_line_errors, write_json  # noqa: E402
 from reference_model import predict_run  # noqa: E402  (predict.py's own images/s, the call's wall seconds)
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -88,27 +86,22 @@ class StageTimer:
 
 def stage_times(model_dir, engine, files, tta):
     """{stage: ms per image} of classify_files on the files, and the whole loop's images/s."""
-    import torch
-    device = torch.device("cpu")
-    models = common.load_run_models(model_dir, device, engine)
-    class_model = common.load_class_model(model_dir, device, models)
-    settings = common.run_preprocessing(models, model_dir)
-    metadata = np.zeros((len(files), common.METADATA_SIZE), np.float32)
-    names = {id(models[0][0]): "model.pt"}
-    if class_model is not None:
-        names[id(class_model[0])] = "classes.pt"
-    list(common.classify_files(models, settings, files[:8], metadata, device, tta, class_model))  # warm-up
+    model = common.ModelFolder(model_dir, engine=engine, device="cpu").load()
+    names = {id(model.models[0][0]): "model.pt"}
+    if model.class_model is not None:
+        names[id(model.class_model[0])] = "classes.pt"
+    list(model.classify(files[:8], tta=tta))  # warm-up
     timer = StageTimer()
     for stage, name in WRAPPED:
         timer.wrap(stage, name)
     timer.wrap_networks(names)
     try:
         started = time.perf_counter()
-        results = list(common.classify_files(models, settings, files, metadata, device, tta, class_model))
+        results = list(model.classify(files, tta=tta))
         total = time.perf_counter() - started
     finally:
         timer.restore()
-    skipped = sum(isinstance(r, str) for _, r in results)
+    skipped = sum(isinstance(r, common.ToolkitError) for _, r in results)
     if skipped:
         raise SystemExit(f"{skipped} images could not be read")
     times = {stage: 1000 * s / len(files) for stage, s in timer.seconds.items()}
@@ -116,6 +109,7 @@ def stage_times(model_dir, engine, files, tta):
     return times, len(files) / total
 
 
+@one_line_errors
 def main(args):
     labels = pd.read_csv(SHARED / "ham10000_full" / "labels.csv")
     ham = [SHARED / "ham10000_full" / f for f in labels["filename"].head(args.n)]

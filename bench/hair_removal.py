@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (atomic_path, hair_mask, legacy_hair_mask, lesion_mask, read_mask, read_rgb, remove_hair,  # noqa: E402
-                    save_image_grid, working_image, write_csv)
+from common import (atomic_path, hair_mask, legacy_hair_mask, lesion_mask, one_line_errors, read_mask,  # noqa: E402
+                    read_rgb, remove_hair, save_image_grid, working_image, write_csv)
 
 MODES = {"on": hair_mask, "legacy": legacy_hair_mask}
 
@@ -127,6 +127,7 @@ def most_inpainted_sheet(table, n, work_size, path):
     save_image_grid(tiles, titles, path, columns=4, tile_inches=(3.6, 3.0))
 
 
+@one_line_errors
 def main(args):
     images = image_list(args.shared, args.limit)
     jobs = [(*row, args.work_size) for row in images.itertuples(index=False)]

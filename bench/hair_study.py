@@ -25,8 +25,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (fail, ranking_metrics, read_probs, read_thresholds, threshold_metrics,  # noqa: E402
-                    write_table_and_markdown)
+from common import (fail, one_line_errors, ranking_metrics, read_probs, read_thresholds,  # noqa: E402
+                    threshold_metrics, write_table_and_markdown)
 
 EXTERNAL = {"val_tta": "validation (HAM10000), test-time augmentation (evaluate.py --tta)",
             "isic2017_trainval": "ISIC 2017 train+val (external validation)",
@@ -110,6 +110,7 @@ def markdown(table, runs, points):
     return "\n".join(lines) + "\n"
 
 
+@one_line_errors
 def main(args):
     chosen = [read_thresholds(run) for run in args.runs]
     for run, run_points in zip(args.runs, chosen):

@@ -32,9 +32,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (CLASS_COLUMNS, DX_CODES, check_preprocessing, ensemble_probs, fail, group_members,  # noqa: E402
-                    group_resamples, hidden_metadata, load_cache, load_class_model, load_run_models,
-                    metadata_features, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
-                    write_csv, write_table_and_markdown)
+                    group_resamples, hidden_metadata, load_cache, load_class_model, load_run_models, metadata_features,
+                    one_line_errors, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json, write_csv,
+                    write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -183,7 +183,7 @@ def readings_probs(models, arrays, rows, device, metadata):
                 p, _ = ensemble_probs([(model, checkpoint)], arrays, rows, device, metadata=values)
                 probs[reading].append(p)
             continue
-        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["img_size"])
+        images = model_inputs(arrays, rows, checkpoint["input"], checkpoint["input_size"])
         batch = inference_batch_size(images, device)
         features = []
         with torch.inference_mode():
@@ -573,6 +573,7 @@ def main_four(args, arms, device):
     print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
 
 
+@one_line_errors
 def main(args):
     arms = parse_arms(args.arm)
     if args.four:

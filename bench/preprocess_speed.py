@@ -20,7 +20,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import preprocess  # noqa: E402
-from common import write_json  # noqa: E402
+from common import one_line_errors, write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=500, help="images (all 100 PH2 images, the rest HAM10000)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--cache-size", "--img-size", type=int, default=224)
     p.add_argument("--out", type=Path, help="JSON file for the result")
     return p.parse_args(argv)
 
@@ -49,13 +49,14 @@ def make_images(folder, n):
     return len(rows)
 
 
+@one_line_errors
 def main(args):
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "bench600"
         n = make_images(data, args.n)
         started = time.perf_counter()
         preprocess.main(preprocess.parse_args(["--data", str(data), "--out", str(Path(tmp) / "cache"),
-                                               "--img-size", str(args.img_size), "--workers", str(args.workers)]))
+                                               "--cache-size", str(args.cache_size), "--workers", str(args.workers)]))
         seconds = time.perf_counter() - started
     result = {"images": n, "size": "600x450 JPEG", "workers": args.workers, "seconds": round(seconds, 2),
               "images_per_second": round(n / seconds, 1)}

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 
-from common import (CLASS_COLUMNS, DX_CODES, REFERENCE_MODEL, atomic_path, binary_metrics,  # noqa: E402
-                    ranking_metrics, read_probs, read_thresholds, write_json)
+from common import (CLASS_COLUMNS, DX_CODES, REFERENCE_MODEL, atomic_path, binary_metrics, fail,  # noqa: E402
+                    one_line_errors, ranking_metrics, read_probs, read_thresholds, write_json)
 from seven_classes import figures as class_figures  # noqa: E402  (the recipe study's three figures)
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -58,7 +58,7 @@ def faithfulness(full_path, compact_path, thresholds):
     full = read_probs(full_path, ("image_id", "label", "prob")).set_index("image_id")
     compact = read_probs(compact_path, ("image_id", "label", "prob")).set_index("image_id")
     if set(full.index) != set(compact.index):
-        raise SystemExit(f"error: {compact_path}: not the images of {full_path}")
+        fail(compact_path, f"not the images of {full_path}")
     compact = compact.loc[full.index]
     rows = [{"point": "ROC-AUC", "full": ranking_metrics(full["label"], full["prob"])["roc_auc"],
              "compact": ranking_metrics(compact["label"], compact["prob"])["roc_auc"]}]
@@ -77,7 +77,7 @@ def class_faithfulness(full_path, compact_path):
     full = read_probs(full_path, ("image_id", "dx", *CLASS_COLUMNS)).set_index("image_id")
     compact = read_probs(compact_path, ("image_id", "dx", *CLASS_COLUMNS)).set_index("image_id")
     if set(full.index) != set(compact.index):
-        raise SystemExit(f"error: {compact_path}: not the images of {full_path}")
+        fail(compact_path, f"not the images of {full_path}")
     compact = compact.loc[full.index]
     truth = np.array([DX_CODES.index(code) for code in full["dx"]])
     points = ("balanced accuracy", "macro ROC-AUC", "melanoma recall")
@@ -121,6 +121,7 @@ def speed(model, n):
     return {"rows": rows, "one_image_call_s": round(one, 2)}
 
 
+@one_line_errors
 def main(args):
     results, lines = {}, []
     if args.full_probs and args.compact_probs:

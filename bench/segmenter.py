@@ -31,8 +31,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (DX_CODES, SEGMENTER_SIZE, atomic_path, load_cache, load_segmenter, read_csv,  # noqa: E402
-                    read_mask, read_rgb, save_image_grid, segmenter_logits, write_csv)
+from common import (DX_CODES, SEGMENTER_SIZE, atomic_path, fail, load_cache, load_segmenter,  # noqa: E402
+                    one_line_errors, read_csv, read_mask, read_rgb, save_image_grid, segmenter_logits, write_csv)
 from preprocess import outlined, segmentation_summary  # noqa: E402
 
 GREEN = (0, 255, 0)
@@ -138,6 +138,7 @@ def network_speed(model_path, repeats=30):
             "input": f"{width}x{height}"}
 
 
+@one_line_errors
 def main(args):
     caches = dict(args.cache)
     if len(caches) < 2:
@@ -145,7 +146,7 @@ def main(args):
     scores = {name: scores_of(cache, args.split, args.source) for name, cache in caches.items()}
     shared = set.intersection(*(set(s["image_id"]) for s in scores.values()))
     if not shared:
-        raise SystemExit(f"error: {', '.join(map(str, caches.values()))} share no scored image in split {args.split}")
+        fail(", ".join(map(str, caches.values())), f"share no scored image in split {args.split}")
     scores = {name: s[s["image_id"].isin(shared)] for name, s in scores.items()}  # the same images for each
     rows = []
     for name, s in scores.items():

@@ -29,7 +29,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (CLASS_COLUMNS, DX_CODES, fail, group_members, group_resamples, multiclass_figures,  # noqa: E402
-                    read_csv, read_probs, write_table_and_markdown)
+                    one_line_errors, read_csv, read_probs, write_table_and_markdown)
 from panel import parse_arms  # noqa: E402  (the same --arm NAME=RUN,RUN)
 
 # the protocol's rules: (least seed-mean gain in balanced accuracy, least gain of every seed; None:
@@ -163,6 +163,7 @@ def decide(folder, runs):
     return reasons, runs / f"{shipped}_s{seed}"
 
 
+@one_line_errors
 def main(args):
     if args.decide:
         reasons, run = decide(args.decide, args.runs)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (atomic_path, calibration_errors, exact_interval, fit_recalibration, new_figure,  # noqa: E402
-                    recalibrated, save_figure, site_operating_points, threshold_metrics, write_json)
+                    one_line_errors, recalibrated, save_figure, site_operating_points, threshold_metrics, write_json)
 
 
 def parse_args(argv=None):
@@ -86,6 +86,7 @@ def ci(value, interval):
     return f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})"
 
 
+@one_line_errors
 def main(args):
     ham_threshold = json.loads(args.ham_thresholds.read_text())["thresholds"]["recall_bound"]
     ph2, isic_val, isic_test = read(args.ph2), read(args.isic_val), read(args.isic_test)

@@ -25,7 +25,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import ENSEMBLE_FILE, fail, write_table_and_markdown  # noqa: E402
+from common import ENSEMBLE_FILE, fail, one_line_errors, write_table_and_markdown  # noqa: E402
 
 CONFUSION_7 = "confusion_matrix_7class.png"
 BINARY_PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "calibration.png", "pr_curve_val.png")
@@ -136,6 +136,7 @@ def copy_plots(sources, out_dir):
             shutil.copyfile(source, out_dir / name)
 
 
+@one_line_errors
 def main(args):
     runs = evaluated_runs(args.runs)
     infos = [describe(run) for run in runs]

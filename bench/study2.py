@@ -25,8 +25,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import (class_table_lines, fail, group_members, group_resamples, ranking_metrics,  # noqa: E402
-                    read_csv, write_table_and_markdown)
+from common import (class_table_lines, fail, group_members, group_resamples, one_line_errors,  # noqa: E402
+                    ranking_metrics, read_csv, write_table_and_markdown)
 from study import METRICS, balanced_accuracy_7, copy_plots, describe  # noqa: E402
 
 PLOTS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "confusion_matrix_7class.png")
@@ -110,6 +110,7 @@ def class_sections(reads):
     return "\n".join(lines) + "\n" if lines else ""
 
 
+@one_line_errors
 def main(args):
     reads = []
     for item in args.read:

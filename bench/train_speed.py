@@ -9,7 +9,7 @@ loop over the same model, measured side by side in one run.
   bf16 autocast), so the faster one can be chosen for train.py's default.
 Each training figure is the median of --rounds alternating rounds of --steps timed steps.
 
-Example: python bench/train_speed.py --cache cache/ham224_224 --img-size 224 --out bench/results/train_speed.json
+Example: python bench/train_speed.py --cache cache/ham224_224 --input-size 224 --out bench/results/train_speed.json
 """
 import argparse
 import json
@@ -23,13 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from common import build_model, load_cache, model_inputs, write_json  # noqa: E402
+from common import build_model, load_cache, model_inputs, one_line_errors, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, required=True)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--input-size", "--img-size", type=int, default=224, help="the network's input size")
     p.add_argument("--archs", nargs="+", default=["efficientnet_lite0", "resnet18"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=6, help="timed steps per round")
@@ -42,12 +42,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def input_pipeline_speed(cache, img_size, batch_size, aug="full", n=1024):
+def input_pipeline_speed(cache, input_size, batch_size, aug="full", n=1024):
     started = time.perf_counter()
     index, arrays = load_cache(cache)
     rows = index[index["split"] == "train"]["row"].to_numpy()[:n]
-    images = torch.from_numpy(model_inputs(arrays, rows, "full", img_size))
-    augment = train.make_augment(aug, img_size)
+    images = torch.from_numpy(model_inputs(arrays, rows, "full", input_size))
+    augment = train.make_augment(aug, input_size)
     normalisation = {"mean": [0.5] * 3, "std": [0.5] * 3}
     for start in range(0, len(images), batch_size):
         train.augment_batch(images[start:start + batch_size], augment, normalisation, noise=0.02, hue=0.02,
@@ -77,13 +77,14 @@ def step_speed(model, x, y, steps, channels_last, dtype):
     return steps * len(x) / (time.perf_counter() - started)
 
 
+@one_line_errors
 def main(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    result = {"threads": args.threads, "img_size": args.img_size, "batch_size": args.batch_size, "aug": args.aug,
-              "input_pipeline_images_per_s": round(input_pipeline_speed(args.cache, args.img_size, args.batch_size,
+    result = {"threads": args.threads, "input_size": args.input_size, "batch_size": args.batch_size, "aug": args.aug,
+              "input_pipeline_images_per_s": round(input_pipeline_speed(args.cache, args.input_size, args.batch_size,
                                                                         args.aug), 1)}
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     y = torch.randint(0, 2, (args.batch_size, 1)).float()
     for arch in args.archs:
         dtype = train.autocast_dtype("auto", torch.device("cpu"), arch)

@@ -155,7 +155,7 @@ def test_a_stale_classes_file_is_refused_where_it_is_read(folders, class_run, tm
     shutil.copytree(both, copy)
     checkpoint = torch.load(copy / common.CLASS_MODEL_FILE, weights_only=True)
     torch.save({**checkpoint, "task": "binary", "num_outputs": 1}, copy / common.CLASS_MODEL_FILE)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(common.ToolkitError) as exc:
         common.load_class_model(copy, torch.device("cpu"), common.load_run_models(copy, torch.device("cpu")))
     assert common.CLASS_MODEL_FILE in str(exc.value) and "\n" not in str(exc.value)
 
@@ -189,7 +189,7 @@ def test_label_smoothing_reaches_the_loss_and_only_crossentropy_takes_it():
                              "--label-smoothing", "0.1"])
     criterion, _, _ = train.loss_and_targets(args, rows)
     assert criterion.label_smoothing == pytest.approx(0.1)
-    with pytest.raises(SystemExit, match="--label-smoothing"):
+    with pytest.raises(common.ToolkitError, match="--label-smoothing"):
         train.loss_and_targets(train.parse_args(["--cache", "c", "--run-dir", "r", "--loss", "wbce",
                                                  "--label-smoothing", "0.1"]), rows)
     with pytest.raises(SystemExit):
@@ -248,7 +248,7 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
     np.testing.assert_allclose(onnx_probs, probs, atol=1e-5)
     np.testing.assert_allclose(onnx_classes, class_probs, atol=1e-5)
     assert (tmp_path / "both" / common.CLASS_MODEL_FILE).stat().st_size < 100_000  # the head alone is stored
-    with pytest.raises(SystemExit, match="holds a head alone"):
+    with pytest.raises(common.ToolkitError, match="holds a head alone"):
         common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE)
     model, checkpoint = common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE,
                                                shared_body=models[0][1]["model"])

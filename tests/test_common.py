@@ -71,9 +71,10 @@ def test_read_csv_fails_with_one_line_naming_the_file(tmp_path, content, problem
     path = tmp_path / "metadata.csv"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(common.ToolkitError) as exc:
         common.read_csv(path, ["image_id"])
-    assert str(exc.value).startswith(f"error: {path}: {problem}")
+    assert exc.value.path == str(path) and exc.value.problem.startswith(problem)
+    assert str(exc.value).startswith(f"{path}: {problem}")
     assert "\n" not in str(exc.value)
 
 
@@ -187,7 +188,7 @@ def test_cache_keys_from_before_a_setting_mean_what_was_done_then():
     setting, the classical segmentation; older than colour constancy, none; older than the crop's
     fit, a crop inside the image."""
     old = {"pipeline_version": 3, "img_size": 224, "work_size": 384, "crop_margin": 0.15, "metadata_sha256": "x"}
-    assert common.preprocess_settings(old) == {"img_size": 224, "work_size": 384, "crop_margin": 0.15,
+    assert common.preprocess_settings(old) == {"cache_size": 224, "work_size": 384, "crop_margin": 0.15,
                                                "crop_fit": "inside", "hair_removal": "legacy", "segmenter": None,
                                                "segmenter_sha256": None, "colour_constancy": "none"}
     assert common.preprocess_settings({**old, "hair_removal": "off"})["hair_removal"] == "off"

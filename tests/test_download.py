@@ -10,6 +10,7 @@ import pytest
 from conftest import SHARED_DATA
 from fake_remote import FakeRemote
 
+import common
 import fetch_data
 
 HAM = SHARED_DATA / "ham10000_224"
@@ -273,13 +274,13 @@ def test_zip_members_leaving_the_target_are_refused_and_nothing_is_written(tmp_p
     evil = tmp_path / "evil.zip"
     evil.write_bytes(zip_bytes({"good.jpg": b"x", "../outside.txt": b"y"}))
     target = tmp_path / "unpacked"
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(common.ToolkitError) as exc:
         fetch_data.safe_extract(evil, target)
     assert "../outside.txt" in str(exc.value)
     assert not (tmp_path / "outside.txt").exists() and not (target / "good.jpg").exists()
     absolute = tmp_path / "absolute.zip"
     absolute.write_bytes(zip_bytes({"/etc/evil": b"y"}))
-    with pytest.raises(SystemExit):
+    with pytest.raises(common.ToolkitError):
         fetch_data.safe_extract(absolute, target)
 
 

@@ -122,7 +122,7 @@ def test_evaluate_on_either_engine_gives_the_same_probabilities(onnx_folder, tmp
                                            "--assign-split", "val"]))
     settings = common.preprocess_settings(torch.load(onnx_folder / "model.pt", weights_only=True)["preprocess"])
     preprocess.main(preprocess.parse_args([
-        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--img-size", str(settings["img_size"]),
+        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--cache-size", str(settings["cache_size"]),
         "--work-size", str(settings["work_size"]), "--crop-margin", str(settings["crop_margin"]),
         "--crop-fit", settings["crop_fit"], "--hair-removal", settings["hair_removal"],
         "--colour-constancy", settings["colour_constancy"], "--segmenter", "unet",
@@ -204,9 +204,9 @@ def test_an_image_over_the_size_limit_is_refused_from_its_header_before_decoding
     # decoded, the 63 megapixels alone would be 189 MB of RGB (and its BGR copy as much again)
     assert peaks["with"] - peaks["alone"] < 60_000, peaks
     # the same limit holds for every reader of images: the one-line reason a caller gets
-    with pytest.raises(SystemExit) as ended:
+    with pytest.raises(common.ToolkitError) as ended:
         common.read_rgb(big)
-    assert str(ended.value) == (f"error: {big}: 7000x9000 px (63 megapixels) is over the 50-megapixel limit "
+    assert str(ended.value) == (f"{big}: 7000x9000 px (63 megapixels) is over the 50-megapixel limit "
                                 "(dermoscopes give at most about 25): scale it down first")
 
 

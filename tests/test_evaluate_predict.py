@@ -58,7 +58,7 @@ def test_gradcam_highlights_the_lesion_more_than_the_corners(trained_run, synthe
     model, checkpoint = common.load_checkpoint(trained_run / "model.pt")
     index, arrays = common.load_cache(synthetic_cache)
     rows = index[index["malignant"] == 1]["row"].to_numpy()[:8]
-    images = common.model_inputs(arrays, rows, "full", checkpoint["img_size"])
+    images = common.model_inputs(arrays, rows, "full", checkpoint["input_size"])
     import torch
     cams = common.gradcam_maps(model, images, checkpoint["normalisation"], torch.device("cpu"), "binary")
     assert cams.shape[0] == 8 and np.isfinite(cams).all() and cams.max() <= 1 + 1e-6 and cams.min() >= 0

@@ -151,7 +151,7 @@ def test_run_folder_holds_a_rebuildable_checkpoint(trained_run, synthetic_cache)
     for name in ("model.pt", "last.pt", "history.csv", "val_probs.csv", "config.json", "thresholds.json"):
         assert (trained_run / name).is_file(), name
     model, checkpoint = common.load_checkpoint(trained_run / "model.pt")
-    assert checkpoint["arch"] == "efficientnet_lite0" and checkpoint["img_size"] == 64
+    assert checkpoint["arch"] == "efficientnet_lite0" and checkpoint["input_size"] == 64
     index, arrays = common.load_cache(synthetic_cache)
     val = pd.read_csv(trained_run / "val_probs.csv")
     assert set(val["image_id"]) == set(index.loc[index["split"] == "val", "image_id"])

@@ -78,3 +78,33 @@ def test_every_relative_link_of_the_readme_and_docs_finds_its_file():
             if not path.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_the_readmes_python_lines_classify_a_photo_as_predict_does(tmp_path, monkeypatch):
+    """The README's Python block, run exactly as written on a real photo saved as lesion.jpg, gives
+    predict.py's row for that photo."""
+    import shutil
+
+    import pandas as pd
+    from conftest import SHARED_DATA
+
+    import predict
+    photo = SHARED_DATA / "ph2" / "images" / "IMD002.png"
+    if not photo.is_file():
+        pytest.skip("needs ../shared/data/ph2")
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    import cv2
+    cv2.imwrite(str(tmp_path / "lesion.jpg"), cv2.imread(str(photo)))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    table, problems = scope["table"], scope["problems"]
+    assert problems == [] and len(table) == 1
+    predict.main(predict.parse_args(["lesion.jpg", "--age", "60", "--site", "back", "--out", "p.csv"]))
+    expected = pd.read_csv("p.csv")
+    assert list(table.columns) == list(expected.columns)
+    pd.testing.assert_frame_equal(table.astype(expected.dtypes.to_dict()), expected, check_exact=False, rtol=1e-9)
+    shutil.copy(tmp_path / "lesion.jpg", tmp_path / "second.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    table, problems = scope["model"].predict(["second.jpg", "broken.jpg"])  # loaded once, called again
+    assert len(table) == 1 and [(p.path, p.problem) for p in problems] == [("broken.jpg", "not a readable image")]

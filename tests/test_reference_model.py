@@ -82,7 +82,7 @@ def test_the_make_defaults_are_the_reference_models_recipe():
     out = subprocess.run(["make", "help", "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     defaults = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.startswith("  ") and
                     len(line.split()) == 2)
-    assert (defaults["ARCH"], defaults["INPUT"], defaults["TRAIN_SIZE"], defaults["LOSS"]) == (
+    assert (defaults["ARCH"], defaults["INPUT"], defaults["INPUT_SIZE"], defaults["LOSS"]) == (
         checkpoint["arch"], checkpoint["input"], str(checkpoint["img_size"]), checkpoint["loss"])
     assert defaults["METADATA"] == ("on" if checkpoint["metadata"] else "off")
     assert (defaults["SEGMENTER"], defaults["COLOUR"], defaults["CROP_FIT"], defaults["HAIR"]) == (
@@ -98,8 +98,8 @@ def test_the_make_defaults_are_the_reference_models_recipe():
     # the 7-class head trained on its frozen network (make seven-full's K4) reads images as it does
     k4 = [line for line in subprocess.run(["make", "-n", "seven-full", "PYTHON=python3"], cwd=ROOT, capture_output=True,
                                           text=True, timeout=60).stdout.splitlines() if "--frozen-from" in line]
-    assert k4 and all(line.split("--input")[-1].split()[0] == checkpoint["input"] and
-                      line.split("--img-size")[-1].split()[0] == str(checkpoint["img_size"]) for line in k4)
+    assert k4 and all(line.split("--input ")[-1].split()[0] == checkpoint["input"] and
+                      line.split("--input-size ")[-1].split()[0] == str(checkpoint["img_size"]) for line in k4)
 
 
 def test_predict_with_no_run_uses_the_reference_model(tmp_path):
@@ -131,7 +131,7 @@ def test_predict_gives_what_evaluate_gives_on_real_images(tmp_path):
     checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
     settings = common.preprocess_settings(checkpoint["preprocess"])
     preprocess.main(preprocess.parse_args([
-        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--img-size", str(settings["img_size"]),
+        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--cache-size", str(settings["cache_size"]),
         "--work-size", str(settings["work_size"]), "--crop-margin", str(settings["crop_margin"]),
         "--crop-fit", settings["crop_fit"],
         "--hair-removal", settings["hair_removal"], "--colour-constancy", settings["colour_constancy"],
