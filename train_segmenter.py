@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype, build_segmenter,
+from common import (METADATA_COLUMNS, SEGMENTER_ARCH, SEGMENTER_SIZE, ArgumentParser, autocast_dtype,
                     cosine_with_warmup, fail, git_commit, load_torch_file, lock_output, logit, number_in,
                     one_line_errors, optimisation_step, pick_device, prepare_model, read_csv, read_mask, read_rgb,
                     save_checkpoint, segmenter_logits, write_csv, write_json)
+from networks import build_segmenter
 
 
 def parse_args(argv=None):

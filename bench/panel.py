@@ -32,9 +32,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (CLASS_COLUMNS, DX_CODES, check_preprocessing, ensemble_probs, fail, group_members,  # noqa: E402
-                    group_resamples, hidden_metadata, load_cache, load_class_model, load_run_models, metadata_features,
-                    one_line_errors, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json, write_csv,
-                    write_table_and_markdown)
+                    hidden_metadata, load_cache, load_class_model, load_run_models, metadata_features, one_line_errors,
+                    paired_differences, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
+                    write_csv, write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -211,21 +211,19 @@ def compare_site(tables, arms, n_resamples, seed):
     probs = {key: t.set_index("image_id").loc[common_ids, "prob"].to_numpy() for key, t in tables.items()}
     names = list(arms)
     n_seeds = len(arms[names[0]])
-    auc = {key: ranking_metrics(labels, p)["roc_auc"] for key, p in probs.items()}
     members = group_members(groups)
-    samples = {name: [] for name in names[1:]}
-    for pick in group_resamples(members, n_resamples, seed):
-        if labels[pick].min() == labels[pick].max():
-            continue
-        base = [ranking_metrics(labels[pick], probs[names[0], s][pick])["roc_auc"] for s in range(n_seeds)]
-        for name in names[1:]:
-            samples[name].append(np.mean([ranking_metrics(labels[pick], probs[name, s][pick])["roc_auc"] - base[s]
-                                          for s in range(n_seeds)]))
+
+    def roc_auc(name, s, pick):
+        pick = slice(None) if pick is None else pick
+        return ranking_metrics(labels[pick], probs[name, s][pick])["roc_auc"] \
+            if labels[pick].min() != labels[pick].max() else np.nan
+
+    compared = paired_differences(roc_auc, arms, n_seeds, members, n_resamples, seed)
     rows = []
     for name in names:
-        seed_auc = [auc[name, s] for s in range(n_seeds)]
-        seed_diff = [auc[name, s] - auc[names[0], s] for s in range(n_seeds)]
-        low, high = np.percentile(samples[name], [2.5, 97.5]) if name in samples else (np.nan, np.nan)
+        seeds, differences, (low, high) = compared[name]
+        seed_auc, seed_diff = [float(v) for v in seeds[:, 0]], [float(v) for v in differences[:, 0]]
+        low, high = low[0], high[0]
         rows.append({"arm": name, "images": len(labels), "malignant": int(labels.sum()),
                      "groups": len(members), "roc_auc": float(np.mean(seed_auc)),
                      **{f"roc_auc_seed{s}": v for s, v in enumerate(seed_auc)},
@@ -442,23 +440,17 @@ def compare_site_four(tables, arms, n_resamples, seed):
     first = next(iter(tables.values())).loc[common_ids]
     classes = site_classes(first["dx"].to_numpy())
     names, n_seeds = list(arms), len(next(iter(arms.values())))
-    figures = {key: four_figures(t, common_ids, classes) for key, t in tables.items()}
     members = group_members(first["group"].to_numpy())
-    samples = {(name, m): [] for name in names[1:] for m in range(2)}
-    for pick in group_resamples(members, n_resamples, seed):
-        drawn = {key: four_figures(t, common_ids, classes, pick) for key, t in tables.items()}
-        for name in names[1:]:
-            for m in range(2):
-                samples[name, m].append(np.mean([drawn[name, s][m] - drawn[names[0], s][m] for s in range(n_seeds)]))
+    compared = paired_differences(lambda name, s, pick: four_figures(tables[name, s], common_ids, classes, pick),
+                                  arms, n_seeds, members, n_resamples, seed)
     rows = []
     for name in names:
         row = {"arm": name, "images": len(common_ids), "malignant": int(first["label"].sum()),
                "classes": " ".join(classes)}
+        seeds, differences, (lows, highs) = compared[name]
         for m, metric in enumerate(FOUR_METRICS):
-            seed_values = [figures[name, s][m] for s in range(n_seeds)]
-            seed_diffs = [figures[name, s][m] - figures[names[0], s][m] for s in range(n_seeds)]
-            drawn = [v for v in samples.get((name, m), []) if np.isfinite(v)]
-            low, high = np.percentile(drawn, [2.5, 97.5]) if drawn else (np.nan, np.nan)
+            seed_values, seed_diffs = [float(v) for v in seeds[:, m]], [float(v) for v in differences[:, m]]
+            low, high = lows[m], highs[m]
             row.update({metric: float(np.mean(seed_values)),
                         **{f"{metric}_seed{s}": v for s, v in enumerate(seed_values)},
                         f"{metric}_difference": float(np.mean(seed_diffs)), f"{metric}_difference_lo": low,

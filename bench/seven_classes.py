@@ -28,8 +28,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (CLASS_COLUMNS, DX_CODES, fail, group_members, group_resamples, multiclass_figures,  # noqa: E402
-                    one_line_errors, read_csv, read_probs, write_table_and_markdown)
+from common import (CLASS_COLUMNS, DX_CODES, fail, group_members, multiclass_figures, one_line_errors,  # noqa: E402
+                    paired_differences, read_csv, read_probs, write_table_and_markdown)
 from panel import parse_arms  # noqa: E402  (the same --arm NAME=RUN,RUN)
 
 # the protocol's rules: (least seed-mean gain in balanced accuracy, least gain of every seed; None:
@@ -85,17 +85,17 @@ def compare(arms, n_resamples, seed):
     truth = np.array([DX_CODES.index(dx) for dx in first["dx"]])
     probs = {key: table[CLASS_COLUMNS].to_numpy() for key, table in tables.items()}
     members = group_members(first["lesion_id"])
-    samples = {name: [] for name in names[1:]}
-    for pick in group_resamples(members, n_resamples, seed):
-        base = [figures(truth[pick], probs[names[0], s][pick])[0] for s in range(n_seeds)]
-        for name in names[1:]:
-            samples[name].append(np.mean([figures(truth[pick], probs[name, s][pick])[0] - base[s]
-                                          for s in range(n_seeds)]))
+
+    def balanced_accuracy(name, s, pick):
+        pick = slice(None) if pick is None else pick
+        return figures(truth[pick], probs[name, s][pick])[0]
+
+    compared = paired_differences(balanced_accuracy, arms, n_seeds, members, n_resamples, seed)
     rows = []
     for name in names:
         per_seed = [figures(truth, probs[name, s]) for s in range(n_seeds)]
-        diffs = [per_seed[s][0] - figures(truth, probs[names[0], s])[0] for s in range(n_seeds)]
-        low, high = np.percentile(samples[name], [2.5, 97.5]) if name in samples else (np.nan, np.nan)
+        _, differences, (low, high) = compared[name]
+        diffs, low, high = [float(d) for d in differences[:, 0]], low[0], high[0]
         rows.append({"arm": name, "images": len(truth), "lesions": len(members),
                      "balanced_accuracy": float(np.mean([f[0] for f in per_seed])),
                      **{f"balanced_accuracy_seed{s}": f[0] for s, f in enumerate(per_seed)},

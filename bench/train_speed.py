@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from common import build_model, load_cache, model_inputs, one_line_errors, write_json  # noqa: E402
+from common import load_cache, model_inputs, one_line_errors, write_json  # noqa: E402
+from networks import build_model  # noqa: E402
 
 
 def parse_args(argv=None):

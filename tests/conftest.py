@@ -23,7 +23,7 @@ def synthetic_dataset(out, n):
 
 
 def preprocessed(data, out, img_size, workers):
-    preprocess.main(preprocess.parse_args(["--data", str(data), "--img-size", str(img_size), "--out", str(out),
+    preprocess.main(preprocess.parse_args(["--data", str(data), "--cache-size", str(img_size), "--out", str(out),
                                            "--workers", str(workers)]))
     return out
 

@@ -13,6 +13,7 @@ from conftest import ROOT, trained_with_thresholds
 import common
 import evaluate
 import export_model
+import networks
 import predict
 import train
 
@@ -253,7 +254,7 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
     model, checkpoint = common.load_checkpoint(tmp_path / "both" / common.CLASS_MODEL_FILE,
                                                shared_body=models[0][1]["model"])
     _, separate = common.ensemble_probs(models, arrays, rows, cpu, tta=True, metadata=metadata,
-                                        class_model=(common.fold_batch_norms(model), checkpoint))
+                                        class_model=(networks.fold_batch_norms(model), checkpoint))
     np.testing.assert_allclose(class_probs, separate, atol=1e-5)  # and the classes the 7-class model's
     for flags, words in ((["--input", "full", "--metadata"], "has input 'crop'"), (["--input", "crop"], "--metadata")):
         with pytest.raises(SystemExit, match=words):

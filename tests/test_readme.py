@@ -108,3 +108,15 @@ def test_the_readmes_python_lines_classify_a_photo_as_predict_does(tmp_path, mon
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     table, problems = scope["model"].predict(["second.jpg", "broken.jpg"])  # loaded once, called again
     assert len(table) == 1 and [(p.path, p.problem) for p in problems] == [("broken.jpg", "not a readable image")]
+
+
+def test_every_make_target_that_names_no_file_is_phony():
+    """A target named like a step (no path, no extension) is .PHONY: a file of that name would
+    otherwise make it silently do nothing."""
+    missing = []
+    for makefile in ("Makefile", "studies.mk"):
+        text = (ROOT / makefile).read_text().replace("\\\n", " ")
+        phony = set(" ".join(re.findall(r"^\.PHONY:(.*)$", text, re.M)).split())
+        targets = set(re.findall(r"^([a-z][a-z0-9-]*):(?!=)", text, re.M))
+        missing += [f"{makefile}: {target}" for target in sorted(targets - phony)]
+    assert not missing, missing
