@@ -72,7 +72,8 @@ SEG_MODEL  ?= $(if $(wildcard $(SEG_RUN)/config.json),$(SEG_RUN)/model.pt,$(REFE
 # config.json is written when the segmenter's training ends (model.pt already after its first epoch)
 SEG_DEPS   := $(if $(filter unet,$(SEGMENTER)),$(if $(filter $(SEG_RUN)/model.pt,$(SEG_MODEL)),$(SEG_RUN)/config.json,$(SEG_MODEL)))
 # caches of another hair removal or segmenter than the default live beside it (preprocess.py's
-# default names)
+# default names, preprocess.default_cache_dir: one rule, written here too because make needs the names
+# when it reads its targets; a test holds the two equal)
 CACHE_SUFFIX := $(if $(filter on,$(HAIR)),,_hair-$(HAIR))$(if $(filter unet,$(SEGMENTER)),_unet)$(if \
 	$(filter shades_of_gray,$(COLOUR)),_sog)$(if $(filter pad,$(CROP_FIT)),_pad)
 CACHE    := cache/$(DATA)_$(CACHE_SIZE)$(CACHE_SUFFIX)

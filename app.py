@@ -3,7 +3,7 @@ outline, the malignancy probability, the decision at an operating point, the sev
 probabilities where the model gives them, and a Grad-CAM map of what the network looked at.
 
 Serves http://127.0.0.1:7860 (--host and --port to change it) with the reference model, or --run
-for any run or model folder, and --clinic for a site calibration of it (calibrate.py); both can be
+for any model folder, and --clinic for a site calibration of it (calibrate.py); both can be
 changed on the page where the run has calibrations. Images go through the very functions
 predict.py uses (common.classify_files, common.prediction_row), so the page and predict.py give
 the same probabilities, and its table downloads as predict.py's CSV. Nothing leaves the machine:
@@ -43,7 +43,7 @@ SHOWN_SIDE = 320  # pixels of the longer side of each picture on the page
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, default=REFERENCE_MODEL,
-                   help="run or model folder (default: the reference model, models/reference)")
+                   help="model folder (default: the reference model, models/reference)")
     p.add_argument("--clinic", metavar="NAME", help="a site calibration of the run to start with (calibrate.py)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")

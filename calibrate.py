@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="a dataset folder written by fetch_data.py")
     p.add_argument("--name", help="the site's name, a folder under <run>/clinics (default: the data folder's name)")
-    p.add_argument("--run", type=Path, help="run or model folder (default: the reference model, models/reference)")
+    p.add_argument("--run", type=Path, help="model folder (default: the reference model, models/reference)")
     p.add_argument("--split", nargs="+", help="only these splits of metadata.csv (default: every row)")
     p.add_argument("--target-recall", type=number_in(float, 0, 1, low_open=True), default=0.90,
                    help="recall the screening point must reach, in (0, 1]")

@@ -158,7 +158,7 @@ _HELD_LOCKS = {}  # lock file -> its open handle: a lock lasts as long as the pr
 
 def lock_output(folder):
     """Claim an output folder for this run: a second run writing to the same folder (two `make all`
-    on one dataset, two trainings into one run folder) ends at once with one line instead of
+    on one dataset, two trainings into one model folder) ends at once with one line instead of
     interleaving its files with the first's. The lock file lies beside the folder, which may be
     replaced whole; the operating system releases it when the process ends, however it ends."""
     try:
@@ -278,9 +278,9 @@ def read_probs(path, columns=("label", "prob")):
     return df
 
 
-def read_thresholds(run_dir):
+def read_thresholds(folder):
     """The operating points of thresholds.json: a dict of names to finite numbers, or one line."""
-    path = Path(run_dir) / "thresholds.json"
+    path = Path(folder) / "thresholds.json"
     thresholds = read_json(path)
     thresholds = thresholds.get("thresholds") if isinstance(thresholds, dict) else None
     if not isinstance(thresholds, dict) or not thresholds:
@@ -291,12 +291,12 @@ def read_thresholds(run_dir):
     return thresholds
 
 
-def chosen_with_tta(run_dir):
+def chosen_with_tta(folder):
     """Whether thresholds.json's points were chosen on test-time-augmented probabilities: a model is
     then read the same way by default (threshold.py records it; older files chose on plain ones)."""
-    tta = read_json(Path(run_dir) / "thresholds.json").get("tta", False)
+    tta = read_json(Path(folder) / "thresholds.json").get("tta", False)
     if not isinstance(tta, bool):
-        fail(Path(run_dir) / "thresholds.json", f"'tta' is {tta!r}, not true or false")
+        fail(Path(folder) / "thresholds.json", f"'tta' is {tta!r}, not true or false")
     return tta
 
 
@@ -1193,26 +1193,26 @@ ENSEMBLE_FILE = "members.json"
 CLASS_MODEL_FILE = "classes.pt"
 
 
-def load_run_models(run_dir, device, engine=None):
-    """The models of a run folder, on `device` (a torch device or its name): its model.pt, or for an ensemble written by
+def load_folder_models(folder, device, engine=None):
+    """The models of a model folder, on `device` (a torch device or its name): its model.pt, or for an ensemble written by
     ensemble.py the model.pt of every member. Returns a list of (model, checkpoint). engine: as
     onnx_networks; where ONNX Runtime runs the folder, the model is an OnnxNetwork, and the first
     checkpoint's "onnx_networks" names every ONNX file of the folder (its classes and segmenter
     follow it)."""
-    run_dir = Path(run_dir)
-    ensemble_file = run_dir / ENSEMBLE_FILE
-    onnx = {} if ensemble_file.is_file() and engine is None else onnx_networks(run_dir, engine)
+    folder = Path(folder)
+    ensemble_file = folder / ENSEMBLE_FILE
+    onnx = {} if ensemble_file.is_file() and engine is None else onnx_networks(folder, engine)
     if onnx:  # neither torch's import nor its load of the weights: a second of start-up
-        checkpoint = with_segmenter_beside(onnx_checkpoint(onnx["model.pt"], "model.pt"), run_dir)
+        checkpoint = with_segmenter_beside(onnx_checkpoint(onnx["model.pt"], "model.pt"), folder)
         return [(OnnxNetwork(onnx["model.pt"]), {**checkpoint, "onnx_networks": onnx})]
     device = pick_device(device) if isinstance(device, str) else device
     if ensemble_file.is_file():
         members = read_json(ensemble_file).get("members")
         if not members:
             fail(ensemble_file, "lists no 'members'")
-        model_files = [run_dir / member / "model.pt" for member in members]  # relative to the ensemble folder
+        model_files = [folder / member / "model.pt" for member in members]  # relative to the ensemble folder
     else:
-        model_files = [run_dir / "model.pt"]
+        model_files = [folder / "model.pt"]
     from networks import for_inference
     models = []
     for path in model_files:
@@ -1224,18 +1224,18 @@ def load_run_models(run_dir, device, engine=None):
     return models
 
 
-def load_class_model(run_dir, device, models):
+def load_class_model(folder, device, models):
     """The (model, checkpoint) that gives a run's 7 class probabilities: its classes.pt (a model
     folder's 7-class model, export_model.py --classes), else None, and then a 7-class run's own
     models give them (ensemble_probs). classes.pt must read the images as `models` do. Where it is
     a head on model.pt's frozen network (shares_network), the model is SharedHeads and the
     checkpoint says "shared": ensemble_probs then runs that network once for both answers."""
-    path = Path(run_dir) / CLASS_MODEL_FILE
+    path = Path(folder) / CLASS_MODEL_FILE
     if not path.is_file():
         return None
     onnx = models[0][1].get("onnx_networks", {}).get(CLASS_MODEL_FILE)
     if onnx is not None:  # export_model.py made it of what this function returns: both heads where shared
-        checkpoint = with_segmenter_beside(onnx_checkpoint(onnx, CLASS_MODEL_FILE), run_dir)
+        checkpoint = with_segmenter_beside(onnx_checkpoint(onnx, CLASS_MODEL_FILE), folder)
         check_same_preparation(path, checkpoint, models[0][1])
         return OnnxNetwork(onnx), {**checkpoint, "shared": bool(checkpoint.get("shares_network_of"))}
     from networks import SharedHeads, for_inference
@@ -1304,7 +1304,7 @@ def ensemble_probs(models, arrays, rows, device, tta=False, metadata=None, class
     return np.mean(probs, axis=0), None if class_probs[0] is None else np.mean(class_probs, axis=0)
 
 
-def run_preprocessing(models, run):
+def folder_preprocessing(models, run):
     """The one preprocessing every model of the run was trained with (preprocess_settings), its
     segmenter loaded: images from outside a cache are prepared with it."""
     settings = [checkpoint.get("preprocess") for _, checkpoint in models]
@@ -1326,7 +1326,7 @@ FILE_BATCH = 8  # images segmented and classified together; on 2 CPU cores 8 ran
 
 
 def classify_files(models, settings, files, metadata, device, tta, class_model=None):
-    """Image files through the run's preprocessing (run_preprocessing) and models, a batch at a
+    """Image files through the run's preprocessing (folder_preprocessing) and models, a batch at a
     time. metadata: metadata_features, a row per file. Yields (index of the file, result) in order:
     result is a dict (prepared: preprocess_image's arrays, prob, class_probs or None) or, for a
     file that cannot be read or holds no lesion to diagnose, the one-line reason, so that the caller
@@ -1341,6 +1341,10 @@ def classify_files(models, settings, files, metadata, device, tta, class_model=N
                 yield i, e
         if not readable:
             continue
+        # at the cache's size, then (model_inputs) the network's: a new photo is resized twice, as the
+        # training images were; resized once, the reference model's probabilities moved by 0.018 on
+        # average (0.16 at most) on 199 HAM10000 images and 0.047 on PH2's 100, and 8 and 6 decisions
+        # changed (docs/measured.md): the networks learned the twice-resized pixels
         prepared = prepare_cleaned(cleaned, settings["cache_size"], settings["crop_margin"], settings["segmenter"],
                                    settings["segmenter_sha256"], settings["colour_constancy"], settings["crop_fit"],
                                    settings.get("segmenter_onnx"))
@@ -1466,15 +1470,15 @@ class ModelFolder:
         self.models = self.class_model = self.settings = self.device = None
 
     def load(self):
-        """The networks (load_run_models, load_class_model) and their preparation (run_preprocessing),
+        """The networks (load_folder_models, load_class_model) and their preparation (folder_preprocessing),
         once. Returns the folder."""
         if self.models is None:
-            models = load_run_models(self.path, self.device_asked, self.engine_asked)
+            models = load_folder_models(self.path, self.device_asked, self.engine_asked)
             if not models[0][1].get("onnx_networks"):  # a torch device: where PyTorch runs the networks
                 self.device = pick_device(self.device_asked) if isinstance(self.device_asked, str) \
                     else self.device_asked
             self.class_model = load_class_model(self.path, self.device, models)
-            self.settings = run_preprocessing(models, self.path)
+            self.settings = folder_preprocessing(models, self.path)
             self.models = models
         return self
 
@@ -1540,7 +1544,7 @@ class ModelFolder:
         if self.engine == "torch":
             return self.models[0]
         device = self.device if self.device is not None else pick_device(self.device_asked)
-        return load_run_models(self.path, device, "torch")[0]
+        return load_folder_models(self.path, device, "torch")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2080,22 +2084,22 @@ BOOTSTRAP_MIN_MALIGNANT = 100
 ISOTONIC_MIN_PER_CLASS = 100
 
 
-def clinic_dir(run_dir, name, must_exist=True):
+def clinic_dir(model_folder, name, must_exist=True):
     """<run>/clinics/<name>, the name checked to be a plain folder name (it becomes a path)."""
     if not SAFE_NAME.fullmatch(str(name)) or len(str(name)) > 64:
         fail(name, "is not a clinic name: up to 64 letters, digits, '_', '.' and '-', starting with a letter or digit")
-    folder = Path(run_dir) / "clinics" / name
+    folder = Path(model_folder) / "clinics" / name
     if must_exist and not (folder / "thresholds.json").is_file():
-        known = sorted(p.parent.name for p in (Path(run_dir) / "clinics").glob("*/thresholds.json"))
+        known = sorted(p.parent.name for p in (Path(model_folder) / "clinics").glob("*/thresholds.json"))
         fail(folder, f"no calibration of that name; run calibrate.py (calibrated: {', '.join(known) or 'none'})")
     return folder
 
 
-def operating_points(run_dir, clinic=None):
+def operating_points(model_folder, clinic=None):
     """(thresholds, whether they were chosen on test-time-augmented probabilities, the site's
     recalibration or None, the folder they come from): the run's own, or with `clinic` the site
     calibration calibrate.py wrote. Thresholds apply to the model's probability either way."""
-    folder = clinic_dir(run_dir, clinic) if clinic else Path(run_dir)
+    folder = clinic_dir(model_folder, clinic) if clinic else Path(model_folder)
     return read_thresholds(folder), chosen_with_tta(folder), read_calibration(folder) if clinic else None, folder
 
 

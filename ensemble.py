@@ -4,11 +4,11 @@ Models trained with other losses, input forms or seeds err on different images, 
 their probabilities ranks better than any one of them. Choose the members on validation only.
 
 Reads each member run's val_probs.csv (and checks that its model.pt exists). Writes into --run-dir:
-  members.json    the member run folders (relative to the ensemble folder), the task, each
+  members.json    the member model folders (relative to the ensemble folder), the task, each
                   member's validation score and the ensemble's (ROC-AUC for binary runs, balanced
                   accuracy over the 7 classes for multiclass runs)
   val_probs.csv   the members' mean validation probabilities (prob, and prob_<dx> for 7-class runs)
-threshold.py, evaluate.py and predict.py take the ensemble folder as --run like any run folder:
+threshold.py, evaluate.py and predict.py take the ensemble folder as --run like any model folder:
 evaluate.py and predict.py run every member's model and average their probabilities.
 
 Example: python ensemble.py --run-dir runs/ensemble runs/lite0_full runs/lite0_crop runs/lite0_masked
@@ -26,7 +26,7 @@ KEYS = ["image_id", "lesion_id", "dx", "label"]
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("members", nargs="+", type=Path, help="run folders written by train.py")
+    p.add_argument("members", nargs="+", type=Path, help="model folders written by train.py")
     p.add_argument("--run-dir", type=Path, required=True, help="folder for the ensemble")
     return p.parse_args(argv)
 

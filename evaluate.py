@@ -3,7 +3,7 @@
 Reads <run>/model.pt (for an ensemble of ensemble.py, every member's), <run>/thresholds.json and a
 preprocess cache (default: the one the model was trained on), and predicts one split of it
 (default test) with the preprocessing the model was trained with. Writes into --out-dir (default
-the run folder):
+the model folder):
   test_probs.csv         image_id, lesion_id, dx, label, prob (and prob_<dx> for 7-class models),
                          tta (1 where the probabilities are test-time-augmented)
   metrics.csv            one row per operating point: threshold, accuracy, precision, recall,
@@ -48,12 +48,12 @@ METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "p
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, required=True,
-                   help="run folder with model.pt (or members.json) and thresholds.json")
+                   help="model folder with model.pt (or members.json) and thresholds.json")
     p.add_argument("--cache", type=Path, help="preprocess cache to predict (default: the training cache)")
     p.add_argument("--split", default="test", choices=[*SPLITS, "all"], help="rows of the cache to predict")
     p.add_argument("--source", metavar="NAME",
                    help="score only this source's rows (a dataset of several: fetch_data.py --from-dir A B)")
-    p.add_argument("--out-dir", type=Path, help="where outputs go (default: the run folder)")
+    p.add_argument("--out-dir", type=Path, help="where outputs go (default: the model folder)")
     p.add_argument("--bootstrap", type=number_in(int, 0), default=1000,
                    help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")

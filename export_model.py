@@ -45,9 +45,9 @@ import torch
 
 from common import (CLASS_MODEL_FILE, ENSEMBLE_FILE, METADATA_SIZE, ONNX_FILES, ONNX_RECORD, SHARED_TASK,
                     ArgumentParser, OnnxNetwork, atomic_path, check_same_preparation, cleaned_image, fail, file_digest,
-                    git_commit, image_files, load_checkpoint, load_class_model, load_run_models, load_segmenter,
+                    git_commit, image_files, load_checkpoint, load_class_model, load_folder_models, load_segmenter,
                     load_torch_file, loaded_segmenter, lock_output, model_inputs, one_line_errors, predict_probs,
-                    prepare_cleaned, read_json, read_thresholds, remove_hair, replace_folder, run_preprocessing,
+                    prepare_cleaned, read_json, read_thresholds, remove_hair, replace_folder, folder_preprocessing,
                     save_checkpoint, segmenter_logits, shares_network, shown, split_head, working_image, write_json)
 
 ONNX_OPSET = 17
@@ -60,7 +60,7 @@ GENERATED_IMAGES = 16
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--run", type=Path, help="run folder of train.py with model.pt and thresholds.json")
+    p.add_argument("--run", type=Path, help="model folder of train.py with model.pt and thresholds.json")
     p.add_argument("--out", type=Path, help="model folder to write (for example models/NAME)")
     p.add_argument("--classes", type=Path, metavar="RUN",
                    help="a 7-class run (train.py --task multiclass) trained on images prepared as --run's were: "
@@ -189,12 +189,12 @@ def add_onnx(folder, check_paths, out=None):
     (check_paths) or generated ones."""
     out = out or folder
     import onnxruntime
-    models = load_run_models(folder, cpu(), engine="torch")
+    models = load_folder_models(folder, cpu(), engine="torch")
     if len(models) != 1:
         fail(folder, "is an ensemble; its members run on PyTorch")
     model, checkpoint = models[0]
     class_model = load_class_model(folder, cpu(), models)
-    settings = run_preprocessing(models, folder)
+    settings = folder_preprocessing(models, folder)
     if check_paths:
         files = check_image_files(check_paths)
         images, checked_on = [], f"{len(files)} images from {', '.join(map(shown, check_paths))}"

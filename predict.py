@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
     p.add_argument("--run", type=Path,
-                   help="run or model folder with model.pt (or members.json) and thresholds.json "
+                   help="model folder with model.pt (or members.json) and thresholds.json "
                         "(default: the reference model, models/reference)")
     p.add_argument("--operating-point",
                    help="a threshold name in thresholds.json (default recall_bound where it has one; "

@@ -344,15 +344,22 @@ def overlay_sheet(index, data_dir, cache_dir, n, seed=0):
     print(f"wrote {cache_dir / 'overlays.png'}")
 
 
+def default_cache_dir(args):
+    """cache/<dataset>_<cache size>, with a suffix for each setting other than the default's. The
+    Makefile names its caches by the same rule (CACHE_SUFFIX): it must know them when it reads its
+    targets, before any Python runs; tests/test_pipeline.py holds the two equal."""
+    suffix = ("" if args.hair_removal == "on" else f"_hair-{args.hair_removal}") + \
+        ("_unet" if args.segmenter == "unet" else "") + \
+        ("_sog" if args.colour_constancy == "shades_of_gray" else "") + ("_pad" if args.crop_fit == "pad" else "")
+    return Path("cache") / f"{args.data.name}_{args.cache_size}{suffix}"
+
+
 @one_line_errors
 def main(args):
     metadata_path = args.data / "metadata.csv"
     metadata = read_csv(metadata_path, METADATA_COLUMNS)
     check_names(metadata, metadata_path)  # image ids name the mask files; filenames are read
-    suffix = ("" if args.hair_removal == "on" else f"_hair-{args.hair_removal}") + \
-        ("_unet" if args.segmenter == "unet" else "") + \
-        ("_sog" if args.colour_constancy == "shades_of_gray" else "") + ("_pad" if args.crop_fit == "pad" else "")
-    out_dir = args.out or Path("cache") / f"{args.data.name}_{args.cache_size}{suffix}"
+    out_dir = args.out or default_cache_dir(args)
     key = cache_key(args, metadata_path)
     lock_output(out_dir)
     complete = all((out_dir / name).is_file() for name in ("index.csv", "cache_key.json", *CACHE_ARRAYS.values()))

@@ -29,7 +29,7 @@ from common import (ArgumentParser, best_f1_threshold, binary_metrics, fail, num
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--run", type=Path, required=True, help="run folder with val_probs.csv")
+    p.add_argument("--run", type=Path, required=True, help="model folder with val_probs.csv")
     p.add_argument("--probs", type=Path, help="validation probabilities to choose on (default <run>/val_probs.csv)")
     p.add_argument("--target-recall", type=number_in(float, 0, 1, low_open=True), default=0.90,
                    help="recall the screening point must reach, in (0, 1]")

@@ -1,7 +1,7 @@
 """Step 3: train a benign/malignant (or 7-class) classifier on the preprocess cache.
 
 Reads the cache of preprocess.py (index.csv with train/val splits, images.npy, crops.npy, masks.npy).
-Writes into the run folder:
+Writes into the model folder:
   model.pt        the best epoch by validation ROC-AUC (binary), balanced accuracy (multiclass) or
                   their mean (joint: one network for both answers):
                   weights plus everything needed to rebuild the model and its preprocessing
@@ -13,7 +13,7 @@ Writes into the run folder:
   config.json     all arguments, library versions, git commit, the cache key
   segmenter.pt    where the cache was segmented by the U-Net: that very file (a hard link where the
                   file system allows), which model.pt names by this relative path and its SHA-256,
-                  so the run folder can be copied or moved whole
+                  so the model folder can be copied or moved whole
 
 Distributed: torchrun --nproc_per_node=N train.py ... trains with DistributedDataParallel (gloo on
 CPU, NCCL on CUDA); --batch-size is the total over processes and only rank 0 writes files.
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=number_in(int, 1), help="CPU threads for torch (default: cores / processes)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the model folder's last.pt")
     return p.parse_args(argv)
 
 
@@ -422,7 +422,7 @@ def setup_processes(args):
 
 
 def keep_segmenter(cache_key, run_dir):
-    """The cache key with its segmenter, if any, named by a copy inside the run folder."""
+    """The cache key with its segmenter, if any, named by a copy inside the model folder."""
     source, sha256 = cache_key.get("segmenter_model"), cache_key.get("segmenter_sha256")
     if not source:
         return cache_key

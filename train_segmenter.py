@@ -9,7 +9,7 @@ conventions: each source is scored on its own val images, and the epoch and the 
 are chosen on the mean of the sources' val Dice, each source counting once. --source-weight
 NAME=W sets a source's share of an epoch's draws (by default every train image once an epoch;
 with weights an epoch still draws as many images, each source's share W / sum of the weights).
-Writes into the run folder:
+Writes into its output folder:
   model.pt      the best epoch by validation Dice: weights, input size, normalisation and
                 mask_threshold, the probability cut chosen on validation (the file
                 preprocess.py --segmenter unet --segmenter-model reads)
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--source-weight", action="append", default=[], metavar="SOURCE=W", type=source_weight,
                    help="a source's relative share of each epoch's draws (repeat per source; default: as many "
                         "draws as it has train images)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from its output folder's last.pt")
     return p.parse_args(argv)
 
 

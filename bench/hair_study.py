@@ -1,7 +1,7 @@
 """Compare runs that differ in one setting (make hair-study: the same recipe, data and seed on
 caches with each hair removal) on validation and on external images, with paired intervals.
 
-Reads from each run folder: val_probs.csv (its validation split), thresholds.json, and the
+Reads from each model folder: val_probs.csv (its validation split), thresholds.json, and the
 probabilities of every further evaluation that all runs have (val_tta/test_probs.csv: validation
 read with test-time augmentation, which make threshold writes; isic2017_trainval/test_probs.csv,
 ph2/test_probs.csv, written by make external-val and make external). A run's own test split is
@@ -40,7 +40,7 @@ POINTS = ("recall_target", "recall_bound")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders; the first is the reference")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="model folders; the first is the reference")
     p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md are written)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)

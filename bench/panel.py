@@ -32,7 +32,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (CLASS_COLUMNS, DX_CODES, check_preprocessing, ensemble_probs, fail, group_members,  # noqa: E402
-                    hidden_metadata, load_cache, load_class_model, load_run_models, metadata_features, one_line_errors,
+                    hidden_metadata, load_cache, load_class_model, load_folder_models, metadata_features, one_line_errors,
                     paired_differences, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
                     write_csv, write_table_and_markdown)
 
@@ -131,7 +131,7 @@ def score_run(run, cache_pattern, general_sites, keep, device):
             out.update({(site, reading): read_csv(path) for reading, path in kept.items()})
             continue
         if models is None:
-            models = load_run_models(run, device)
+            models = load_folder_models(run, device)
             crop_fit = preprocess_settings(models[0][1]["preprocess"])["crop_fit"]
         cache = Path(cache_pattern.format(data=data, crop_fit=crop_fit))
         check_preprocessing(cache, models)
@@ -345,7 +345,7 @@ def score_run_four(run, cache_pattern, keep, device):
             out.update({(site, reading): read_csv(path) for reading, path in kept.items()})
             continue
         if models is None:
-            models = load_run_models(run, device)
+            models = load_folder_models(run, device)
             class_model = load_class_model(run, device, models)
             crop_fit = preprocess_settings(models[0][1]["preprocess"])["crop_fit"]
             general_sites = models[0][1].get("general_sites", False)

@@ -1,7 +1,7 @@
 """Compare 7-class recipes on HAM10000 val (docs/seven_classes.md), each arm at several seeds,
 paired against the first arm (the baseline) seed by seed, and apply the protocol's rule.
 
-An arm's runs are run folders (their val_probs.csv, written by train.py) or probability files
+An arm's runs are model folders (their val_probs.csv, written by train.py) or probability files
 (evaluate.py's test_probs.csv of the val split, for the test-time augmentation arm), one per seed
 in the same order for every arm. Every file must hold the same images. For each run: balanced
 accuracy of the most likely class, macro one-vs-rest ROC-AUC and melanoma recall; for each arm

@@ -1,6 +1,6 @@
 """Collect the study's runs into one results table (docs/first_edition.md).
 
-Reads every run folder under --runs (config.json, history.csv, thresholds.json, metrics.csv, and
+Reads every model folder under --runs (config.json, history.csv, thresholds.json, metrics.csv, and
 ph2/metrics.csv and multiclass_metrics.csv where present; for an ensemble of ensemble.py its
 members.json, and its members' training time, which is its cost). Writes <out>.csv (one row per stage,
 data set and operating point, with 95% intervals) and <out>.md (the table for docs/first_edition.md), and
@@ -35,7 +35,7 @@ METRICS = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "specificity"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, default=Path("runs/study"), help="folder of the study's run folders")
+    p.add_argument("--runs", type=Path, default=Path("runs/study"), help="folder of the study's model folders")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"), help="output path without suffix")
     p.add_argument("--plots", type=Path, help="copy the plots of the run best by validation into this folder")
     return p.parse_args(argv)

@@ -53,7 +53,7 @@ def files_under(folder):
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """60 synthetic images (both classes in each split): a bad-input test needs a run folder's
+    """60 synthetic images (both classes in each split): a bad-input test needs a model folder's
     files, not a good model, so this file trains its own small run in seconds."""
     return synthetic_dataset(tmp_path_factory.mktemp("small") / "synthetic", 60)
 
@@ -326,7 +326,7 @@ MODEL_FILES_FROM_ELSEWHERE = [
 
 
 def test_a_model_file_from_elsewhere_is_one_line_naming_file_field_and_value(small_run, small_data, tmp_path):
-    """predict.py for each field; evaluate.py loads models the same way (load_run_models), once."""
+    """predict.py for each field; evaluate.py loads models the same way (load_folder_models), once."""
     import torch
     checkpoint = torch.load(small_run / "model.pt", weights_only=True)
     image = sorted((small_data / "images").iterdir())[0]

@@ -157,7 +157,7 @@ def test_a_stale_classes_file_is_refused_where_it_is_read(folders, class_run, tm
     checkpoint = torch.load(copy / common.CLASS_MODEL_FILE, weights_only=True)
     torch.save({**checkpoint, "task": "binary", "num_outputs": 1}, copy / common.CLASS_MODEL_FILE)
     with pytest.raises(common.ToolkitError) as exc:
-        common.load_class_model(copy, torch.device("cpu"), common.load_run_models(copy, torch.device("cpu")))
+        common.load_class_model(copy, torch.device("cpu"), common.load_folder_models(copy, torch.device("cpu")))
     assert common.CLASS_MODEL_FILE in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -230,18 +230,18 @@ def test_a_head_on_the_frozen_network_reads_both_answers_in_one_pass(synthetic_c
     for name, classes in (("alone", []), ("both", ["--classes", str(head)])):
         export_model.main(export_model.parse_args(["--run", str(binary), *classes, "--out", str(tmp_path / name)]))
     cpu = torch.device("cpu")
-    models = common.load_run_models(tmp_path / "both", cpu, "torch")
+    models = common.load_folder_models(tmp_path / "both", cpu, "torch")
     shared = common.load_class_model(tmp_path / "both", cpu, models)
     assert shared[1]["shared"]
     index, arrays = common.load_cache(synthetic_cache)
     rows, metadata = index["row"][:16], common.metadata_features(index.iloc[:16])
     probs, class_probs = common.ensemble_probs(models, arrays, rows, cpu, tta=True, metadata=metadata,
                                                class_model=shared)
-    alone, none = common.ensemble_probs(common.load_run_models(tmp_path / "alone", cpu, "torch"), arrays, rows, cpu,
+    alone, none = common.ensemble_probs(common.load_folder_models(tmp_path / "alone", cpu, "torch"), arrays, rows, cpu,
                                         tta=True, metadata=metadata)
     np.testing.assert_allclose(probs, alone, atol=1e-6)  # malignancy is the binary model's own
     # the folder's ONNX files (export_model.py writes them): one network pass for both answers there too
-    onnx_models = common.load_run_models(tmp_path / "both", cpu, "onnx")
+    onnx_models = common.load_folder_models(tmp_path / "both", cpu, "onnx")
     onnx_shared = common.load_class_model(tmp_path / "both", cpu, onnx_models)
     assert onnx_shared[1]["shared"] and isinstance(onnx_shared[0], common.OnnxNetwork)
     onnx_probs, onnx_classes = common.ensemble_probs(onnx_models, arrays, rows, cpu, tta=True, metadata=metadata,

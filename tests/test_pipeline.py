@@ -307,3 +307,20 @@ def test_threshold_takes_other_validation_probabilities_but_never_other_images(e
         common.recall_target_threshold(shifted["label"].to_numpy(), shifted["prob"].to_numpy(), 0.9))
     with pytest.raises(SystemExit, match="does not hold the validation images"):
         threshold.main(threshold.parse_args(["--run", str(run), "--probs", str(evaluated_run / "test_probs.csv")]))
+
+
+@pytest.mark.parametrize("hair, segmenter, colour, crop_fit", [
+    ("on", "unet", "shades_of_gray", "pad"), ("off", "classical", "none", "inside"), ("legacy", "unet", "none", "pad"),
+    ("on", "classical", "shades_of_gray", "inside")])
+def test_make_names_a_cache_as_preprocess_does(hair, segmenter, colour, crop_fit):
+    """The Makefile's cache names (CACHE_SUFFIX) follow preprocess.py's default_cache_dir."""
+    import shlex
+    out = subprocess.run(["make", "-n", "preprocess", "DATA=mine", "PYTHON=python3", f"HAIR={hair}",
+                          f"SEGMENTER={segmenter}", f"COLOUR={colour}", f"CROP_FIT={crop_fit}", "CACHE_SIZE=96"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    line = next(line for line in out.replace("\\\n", " ").splitlines() if "preprocess.py" in line)
+    words = shlex.split(line)
+    expected = preprocess.default_cache_dir(preprocess.parse_args(
+        ["--data", "data/mine", "--cache-size", "96", "--hair-removal", hair, "--segmenter", segmenter,
+         "--colour-constancy", colour, "--crop-fit", crop_fit]))
+    assert words[words.index("--out") + 1] == str(expected)

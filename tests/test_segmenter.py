@@ -124,7 +124,7 @@ def unet_run(unet_cache, tmp_path_factory):
 def test_a_run_carries_its_segmenter_and_works_when_moved(unet_run, unet_cache, segmenter_run, synthetic_data,
                                                           tmp_path):
     checkpoint = torch.load(unet_run / "model.pt", weights_only=True)
-    assert checkpoint["preprocess"]["segmenter_model"] == "segmenter.pt"  # relative to the run folder
+    assert checkpoint["preprocess"]["segmenter_model"] == "segmenter.pt"  # relative to the model folder
     assert common.file_digest(unet_run / "segmenter.pt") == checkpoint["preprocess"]["segmenter_sha256"] == \
         common.file_digest(segmenter_run / "model.pt")
     moved = tmp_path / "elsewhere" / "run"

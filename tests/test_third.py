@@ -88,7 +88,7 @@ def test_panel_pairs_seeds_leaves_out_training_images_and_applies_the_rule(synth
                                      "--seed", "1", "--metadata")
     # a metadata model's readings share one pass of its image network: the same as reading by reading
     index, arrays = common.load_cache(synthetic_cache)
-    models = common.load_run_models(second, torch.device("cpu"))
+    models = common.load_folder_models(second, torch.device("cpu"))
     known = index.assign(age=np.where(index["malignant"] == 1, 80.0, 30.0), sex="female", localization="torso")
     readings = {"shown": common.metadata_features(known), "hidden": common.metadata_features(
         common.hidden_metadata(known))}
