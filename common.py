@@ -1454,8 +1454,10 @@ class ModelFolder:
     ONNX files, else on PyTorch (engine "onnx" or "torch" chooses); then classify() and predict()
     take images as many times as asked, through the preparation the networks were trained with
     (hair removal, the segmenter, the input form and size). Its operating points (thresholds.json,
-    or with clinic a site calibration of calibrate.py) are read first: a malformed one ends here,
-    before torch's import and the networks' load, which happens at load() or the first use.
+    or with clinic a site calibration of calibrate.py) are read at their first use, the networks at
+    load() or theirs: a script asks for the points first, so that a malformed file ends the run
+    before torch's import and the networks' load. A folder without thresholds.json (a run that
+    threshold.py has not read yet) still scores images and caches.
 
         model = ModelFolder("models/reference")
         table, problems = model.predict(["lesion.jpg"], age=60, site="back")
@@ -1465,9 +1467,13 @@ class ModelFolder:
         self.path = Path(path)
         if not self.path.is_dir():
             fail(self.path, NOT_A_MODEL_FOLDER)
-        self.engine_asked, self.device_asked = engine, device
-        self.points = OperatingPoints(self.path, clinic)
+        self.clinic, self.engine_asked, self.device_asked = clinic, engine, device
         self.models = self.class_model = self.settings = self.device = None
+
+    @functools.cached_property
+    def points(self):
+        """The operating points: thresholds.json's, or the clinic's calibration's (OperatingPoints)."""
+        return OperatingPoints(self.path, self.clinic)
 
     def load(self):
         """The networks (load_folder_models, load_class_model) and their preparation (folder_preprocessing),

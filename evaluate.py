@@ -309,7 +309,7 @@ def main(args):
         model.require_classes()
     if args.gradcam and len(models) > 1:
         fail(args.run, "--gradcam explains a single model, not an ensemble; run it on a member")
-    if args.gradcam and models[0][1]["input"] == "both":
+    if args.gradcam and model.checkpoint["input"] == "both":
         fail(args.run, "--gradcam explains a model of one view; this one reads two (--input both)")
     if args.tta is None:
         args.tta = model.points.tta

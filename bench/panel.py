@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (CLASS_COLUMNS, DX_CODES, check_preprocessing, ensemble_probs, fail, group_members,  # noqa: E402
-                    hidden_metadata, load_cache, load_class_model, load_folder_models, metadata_features, one_line_errors,
+from common import (CLASS_COLUMNS, DX_CODES, ModelFolder, check_preprocessing, ensemble_probs, fail,  # noqa: E402
+                    group_members, hidden_metadata, load_cache, load_folder_models, metadata_features, one_line_errors,
                     paired_differences, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
                     write_csv, write_table_and_markdown)
 
@@ -336,7 +336,7 @@ def score_run_four(run, cache_pattern, keep, device):
     model_file = run / "model.pt"
     if not model_file.is_file():
         fail(model_file, "missing: train the run first")
-    out, models = {}, None
+    out, model = {}, None
     trained_on = training_images(run)
     folder = keep / str(run).strip("/").replace("/", "__")
     for site, data, split, source, readings in FOUR_SITES:
@@ -344,13 +344,11 @@ def score_run_four(run, cache_pattern, keep, device):
         if all(path.is_file() and path.stat().st_mtime > model_file.stat().st_mtime for path in kept.values()):
             out.update({(site, reading): read_csv(path) for reading, path in kept.items()})
             continue
-        if models is None:
-            models = load_folder_models(run, device)
-            class_model = load_class_model(run, device, models)
-            crop_fit = preprocess_settings(models[0][1]["preprocess"])["crop_fit"]
-            general_sites = models[0][1].get("general_sites", False)
+        if model is None:
+            model = ModelFolder(run, device=device).load()
+            crop_fit = preprocess_settings(model.checkpoint["preprocess"])["crop_fit"]
         cache = Path(cache_pattern.format(data=data, crop_fit=crop_fit))
-        check_preprocessing(cache, models)
+        check_preprocessing(cache, model.models)
         index, arrays = load_cache(cache)
         rows = index if split == "all" else index[index["split"] == split]
         if source is not None:
@@ -359,9 +357,7 @@ def score_run_four(run, cache_pattern, keep, device):
         group = rows["patient_id"] if "patient_id" in rows else rows["lesion_id"]
         for reading in readings:
             known = hidden_metadata(rows) if reading in ("hidden", "none") else rows
-            probs, class_probs = ensemble_probs(models, arrays, rows["row"], device,
-                                                metadata=metadata_features(known, general_sites),
-                                                class_model=class_model)
+            probs, class_probs = model.probs(arrays, rows["row"], metadata_features(known, model.general_sites))
             table = pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "group": group.astype(str).to_numpy(),
                                   "label": rows["malignant"].to_numpy(), "dx": rows["dx"].to_numpy(), "prob": probs})
             if class_probs is not None:
