@@ -4,8 +4,8 @@ probabilities where the model gives them, and a Grad-CAM map of what the network
 
 Serves http://127.0.0.1:7860 (--host and --port to change it) with the reference model, or --run
 for any model folder, and --clinic for a site calibration of it (calibrate.py); both can be
-changed on the page where the run has calibrations. Images go through the very functions
-predict.py uses (common.classify_files, common.prediction_row), so the page and predict.py give
+changed on the page where the folder has calibrations. Images go through what predict.py uses
+(common.ModelFolder, loaded once, and common.prediction_row), so the page and predict.py give
 the same probabilities, and its table downloads as predict.py's CSV. Nothing leaves the machine:
 no analytics, no fonts or scripts from the internet; uploads live in a temporary folder that is
 removed when the server stops. Needs the optional requirements: pip install -r requirements-app.txt
