@@ -1554,7 +1554,7 @@ class ModelFolder:
 
 
 # ---------------------------------------------------------------------------------------------
-# data: the preprocess cache
+# the preprocess cache: its arrays, and the input forms a network reads
 
 
 CACHE_ARRAYS = {"full": "images.npy", "crop": "crops.npy", "mask": "masks.npy"}

@@ -120,3 +120,17 @@ def test_every_make_target_that_names_no_file_is_phony():
         targets = set(re.findall(r"^([a-z][a-z0-9-]*):(?!=)", text, re.M))
         missing += [f"{makefile}: {target}" for target in sorted(targets - phony)]
     assert not missing, missing
+
+
+def test_the_readmes_code_map_names_every_section_of_common_py():
+    """The README's table of common.py's sections follows the file: each section's name (before any
+    colon or parenthesis) is in the table, and the table names no section the file lacks."""
+    sections = [re.split(r"[:(]", line.removeprefix("# "))[0].strip() for line in
+                re.findall(r"^# -{20,}\n(# .*)$", (ROOT / "common.py").read_text(), re.M)]
+    text = README.read_text()
+    table = text[text.index("| section of `common.py` |"):]
+    table = table[:table.index("\n\n")]
+    named = [name.strip() for row in table.splitlines()[2:] for name in row.split("|")[1].split(",")]
+    assert len(sections) >= 10
+    assert [s for s in sections if s not in named] == []
+    assert [n for n in named if not any(s.endswith(n) for s in sections)] == []
