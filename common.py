@@ -684,19 +684,23 @@ def shades_of_gray(rgb, p=6):
 # 224 by default), and a network reads them resized to its input_size (train.py --input-size, 160
 # for the reference model); the segmenter's own input_size is its (width, height). Files written
 # before the names were two call either "img_size": read back by the functions below.
+def size_named(fields, name):
+    """A cache key's or checkpoint's fields with its "img_size" under today's name ("cache_size" or
+    "input_size"), in its place; fields already so named are returned as they are."""
+    if name in fields or "img_size" not in fields:
+        return fields
+    return {(name if key == "img_size" else key): value for key, value in fields.items()}
+
+
 def cache_size(cache_key):
     """The side of a cache's square images, from its cache_key.json (or a checkpoint's "preprocess")."""
-    return cache_key["cache_size"] if "cache_size" in cache_key else cache_key["img_size"]
+    return size_named(cache_key, "cache_size")["cache_size"]
 
 
 def with_input_size(checkpoint):
     """A classifier's checkpoint (or its fields in onnx.json) with its network's size as "input_size",
     however it was written."""
-    if "input_size" in checkpoint or "img_size" not in checkpoint:
-        return checkpoint
-    checkpoint = dict(checkpoint)
-    checkpoint["input_size"] = checkpoint.pop("img_size")
-    return checkpoint
+    return size_named(checkpoint, "input_size")
 
 
 def preprocess_settings(cache_key):

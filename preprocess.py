@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common import (CACHE_ARRAYS, COLOUR_CONSTANCY, CROP_FITS, HAIR_REMOVAL_MODES, METADATA_COLUMNS, SEGMENTERS,
                     ArgumentParser, ToolkitError, check_names, fail, file_digest, load_segmenter, lock_output,
                     masks_by_image_id, number_in, one_line_errors, preprocess_image, preprocess_settings, read_csv,
-                    read_json, read_mask, read_rgb, save_image_grid, write_csv, write_json, write_png)
+                    read_json, read_mask, read_rgb, save_image_grid, size_named, write_csv, write_json, write_png)
 
 # Bump when the segmentation or hair removal code changes what it writes.
 PIPELINE_VERSION = 3
@@ -126,9 +126,7 @@ def read_cache_key(path):
     """A cache's cache_key.json, its size under today's name (cache_size; "img_size" before), so that a
     cache built before the rename is no stale one."""
     key = read_json(path)
-    if isinstance(key, dict) and "img_size" in key and "cache_size" not in key:
-        key = {("cache_size" if name == "img_size" else name): value for name, value in key.items()}
-    return key
+    return size_named(key, "cache_size") if isinstance(key, dict) else key
 
 
 def allocated_array(path, shape):
