@@ -2,7 +2,7 @@
 # seven_classes.md):
 # included by the Makefile, whose variables, macros and pipeline targets they run.
 .PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full seven-export \
-	four-data four-screen crop-fit-study segmenter-screen third-data third-screen third-full third-ensemble
+	four-data four-screen four-full crop-fit-study segmenter-screen third-data third-screen third-full third-ensemble
 
 # The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
@@ -357,3 +357,16 @@ four-screen: | $(PY_DEPS)  ## study, 4th edition: the baseline J and each arm fo
 		--out bench/results/four/screen_D
 	$(PYTHON) bench/panel.py --four --arm D=$(call seeded_dirs,$(FOUR_RUNS)/D) $(foreach arm,$(filter D%,$(filter-out D,\
 		$(FOUR_ARMS))),--arm $(arm)=$(call seeded_dirs,$(FOUR_RUNS)/$(arm))) --out bench/results/four/screen_guards
+
+# The full length (docs/fourth_edition.md, "Full length: the plan", committed before its runs): J at
+# 10 epochs at 160 px over every training image (J10, the baseline) and at 20 (J20, the longer
+# schedule), seeds 0 and 1; JPB and TTA are read on them without training. FOUR_FULL_ARMS picks the
+# arms to train (a session may train some, a later one the rest: training is deterministic here).
+FOUR_FULL_RUNS ?= runs/four_full
+FOUR_FULL_ARMS ?= J10 J20
+FOUR_FULL_J10 := --input-size 160 --epochs 10
+FOUR_FULL_J20 := --input-size 160 --epochs 20
+four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
+four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
+four-full: | $(PY_DEPS)  ## study, 4th edition: J10 and J20 (J at 10 and 20 epochs at 160 px), seeds 0 and 1
+	$(foreach arm,$(FOUR_FULL_ARMS),$(call four_arm,$(arm),ham+isic2017_trainval,$(FOUR_J)) &&) true
