@@ -216,9 +216,9 @@ def replace_folder(built, folder):
         built.rename(folder)
 
 
-def write_csv(df, path):
+def write_csv(df, path, **to_csv):
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, **to_csv)
 
 
 def write_json(obj, path):
@@ -289,6 +289,19 @@ def read_thresholds(folder):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail(path, f"threshold '{name}' is {value!r}, not a number")
     return thresholds
+
+
+def read_class_biases(folder):
+    """thresholds.json's class_biases (threshold.py --class-biases): the seven class-logit biases in
+    DX_CODES order, or None where the file has none; anything else ends with one line."""
+    path = Path(folder) / "thresholds.json"
+    biases = read_json(path).get("class_biases")
+    if biases is None:
+        return None
+    if not isinstance(biases, dict) or set(biases) != set(DX_CODES) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in biases.values()):
+        fail(path, f"'class_biases' must give a number for each of {', '.join(DX_CODES)}")
+    return np.array([float(biases[code]) for code in DX_CODES])
 
 
 def chosen_with_tta(folder):
@@ -1479,6 +1492,12 @@ class ModelFolder:
         """The operating points: thresholds.json's, or the clinic's calibration's (OperatingPoints)."""
         return OperatingPoints(self.path, self.clinic)
 
+    @functools.cached_property
+    def class_biases(self):
+        """The folder's class-logit biases chosen on validation (thresholds.json's class_biases, the
+        folder's own whatever the clinic), applied to every class answer; None: none."""
+        return read_class_biases(self.path) if (self.path / "thresholds.json").is_file() else None
+
     def load(self):
         """The networks (load_folder_models, load_class_model) and their preparation (folder_preprocessing),
         once. Returns the folder."""
@@ -1527,13 +1546,22 @@ class ModelFolder:
         self.load()
         metadata = patient_metadata(n=len(files)) if metadata is None else metadata
         tta = self.points.tta if tta is None else tta
-        yield from classify_files(self.models, self.settings, files, metadata, self.device, tta, self.class_model)
+        for i, result in classify_files(self.models, self.settings, files, metadata, self.device, tta,
+                                        self.class_model):
+            if self.class_biases is not None and not isinstance(result, ToolkitError) \
+                    and result["class_probs"] is not None:
+                result["class_probs"] = with_class_biases(result["class_probs"][None, :], self.class_biases)[0]
+            yield i, result
 
     def probs(self, arrays, rows, metadata=None, tta=False):
-        """(malignancy probabilities, class probabilities or None) of a preprocess cache's rows (ensemble_probs)."""
+        """(malignancy probabilities, class probabilities or None) of a preprocess cache's rows
+        (ensemble_probs; the class probabilities moved by the folder's class_biases)."""
         self.load()
-        return ensemble_probs(self.models, arrays, rows, self.device, tta=tta, metadata=metadata,
-                              class_model=self.class_model)
+        probs, class_probs = ensemble_probs(self.models, arrays, rows, self.device, tta=tta, metadata=metadata,
+                                            class_model=self.class_model)
+        if class_probs is not None and self.class_biases is not None:
+            class_probs = with_class_biases(class_probs, self.class_biases)
+        return probs, class_probs
 
     def predict(self, files, age=None, sex=None, site=None, operating_point=None, tta=None):
         """(a table of predict.py's CSV rows, one per image read; the ToolkitErrors of the files that
@@ -2003,6 +2031,46 @@ def balanced_accuracy_7(dx, class_probs):
     with warnings.catch_warnings():  # predicting a class absent from dx is an error it counts, not a fault
         warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
         return float(balanced_accuracy_score([DX_CODES.index(code) for code in dx], np.argmax(class_probs, axis=1)))
+
+
+def top_class_balanced_accuracy(dx, class_probs, classes):
+    """The mean recall over `classes` of the top class, the argmax over all seven (naming a class
+    outside `classes` is a miss); a class without images here is left out of the mean."""
+    top = np.asarray(DX_CODES)[np.argmax(class_probs, axis=1)]
+    recalls = [np.mean(top[dx == code] == code) for code in classes if (dx == code).any()]
+    return float(np.mean(recalls)) if recalls else np.nan
+
+
+CLASS_BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 1)
+
+
+def chosen_class_biases(dx, class_probs, sweeps=3):
+    """Seven class-logit biases (DX_CODES order) that maximise the top class's balanced accuracy on
+    validation images (docs/fourth_edition.md, JPB): a coordinate search, each bias over
+    CLASS_BIAS_GRID in turn, `sweeps` times; ties keep the smaller bias. Malignancy is untouched."""
+    dx, class_probs = np.asarray(dx), np.asarray(class_probs)
+    classes = [code for code in DX_CODES if (dx == code).any()]
+    biases = np.zeros(len(DX_CODES))
+
+    def score(b):
+        return top_class_balanced_accuracy(dx, class_probs * np.exp(b)[None, :], classes)
+
+    best = score(biases)
+    for _ in range(sweeps):
+        for k in range(len(DX_CODES)):
+            for value in sorted(CLASS_BIAS_GRID, key=abs):
+                trial = biases.copy()
+                trial[k] = value
+                trial_score = score(trial)
+                if trial_score > best + 1e-12:
+                    best, biases = trial_score, trial
+    return biases
+
+
+def with_class_biases(class_probs, biases):
+    """Class probabilities with the class logits moved by `biases`: each times exp(bias), renormalised."""
+    probs = np.asarray(class_probs) * np.exp(np.asarray(biases, dtype=np.float64))[None, :]
+    return (probs / probs.sum(axis=1, keepdims=True)).astype(np.asarray(class_probs).dtype)
 
 
 def class_table_lines(table):

@@ -21,7 +21,9 @@ the model folder):
   multiclass_metrics.csv, confusion_matrix_7class.csv/.png   where the model gives the 7 classes (a
                          7-class run, or a model folder with classes.pt): per-class precision,
                          recall and one-vs-rest ROC-AUC, a macro row (balanced accuracy, macro
-                         ROC-AUC), each with a 95% interval over lesions; the 7x7 confusion matrix
+                         ROC-AUC), each with a 95% interval over lesions; the 7x7 confusion matrix;
+                         and metrics.csv's answers_agree: at each operating point, the share of
+                         images whose top class is malignant exactly where the decision is
   report.md              the metrics table, the plots and the data they were computed on
 
 Examples: python evaluate.py --run runs/lite0
@@ -35,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, SPLITS, ArgumentParser, ModelFolder, atomic_path,
-                    balanced_accuracy_7, binary_metrics, check_preprocessing, class_table_lines, fail, gradcam_maps,
-                    group_members, group_resamples, heat_overlay, hidden_metadata, load_cache, lock_output,
-                    metadata_features, model_inputs, multiclass_figures, new_figure, number_in, one_line_errors,
-                    plot_pr_curve, plot_reliability, ranking_metrics, recalibrated, save_figure, save_image_grid,
-                    threshold_metrics, unknown_sites_line, write_csv)
+from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, MALIGNANT_DX, SPLITS, ArgumentParser, ModelFolder,
+                    atomic_path, balanced_accuracy_7, binary_metrics, check_preprocessing, class_table_lines, fail,
+                    gradcam_maps, group_members, group_resamples, heat_overlay, hidden_metadata, load_cache,
+                    lock_output, metadata_features, model_inputs, multiclass_figures, new_figure, number_in,
+                    one_line_errors, plot_pr_curve, plot_reliability, ranking_metrics, recalibrated, save_figure,
+                    save_image_grid, threshold_metrics, unknown_sites_line, write_csv)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -224,6 +226,13 @@ def multiclass_report(rows, class_probs, out_dir, n_resamples, seed):
     return summary, table
 
 
+def answers_agree(probs, class_probs, thresholds):
+    """At each threshold, the share of images whose most likely class is malignant exactly where the
+    decision is (predict.py's answers_agree, over every image)."""
+    top_malignant = np.isin(np.asarray(DX_CODES)[np.argmax(class_probs, axis=1)], list(MALIGNANT_DX))
+    return [float(np.mean(top_malignant == (probs >= t))) for t in thresholds]
+
+
 def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
     """Rows: the n most confident true positives, false positives and false negatives."""
     decided = test["prob"].to_numpy() >= threshold
@@ -249,6 +258,11 @@ def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
 def with_interval(summary, name):
     interval = "" if np.isnan(summary[f"{name}_lo"]) else f" [{summary[name + '_lo']:.3f}, {summary[name + '_hi']:.3f}]"
     return f"{summary[name]:.3f}{interval}"
+
+
+def agreement_line(table):
+    return "The two answers agree (the top class malignant exactly where the decision is) on " + ", ".join(
+        f"{row['answers_agree']:.1%} at {row['operating_point']}" for row in table.to_dict("records")) + " of the images."
 
 
 def multiclass_line(summary):
@@ -294,6 +308,7 @@ def write_report(out_dir, table, summary, args, models, cache, n_images, plots, 
         lines += ["", f"7 classes: balanced accuracy {multiclass_line(summary)}; intervals: 95% bootstrap over "
                       "lesions (`multiclass_metrics.csv`, and the counts in `confusion_matrix_7class.csv`):", ""]
         lines += class_table_lines(class_table)
+        lines += ["", agreement_line(table)]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -359,6 +374,8 @@ def main(args):
              "but no ROC-AUC or interval exists")
 
     table = metrics_table(labels, probs, thresholds, args.bootstrap, args.seed)
+    if class_probs is not None:  # the two answers of a model that gives both, at each operating point
+        table["answers_agree"] = answers_agree(probs, class_probs, table["threshold"])
     write_csv(table, out_dir / "metrics.csv")
     by_source = metrics_by_source(rows, labels, probs, thresholds, args)
     if by_source is not None:
@@ -389,6 +406,7 @@ def main(args):
     if summary:
         print(f"7 classes: balanced accuracy {multiclass_line(summary)}")
         print("\n".join(class_table_lines(class_table)))
+        print(agreement_line(table))
     print(f"wrote {out_dir / 'metrics.csv'}, {out_dir / 'report.md'} and plots "
           f"({len(rows)} images of {cache}, split {args.split})")
 

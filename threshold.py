@@ -12,7 +12,10 @@ augmentation; its tta column says so). Writes <run>/thresholds.json:
                    the time
   specificity_target   with --target-specificity: the lowest threshold whose validation
                    specificity is >= the target (the most sensitive point that keeps it)
-beside them "tta": whether the probabilities were test-time-augmented, so that evaluate.py and
+With --class-biases, also "class_biases": seven class-logit biases chosen on <run>/val_probs.csv
+(train.py's plain probabilities, whatever --probs names) to maximise the top class's balanced
+accuracy (docs/fourth_edition.md, JPB); the model folder applies them to every class answer.
+Beside them "tta": whether the probabilities were test-time-augmented, so that evaluate.py and
 predict.py read images the same way by default, and <run>/pr_curve_val.png with the chosen points
 marked. It never opens test data.
 
@@ -22,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, best_f1_threshold, binary_metrics, fail, number_in, one_line_errors, plot_pr_curve,
-                    read_probs, recall_bound_threshold, recall_target_threshold, specificity_target_threshold,
-                    write_json)
+from common import (CLASS_COLUMNS, DX_CODES, ArgumentParser, best_f1_threshold, binary_metrics, chosen_class_biases,
+                    fail, number_in, one_line_errors, plot_pr_curve, read_probs, recall_bound_threshold,
+                    recall_target_threshold, specificity_target_threshold, top_class_balanced_accuracy,
+                    with_class_biases, write_json)
 
 
 def parse_args(argv=None):
@@ -35,6 +39,9 @@ def parse_args(argv=None):
                    help="recall the screening point must reach, in (0, 1]")
     p.add_argument("--target-specificity", type=number_in(float, 0, 1, low_open=True),
                    help="also choose a point of at least this specificity, in (0, 1]")
+    p.add_argument("--class-biases", action="store_true",
+                   help="also choose the class-logit biases that maximise the top class's validation balanced "
+                        "accuracy (a network with class probabilities: --task joint or multiclass)")
     p.add_argument("--bootstrap", type=number_in(int, 100), default=2000,
                    help="resamples of the malignant lesions for recall_bound")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -67,14 +74,36 @@ def main(args):
     if args.target_specificity is not None:
         thresholds["specificity_target"] = specificity_target_threshold(labels, probs, args.target_specificity)
     summary = {name: binary_metrics(labels, probs, t) for name, t in thresholds.items()}
-    write_json({"thresholds": thresholds, "tta": bool(views.pop()), "target_recall": args.target_recall,
-                "target_specificity": args.target_specificity,
-                "chosen_on": str(val_path), "validation_metrics": summary}, args.run / "thresholds.json")
+    points = {"thresholds": thresholds, "tta": bool(views.pop()), "target_recall": args.target_recall,
+              "target_specificity": args.target_specificity, "chosen_on": str(val_path), "validation_metrics": summary}
+    if args.class_biases:
+        points.update(chosen_biases(args.run / "val_probs.csv"))
+    write_json(points, args.run / "thresholds.json")
     plot_pr_curve(labels, probs, thresholds, args.run / "pr_curve_val.png", "validation precision-recall")
     for name, m in summary.items():
         print(f"{name:14s} threshold {m['threshold']:.4f}  val recall {m['recall']:.3f}  "
               f"precision {m['precision']:.3f}  specificity {m['specificity']:.3f}")
+    if args.class_biases:
+        print(f"class biases   {' '.join(f'{code} {b:+.1f}' for code, b in points['class_biases'].items())}  val balanced "
+              f"accuracy {points['class_balanced_accuracy']['without']:.3f} -> {points['class_balanced_accuracy']['with']:.3f}")
     print(f"wrote {args.run / 'thresholds.json'}")
+
+
+def chosen_biases(path):
+    """thresholds.json's class_biases, chosen on a validation file's class probabilities, and the
+    top class's balanced accuracy there without and with them."""
+    val = read_probs(path, ("dx", *CLASS_COLUMNS))
+    unknown = sorted(set(val["dx"]) - set(DX_CODES))
+    if unknown:
+        fail(path, f"column dx holds {unknown[0]!r}, not one of {', '.join(DX_CODES)}")
+    dx, class_probs = val["dx"].to_numpy(), val[CLASS_COLUMNS].to_numpy()
+    biases = chosen_class_biases(dx, class_probs)
+    present = [code for code in DX_CODES if (dx == code).any()]
+    return {"class_biases": {code: float(b) for code, b in zip(DX_CODES, biases)},
+            "class_biases_chosen_on": str(path),
+            "class_balanced_accuracy": {
+                "without": top_class_balanced_accuracy(dx, class_probs, present),
+                "with": top_class_balanced_accuracy(dx, with_class_biases(class_probs, biases), present)}}
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (CLASS_COLUMNS, DX_CODES, ModelFolder, check_preprocessing, ensemble_probs, fail,  # noqa: E402
-                    group_members, hidden_metadata, load_cache, load_folder_models, metadata_features, one_line_errors,
+from common import (CLASS_COLUMNS, DX_CODES, ModelFolder, check_preprocessing, chosen_class_biases,  # noqa: E402
+                    ensemble_probs, fail, group_members, hidden_metadata, load_cache, load_folder_models, metadata_features, one_line_errors,
                     paired_differences, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
-                    write_csv, write_table_and_markdown)
+                    top_class_balanced_accuracy, write_csv, write_json, write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -65,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--four", action="store_true",
                    help="the fourth edition's panel (docs/fourth_edition.md): ROC-AUC and balanced accuracy at every "
                         "site, BCN20000 val as a second guard, and its rule")
+    p.add_argument("--tta", nargs="*", default=[], metavar="ARM",
+                   help="with --four, arms whose runs are read with test-time augmentation (the 8 flips and "
+                        "rotations); the same runs under another arm name read without it")
+    p.add_argument("--record", type=Path, metavar="DIR",
+                   help="with --four, record each run that has its weights as DIR/<run's name>/: its config.json "
+                        "and its probabilities at every site, no weights, no labels. An --arm may name such a "
+                        "folder in place of a run: its probabilities are read, its labels from the sites' caches")
     p.add_argument("--cache-pattern", default="cache/{data}_224_third_{crop_fit}",
                    help="a site's cache, from its dataset and the run's crop fit")
     p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
@@ -314,14 +321,6 @@ def site_classes(dx):
     return [code for code in DX_CODES if counts.get(code, 0) >= MIN_CLASS_IMAGES]
 
 
-def site_balanced_accuracy(dx, class_probs, classes):
-    """The mean recall over `classes` of the top class, the argmax over all seven (naming a class the
-    site does not hold is a miss); a class without images in a resample is left out of its mean."""
-    top = np.asarray(DX_CODES)[np.argmax(class_probs, axis=1)]
-    recalls = [np.mean(top[dx == code] == code) for code in classes if (dx == code).any()]
-    return float(np.mean(recalls)) if recalls else np.nan
-
-
 def trains_on(run, source):
     """Whether a run's training cache has training rows of `source`."""
     cache = Path(read_json(run / "config.json")["args"]["cache"])
@@ -329,18 +328,36 @@ def trains_on(run, source):
     return "source" in index and bool(((index["split"] == "train") & (index["source"] == source)).any())
 
 
-def score_run_four(run, cache_pattern, keep, device):
+def site_rows(index, split, source, trained_on):
+    """A site's rows of its cache: the split, the source, none a run trained on."""
+    rows = index if split == "all" else index[index["split"] == split]
+    if source is not None:
+        rows = rows[rows["source"] == source]
+    return rows[~rows["image_id"].isin(trained_on)]
+
+
+def site_frame(rows):
+    """What a site's table holds of each image beside the run's probabilities: its resampling group
+    (patient where the site has one, else lesion), malignancy label and class."""
+    group = rows["patient_id"] if "patient_id" in rows else rows["lesion_id"]
+    return pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "group": group.astype(str).to_numpy(),
+                         "label": rows["malignant"].to_numpy(), "dx": rows["dx"].to_numpy()})
+
+
+def score_run_four(run, cache_pattern, keep, device, tta=False):
     """{(site, reading): DataFrame(image_id, group, label, dx, prob, prob_<dx>...)} of one run on
-    the fourth edition's sites, kept as score_run keeps its files (a _four suffix). A model trained
-    with --general-sites reads the site words as it trained."""
+    the fourth edition's sites, kept as score_run keeps its files (a _four suffix; _tta_four read
+    with test-time augmentation). A model trained with --general-sites reads the site words as it
+    trained. A recorded run (--record's folder: no weights) gives the probabilities it holds."""
     model_file = run / "model.pt"
     if not model_file.is_file():
-        fail(model_file, "missing: train the run first")
+        return recorded_scores(run, cache_pattern, tta)
     out, model = {}, None
     trained_on = training_images(run)
     folder = keep / str(run).strip("/").replace("/", "__")
+    suffix = "_tta" if tta else ""
     for site, data, split, source, readings in FOUR_SITES:
-        kept = {reading: folder / f"{site}_{reading}_four.csv" for reading in readings}
+        kept = {reading: folder / f"{site}_{reading}{suffix}_four.csv" for reading in readings}
         if all(path.is_file() and path.stat().st_mtime > model_file.stat().st_mtime for path in kept.values()):
             out.update({(site, reading): read_csv(path) for reading, path in kept.items()})
             continue
@@ -350,16 +367,11 @@ def score_run_four(run, cache_pattern, keep, device):
         cache = Path(cache_pattern.format(data=data, crop_fit=crop_fit))
         check_preprocessing(cache, model.models)
         index, arrays = load_cache(cache)
-        rows = index if split == "all" else index[index["split"] == split]
-        if source is not None:
-            rows = rows[rows["source"] == source]
-        rows = rows[~rows["image_id"].isin(trained_on)]
-        group = rows["patient_id"] if "patient_id" in rows else rows["lesion_id"]
+        rows = site_rows(index, split, source, trained_on)
         for reading in readings:
             known = hidden_metadata(rows) if reading in ("hidden", "none") else rows
-            probs, class_probs = model.probs(arrays, rows["row"], metadata_features(known, model.general_sites))
-            table = pd.DataFrame({"image_id": rows["image_id"].to_numpy(), "group": group.astype(str).to_numpy(),
-                                  "label": rows["malignant"].to_numpy(), "dx": rows["dx"].to_numpy(), "prob": probs})
+            probs, class_probs = model.probs(arrays, rows["row"], metadata_features(known, model.general_sites), tta)
+            table = site_frame(rows).assign(prob=probs)
             if class_probs is not None:
                 for k, column in enumerate(CLASS_COLUMNS):
                     table[column] = class_probs[:, k]
@@ -368,11 +380,50 @@ def score_run_four(run, cache_pattern, keep, device):
     return out
 
 
+# A recorded run: a run's config.json and its probabilities at every site, without its weights and
+# without the sites' labels (those come from the sites' caches again), so that a run trained on one
+# machine pairs with one trained on another (docs/fourth_edition.md, the full length's plan).
+RECORDED_COLUMNS = ["image_id", "prob", *CLASS_COLUMNS]
+
+
+def record_run(run, scores, into, tta):
+    """Write a run's config.json and its site probabilities (float32, written exactly) to into/<run's name>/."""
+    folder = into / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(read_json(run / "config.json"), folder / "config.json")
+    for (site, reading), table in scores.items():
+        write_csv(table[[c for c in RECORDED_COLUMNS if c in table]], folder / f"{site}_{reading}"
+                  f"{'_tta' if tta else ''}.csv", float_format="%.9g")
+
+
+def recorded_scores(run, cache_pattern, tta):
+    """score_run_four's tables of a recorded run, each image's group, label and class read again
+    from the site's cache; the images must be those the run was read on."""
+    config = run / "config.json"
+    if not config.is_file():
+        fail(run / "model.pt", "missing: train the run first, or name a recorded run (bench/panel.py --record)")
+    config = read_json(config)
+    trained_on = training_images(run)
+    suffix = "_tta" if tta else ""
+    out = {}
+    for site, data, split, source, readings in FOUR_SITES:
+        cache = Path(cache_pattern.format(data=data, crop_fit=preprocess_settings(config["cache_key"])["crop_fit"]))
+        rows = site_rows(read_csv(cache / "index.csv"), split, source, trained_on)
+        for reading in readings:
+            path = run / f"{site}_{reading}{suffix}.csv"
+            if not path.is_file():
+                fail(path, f"missing: the run was not recorded with this reading{' (test-time augmentation)' if tta else ''}")
+            probs = read_csv(path, ("image_id", "prob"))
+            numbers = probs.columns.drop("image_id")  # written exactly as float32: read back to the same values
+            probs[numbers] = probs[numbers].astype(np.float32).astype(np.float64)
+            if sorted(probs["image_id"]) != sorted(rows["image_id"]):
+                fail(path, f"holds other images than {cache}'s {site} rows: the run was recorded on another cache")
+            out[site, reading] = site_frame(rows).merge(probs, on="image_id", how="left")
+    return out
+
+
 # inference-only arms (docs/fourth_edition.md): a run's class probabilities reweighted, malignancy unchanged
 ADJUSTMENTS = ("la", "pb")
-BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 1)
-
-
 def reweighted(table, weights):
     """The table with each class probability times its weight, renormalised: class logits plus
     log(weights), malignancy unchanged."""
@@ -388,33 +439,14 @@ def training_class_prior(run):
     return np.maximum(counts, 1) / counts.sum()
 
 
-def chosen_biases(table, sweeps=3):
-    """Seven class-logit biases that maximise the balanced accuracy of a table (HAM10000 val): a
-    coordinate search, each bias over BIAS_GRID in turn, `sweeps` times; ties keep the smaller bias."""
-    dx, probs = table["dx"].to_numpy(), table[CLASS_COLUMNS].to_numpy()
-    classes = [code for code in DX_CODES if (dx == code).any()]
-    biases = np.zeros(len(DX_CODES))
-
-    def score(b):
-        return site_balanced_accuracy(dx, probs * np.exp(b)[None, :], classes)
-
-    best = score(biases)
-    for _ in range(sweeps):
-        for k in range(len(DX_CODES)):
-            for value in sorted(BIAS_GRID, key=abs):
-                trial = biases.copy()
-                trial[k] = value
-                trial_score = score(trial)
-                if trial_score > best + 1e-12:
-                    best, biases = trial_score, trial
-    return biases
-
-
 def adjusted_scores(scores, run, adjustment):
     """A run's scores with its class probabilities adjusted: la, logit adjustment (minus the log of
     the training class prior, tau = 1); pb, per-class biases chosen on its HAM10000 val table."""
-    weights = 1 / training_class_prior(run) if adjustment == "la" else np.exp(chosen_biases(scores["ham10000_val",
-                                                                                                  "shown"]))
+    if adjustment == "la":
+        weights = 1 / training_class_prior(run)
+    else:
+        val = scores["ham10000_val", "shown"]
+        weights = np.exp(chosen_class_biases(val["dx"].to_numpy(), val[CLASS_COLUMNS].to_numpy()))
     return {key: reweighted(table, weights) for key, table in scores.items()}
 
 
@@ -423,7 +455,7 @@ def four_figures(table, ids, classes, pick=None):
     t = table.loc[ids] if pick is None else table.loc[ids].iloc[pick]
     labels = t["label"].to_numpy()
     auc = ranking_metrics(labels, t["prob"].to_numpy())["roc_auc"] if labels.min() != labels.max() else np.nan
-    bal = site_balanced_accuracy(t["dx"].to_numpy(), t[CLASS_COLUMNS].to_numpy(), classes) \
+    bal = top_class_balanced_accuracy(t["dx"].to_numpy(), t[CLASS_COLUMNS].to_numpy(), classes) \
         if CLASS_COLUMNS[0] in t and classes else np.nan
     return auc, bal
 
@@ -540,10 +572,15 @@ def main_four(args, arms, device):
     for name, adjustment in adjust.items():
         if name not in arms or adjustment not in ADJUSTMENTS:
             fail(f"--adjust {name}={adjustment}", "expects ARM=la or ARM=pb for an arm given with --arm")
+    unknown = set(args.tta) - set(arms)
+    if unknown:
+        fail("--tta", f"names no arm: {', '.join(sorted(unknown))}")
     scored = {}
     for name, runs in tqdm(arms.items(), desc="scoring arms"):
         for s, run in enumerate(runs):
-            scored[name, s] = score_run_four(run, args.cache_pattern, args.keep, device)
+            scored[name, s] = score_run_four(run, args.cache_pattern, args.keep, device, tta=name in args.tta)
+            if args.record and (run / "model.pt").is_file():
+                record_run(run, scored[name, s], args.record, tta=name in args.tta)
             if name in adjust:
                 scored[name, s] = adjusted_scores(scored[name, s], run, adjust[name])
     rows = []

@@ -96,8 +96,10 @@ def test_evaluate_reports_the_classes_of_a_folder_with_intervals(folders, traine
         evaluate.main(evaluate.parse_args(["--run", str(folder), "--bootstrap", "50",
                                            "--out-dir", str(tmp_path / folder.name)]))
     assert not (tmp_path / "binary" / "multiclass_metrics.csv").exists()
+    with_classes = pd.read_csv(tmp_path / "both" / "metrics.csv")  # malignancy untouched; the answers' agreement beside
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "binary" / "metrics.csv"),
-                                  pd.read_csv(tmp_path / "both" / "metrics.csv"))  # malignancy untouched
+                                  with_classes.drop(columns="answers_agree"))
+    assert with_classes["answers_agree"].between(0, 1).all()
     table = pd.read_csv(tmp_path / "both" / "multiclass_metrics.csv").set_index("class")
     test = pd.read_csv(tmp_path / "both" / "test_probs.csv")
     truth = [common.DX_CODES.index(dx) for dx in test["dx"]]

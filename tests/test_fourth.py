@@ -84,6 +84,13 @@ def test_one_network_gives_both_answers_from_one_pass(joint_run, synthetic_cache
     assert (tmp_path / "val" / "multiclass_metrics.csv").is_file()
     scored = pd.read_csv(tmp_path / "val" / "test_probs.csv")
     np.testing.assert_allclose(scored[common.CLASS_COLUMNS].sum(axis=1), 1, atol=1e-5)
+    # the two answers' agreement at each operating point, as predict.py's answers_agree counts it
+    metrics = pd.read_csv(tmp_path / "val" / "metrics.csv")
+    top = np.asarray(common.DX_CODES)[scored[common.CLASS_COLUMNS].to_numpy().argmax(axis=1)]
+    top_malignant = np.isin(top, ["mel", "bcc", "akiec"])
+    for row in metrics.to_dict("records"):
+        assert row["answers_agree"] == pytest.approx(np.mean(top_malignant == (scored["prob"] >= row["threshold"])))
+    assert "The two answers agree" in (tmp_path / "val" / "report.md").read_text()
     # exported, it predicts both answers on both engines alike
     export_model.main(export_model.parse_args(["--run", str(joint_run), "--out", str(tmp_path / "folder")]))
     index = pd.read_csv(synthetic_cache / "index.csv")
@@ -131,9 +138,9 @@ def test_the_fourth_panel_reads_both_answers_and_applies_its_rule():
     guess = np.zeros((len(dx), 7))
     guess[:, common.DX_CODES.index("nv")] = 1  # every image called nv
     assert panel.site_classes(dx) == ["mel", "nv"]
-    assert panel.site_balanced_accuracy(dx, guess, ["mel", "nv"]) == pytest.approx(0.5)
+    assert common.top_class_balanced_accuracy(dx, guess, ["mel", "nv"]) == pytest.approx(0.5)
     guess[:10, common.DX_CODES.index("vasc")] = 2  # half the melanomas named a class the site lacks
-    assert panel.site_balanced_accuracy(dx, guess, ["mel", "nv"]) == pytest.approx(0.5)
+    assert common.top_class_balanced_accuracy(dx, guess, ["mel", "nv"]) == pytest.approx(0.5)
 
     rng = np.random.default_rng(0)
 
@@ -178,17 +185,91 @@ def test_the_inference_only_arms_reweight_the_classes_and_leave_malignancy(tmp_p
     probs /= probs.sum(axis=1, keepdims=True)
     table = pd.DataFrame({"image_id": range(len(dx)), "dx": dx, "prob": rng.uniform(0, 1, len(dx))})
     table = table.assign(**dict(zip(common.CLASS_COLUMNS, probs.T)))
-    biases = panel.chosen_biases(table)
+    biases = common.chosen_class_biases(dx, probs)
     tuned = panel.reweighted(table, np.exp(biases))
     classes = ["bcc", "mel", "nv"]
-    before = panel.site_balanced_accuracy(dx, probs, classes)
-    after = panel.site_balanced_accuracy(dx, tuned[common.CLASS_COLUMNS].to_numpy(), classes)
+    before = common.top_class_balanced_accuracy(dx, probs, classes)
+    after = common.top_class_balanced_accuracy(dx, tuned[common.CLASS_COLUMNS].to_numpy(), classes)
     assert after > before + 0.2 and biases[common.DX_CODES.index("nv")] < biases[common.DX_CODES.index("mel")]
     np.testing.assert_allclose(tuned[common.CLASS_COLUMNS].sum(axis=1), 1)
     assert tuned["prob"].equals(table["prob"])  # malignancy is the malignancy head's, unchanged
+    np.testing.assert_allclose(common.with_class_biases(probs, biases), tuned[common.CLASS_COLUMNS].to_numpy())
     # logit adjustment: minus log prior is a division of each class probability by its prior
     prior = np.full(7, 0.1)
     prior[common.DX_CODES.index("nv")] = 0.4
     adjusted = panel.reweighted(table, 1 / prior)[common.CLASS_COLUMNS].to_numpy()
     expected = probs / prior
     np.testing.assert_allclose(adjusted, expected / expected.sum(axis=1, keepdims=True))
+
+
+def test_a_recorded_run_reads_as_the_run_it_was_recorded_from(joint_run, synthetic_cache, tmp_path, monkeypatch):
+    """bench/panel.py --record: a run's probabilities without its weights or the sites' labels, read
+    back (labels from the caches) to the tables the run itself gives, with and without test-time
+    augmentation; a reading never recorded, or another cache, gets one line."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import panel
+    monkeypatch.setattr(panel, "FOUR_SITES", (("ham10000_val", "syn", "val", None, ("shown",)),
+                                              ("isic2017", "syn", "all", None, ("hidden", "shown"))))
+    pattern, recorded = str(synthetic_cache), tmp_path / "recorded" / joint_run.name
+    live = {}
+    for tta in (False, True):
+        live[tta] = panel.score_run_four(joint_run, pattern, tmp_path / "keep", "cpu", tta=tta)
+        panel.record_run(joint_run, live[tta], tmp_path / "recorded", tta)
+    assert sorted(p.name for p in recorded.iterdir()) == sorted(
+        ["config.json"] + [f"{site}{tta}.csv" for site in ("ham10000_val_shown", "isic2017_hidden", "isic2017_shown")
+                           for tta in ("", "_tta")])
+    assert list(pd.read_csv(recorded / "isic2017_hidden.csv").columns) == ["image_id", "prob", *common.CLASS_COLUMNS]
+    index = pd.read_csv(synthetic_cache / "index.csv")
+    assert len(live[False]["isic2017", "hidden"]) == (index["split"] != "train").sum()  # its training images left out
+    for tta in (False, True):
+        again = panel.score_run_four(recorded, pattern, tmp_path / "keep", "cpu", tta=tta)
+        assert again.keys() == live[tta].keys()
+        for key, table in live[tta].items():
+            pd.testing.assert_frame_equal(again[key], table, check_dtype=False, check_exact=True)
+    assert not np.allclose(live[True]["ham10000_val", "shown"]["prob"], live[False]["ham10000_val", "shown"]["prob"])
+    (recorded / "isic2017_shown_tta.csv").unlink()
+    with pytest.raises(common.ToolkitError, match="isic2017_shown_tta.csv: missing: the run was not recorded"):
+        panel.score_run_four(recorded, pattern, tmp_path / "keep", "cpu", tta=True)
+    table = pd.read_csv(recorded / "ham10000_val_shown.csv")
+    table.iloc[1:].to_csv(recorded / "ham10000_val_shown.csv", index=False)
+    with pytest.raises(common.ToolkitError, match="holds other images than"):
+        panel.score_run_four(recorded, pattern, tmp_path / "keep", "cpu")
+
+
+def test_class_biases_chosen_on_val_move_every_class_answer_and_not_malignancy(joint_run, synthetic_cache,
+                                                                               synthetic_data, tmp_path, capsys):
+    """threshold.py --class-biases (JPB for a model folder): seven biases chosen on val_probs.csv,
+    written to thresholds.json, raising the val balanced accuracy they were chosen on; the folder
+    then moves every class answer by them (predict.py, a cache's probabilities) and no malignancy."""
+    import shutil
+    import threshold
+    folder = tmp_path / "joint"
+    shutil.copytree(joint_run, folder)
+    index, arrays = common.load_cache(synthetic_cache)
+    rows = index[index["split"] == "val"]["row"]
+    plain = common.ModelFolder(folder, engine="torch").probs(arrays, rows)
+    threshold.main(threshold.parse_args(["--run", str(folder), "--class-biases"]))
+    points = common.read_json(folder / "thresholds.json")
+    assert list(points["class_biases"]) == list(common.DX_CODES)
+    assert points["class_balanced_accuracy"]["with"] >= points["class_balanced_accuracy"]["without"]
+    assert "class biases" in capsys.readouterr().out
+    biases = common.read_class_biases(folder)
+    val = pd.read_csv(folder / "val_probs.csv")
+    np.testing.assert_array_equal(biases, common.chosen_class_biases(val["dx"], val[common.CLASS_COLUMNS].to_numpy()))
+    assert np.abs(biases).max() > 0  # (seed 0's tiny network: the search moved some class)
+    model = common.ModelFolder(folder, engine="torch")
+    probs, class_probs = model.probs(arrays, rows)
+    np.testing.assert_array_equal(probs, plain[0])
+    np.testing.assert_allclose(class_probs, common.with_class_biases(plain[1], biases), rtol=1e-6)
+    files = [str(synthetic_data / name) for name in index[index["split"] == "val"]["filename"].head(6)]
+    table, problems = model.predict(files)
+    assert not problems
+    answers = table[common.CLASS_COLUMNS].to_numpy()
+    picked = [index.index[index["filename"] == name][0] for name in index[index["split"] == "val"]["filename"].head(6)]
+    np.testing.assert_allclose(answers, model.probs(arrays, index.loc[picked, "row"])[1], atol=1e-5)
+    assert list(table["top_class"]) == [common.DX_CODES[k] for k in answers.argmax(axis=1)]
+    # a malformed entry is one line naming the file
+    points["class_biases"] = {"mel": 1.0}
+    common.write_json(points, folder / "thresholds.json")
+    with pytest.raises(common.ToolkitError, match="thresholds.json: 'class_biases' must give a number for each"):
+        common.ModelFolder(folder).class_biases
