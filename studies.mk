@@ -2,7 +2,7 @@
 # seven_classes.md):
 # included by the Makefile, whose variables, macros and pipeline targets they run.
 .PHONY: study study2-screen study2-levers study2-final study2-tta study2-test hair-study seven-screen seven-full seven-export \
-	four-data four-screen four-full crop-fit-study segmenter-screen third-data third-screen third-full third-ensemble
+	four-data four-screen four-full four-full-read crop-fit-study segmenter-screen third-data third-screen third-full third-ensemble
 
 # The first edition (docs/first_edition.md): the reference study's stages, each a run of its own on the same
 # lesion-level split and seed, evaluated on the internal test split and on PH2. Finished stages
@@ -370,3 +370,17 @@ four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
 four-full: | $(PY_DEPS)  ## study, 4th edition: J10 and J20 (J at 10 and 20 epochs at 160 px), seeds 0 and 1
 	$(foreach arm,$(FOUR_FULL_ARMS),$(call four_arm,$(arm),ham+isic2017_trainval,$(FOUR_J)) &&) true
+
+# The full length's tables (keep rule): JPB (J10's class biases chosen on HAM10000 val) and TTA (J10 read
+# with the 8 flips and rotations) beside J10; J20 beside J10 where its runs or records exist. Each run
+# trained here is recorded in FOUR_RECORDS (committed: config and probabilities, no weights); a run
+# whose weights are not here is read from its record, so runs of different machines pair.
+FOUR_RECORDS ?= docs/results/four_full
+four_full_runs = $(call seeded_dirs,$(FOUR_FULL_RUNS)/$(1))
+four_full_here = $(wildcard $(FOUR_FULL_RUNS)/$(1)_s1/model.pt $(FOUR_RECORDS)/$(1)_s1/config.json)
+four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (JPB, TTA and J20 beside J10), from runs or records
+	$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) --arm J10=$(call four_full_runs,J10) \
+		--arm JPB=$(call four_full_runs,J10) --adjust JPB=pb --arm TTA=$(call four_full_runs,J10) --tta TTA \
+		--out bench/results/four/full
+	$(if $(call four_full_here,J20),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
+		--arm J10=$(call four_full_runs,J10) --arm J20=$(call four_full_runs,J20) --out bench/results/four/full_J20)

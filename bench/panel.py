@@ -70,8 +70,9 @@ def parse_args(argv=None):
                         "rotations); the same runs under another arm name read without it")
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="with --four, record each run that has its weights as DIR/<run's name>/: its config.json "
-                        "and its probabilities at every site, no weights, no labels. An --arm may name such a "
-                        "folder in place of a run: its probabilities are read, its labels from the sites' caches")
+                        "and its probabilities at every site, no weights, no labels; a run whose weights are not "
+                        "here is read from there (its labels from the sites' caches). An --arm may also name such "
+                        "a folder itself")
     p.add_argument("--cache-pattern", default="cache/{data}_224_third_{crop_fit}",
                    help="a site's cache, from its dataset and the run's crop fit")
     p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
@@ -401,7 +402,8 @@ def recorded_scores(run, cache_pattern, tta):
     from the site's cache; the images must be those the run was read on."""
     config = run / "config.json"
     if not config.is_file():
-        fail(run / "model.pt", "missing: train the run first, or name a recorded run (bench/panel.py --record)")
+        fail(run, "is neither a trained run (model.pt) nor a recorded one (config.json and its probabilities, "
+             "bench/panel.py --record)")
     config = read_json(config)
     trained_on = training_images(run)
     suffix = "_tta" if tta else ""
@@ -575,6 +577,9 @@ def main_four(args, arms, device):
     unknown = set(args.tta) - set(arms)
     if unknown:
         fail("--tta", f"names no arm: {', '.join(sorted(unknown))}")
+    # a run whose weights are not here is read from its record
+    arms = {name: [run if (run / "model.pt").is_file() or args.record is None else args.record / run.name
+                   for run in runs] for name, runs in arms.items()}
     scored = {}
     for name, runs in tqdm(arms.items(), desc="scoring arms"):
         for s, run in enumerate(runs):

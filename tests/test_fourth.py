@@ -227,6 +227,8 @@ def test_a_recorded_run_reads_as_the_run_it_was_recorded_from(joint_run, synthet
         for key, table in live[tta].items():
             pd.testing.assert_frame_equal(again[key], table, check_dtype=False, check_exact=True)
     assert not np.allclose(live[True]["ham10000_val", "shown"]["prob"], live[False]["ham10000_val", "shown"]["prob"])
+    with pytest.raises(common.ToolkitError, match="is neither a trained run"):
+        panel.score_run_four(tmp_path / "nowhere", pattern, tmp_path / "keep", "cpu")
     (recorded / "isic2017_shown_tta.csv").unlink()
     with pytest.raises(common.ToolkitError, match="isic2017_shown_tta.csv: missing: the run was not recorded"):
         panel.score_run_four(recorded, pattern, tmp_path / "keep", "cpu", tta=True)
@@ -273,3 +275,32 @@ def test_class_biases_chosen_on_val_move_every_class_answer_and_not_malignancy(j
     common.write_json(points, folder / "thresholds.json")
     with pytest.raises(common.ToolkitError, match="thresholds.json: 'class_biases' must give a number for each"):
         common.ModelFolder(folder).class_biases
+
+
+def test_the_panel_pairs_a_run_whose_weights_are_gone_by_its_record(joint_run, synthetic_cache, tmp_path, monkeypatch):
+    """bench/panel.py --four --record end to end: the tables read from the runs themselves, and read
+    again once their weights are gone (from the records alone), are the same to the last digit."""
+    import shutil
+    sys.path.insert(0, str(ROOT / "bench"))
+    import panel
+    monkeypatch.setattr(panel, "FOUR_SITES", tuple((site, "syn", split, source and "synthetic", readings)
+                                                   for site, _, split, source,
+                                                   readings in panel.FOUR_SITES))
+    runs = [tmp_path / "runs" / f"J_s{s}" for s in (0, 1)]
+    for run in runs:
+        shutil.copytree(joint_run, run)
+    arms = ["--arm", f"J={runs[0]},{runs[1]}", "--arm", f"JPB={runs[0]},{runs[1]}", "--adjust", "JPB=pb",
+            "--arm", f"JTTA={runs[0]},{runs[1]}", "--tta", "JTTA"]
+    common_flags = ["--four", "--rule", "keep", "--bootstrap", "20", "--cache-pattern", str(synthetic_cache),
+                    "--record", str(tmp_path / "recorded"), *arms]
+    panel.main(panel.parse_args([*common_flags, "--keep", str(tmp_path / "keep"), "--out", str(tmp_path / "live")]))
+    for run in runs:
+        shutil.rmtree(run)
+    panel.main(panel.parse_args([*common_flags, "--keep", str(tmp_path / "keep2"), "--out", str(tmp_path / "again")]))
+    assert sorted(p.name for p in (tmp_path / "recorded").iterdir()) == ["J_s0", "J_s1"]
+    for suffix in (".csv", "_verdicts.csv"):
+        live, again = (pd.read_csv(tmp_path / f"{name}{suffix}") for name in ("live", "again"))
+        pd.testing.assert_frame_equal(live, again)
+    live, again = ((tmp_path / f"{name}.md").read_text().splitlines() for name in ("live", "again"))
+    assert "recorded/J_s0" in again[0] and live[1:] == again[1:]  # the first line names where the runs were read
+    assert set(pd.read_csv(tmp_path / "live_verdicts.csv")["arm"]) == {"JPB", "JTTA"}
