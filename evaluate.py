@@ -261,8 +261,8 @@ def with_interval(summary, name):
 
 
 def agreement_line(table):
-    return "The two answers agree (the top class malignant exactly where the decision is) on " + ", ".join(
-        f"{row['answers_agree']:.1%} at {row['operating_point']}" for row in table.to_dict("records")) + " of the images."
+    shares = ", ".join(f"{row['answers_agree']:.1%} at {row['operating_point']}" for row in table.to_dict("records"))
+    return f"The two answers agree (the top class malignant exactly where the decision is) on {shares} of the images."
 
 
 def multiclass_line(summary):

@@ -84,8 +84,9 @@ def main(args):
         print(f"{name:14s} threshold {m['threshold']:.4f}  val recall {m['recall']:.3f}  "
               f"precision {m['precision']:.3f}  specificity {m['specificity']:.3f}")
     if args.class_biases:
-        print(f"class biases   {' '.join(f'{code} {b:+.1f}' for code, b in points['class_biases'].items())}  val balanced "
-              f"accuracy {points['class_balanced_accuracy']['without']:.3f} -> {points['class_balanced_accuracy']['with']:.3f}")
+        biases, accuracy = points["class_biases"], points["class_balanced_accuracy"]
+        print(f"class biases   {' '.join(f'{code} {b:+.1f}' for code, b in biases.items())}  val balanced accuracy "
+              f"{accuracy['without']:.3f} -> {accuracy['with']:.3f}")
     print(f"wrote {args.run / 'thresholds.json'}")
 
 

@@ -32,9 +32,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import (CLASS_COLUMNS, DX_CODES, ModelFolder, check_preprocessing, chosen_class_biases,  # noqa: E402
-                    ensemble_probs, fail, group_members, hidden_metadata, load_cache, load_folder_models, metadata_features, one_line_errors,
-                    paired_differences, pick_device, preprocess_settings, ranking_metrics, read_csv, read_json,
-                    top_class_balanced_accuracy, write_csv, write_json, write_table_and_markdown)
+                    ensemble_probs, fail, group_members, hidden_metadata, load_cache, load_folder_models,
+                    metadata_features, one_line_errors, paired_differences, pick_device, preprocess_settings,
+                    ranking_metrics, read_csv, read_json, top_class_balanced_accuracy, write_csv, write_json,
+                    write_table_and_markdown)
 
 # (site, dataset, split, readings; the first reading is the panel's)
 SITES = (("ham10000_val", "hamfull_trainval", "val", ("shown",)),
@@ -69,10 +70,10 @@ def parse_args(argv=None):
                    help="with --four, arms whose runs are read with test-time augmentation (the 8 flips and "
                         "rotations); the same runs under another arm name read without it")
     p.add_argument("--record", type=Path, metavar="DIR",
-                   help="with --four, record each run that has its weights as DIR/<run's name>/: its config.json "
-                        "and its probabilities at every site, no weights, no labels; a run whose weights are not "
-                        "here is read from there (its labels from the sites' caches). An --arm may also name such "
-                        "a folder itself")
+                   help="with --four, record each trained run that has its weights as DIR/<run's name>/: its "
+                        "config.json and its probabilities at every site, no weights, no labels; a run whose "
+                        "weights are not here is read from there (its labels from the sites' caches). An --arm "
+                        "may also name such a folder itself")
     p.add_argument("--cache-pattern", default="cache/{data}_224_third_{crop_fit}",
                    help="a site's cache, from its dataset and the run's crop fit")
     p.add_argument("--out", type=Path, required=True, help="output path without suffix (.csv and .md)")
@@ -414,7 +415,8 @@ def recorded_scores(run, cache_pattern, tta):
         for reading in readings:
             path = run / f"{site}_{reading}{suffix}.csv"
             if not path.is_file():
-                fail(path, f"missing: the run was not recorded with this reading{' (test-time augmentation)' if tta else ''}")
+                reading_words = " (test-time augmentation)" if tta else ""
+                fail(path, f"missing: the run was not recorded with this reading{reading_words}")
             probs = read_csv(path, ("image_id", "prob"))
             numbers = probs.columns.drop("image_id")  # written exactly as float32: read back to the same values
             probs[numbers] = probs[numbers].astype(np.float32).astype(np.float64)
@@ -584,7 +586,7 @@ def main_four(args, arms, device):
     for name, runs in tqdm(arms.items(), desc="scoring arms"):
         for s, run in enumerate(runs):
             scored[name, s] = score_run_four(run, args.cache_pattern, args.keep, device, tta=name in args.tta)
-            if args.record and (run / "model.pt").is_file():
+            if args.record and (run / "model.pt").is_file() and (run / "config.json").is_file():  # a trained run
                 record_run(run, scored[name, s], args.record, tta=name in args.tta)
             if name in adjust:
                 scored[name, s] = adjusted_scores(scored[name, s], run, adjust[name])
