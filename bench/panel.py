@@ -107,16 +107,20 @@ def reading_name(reading, general_sites):
     return f"{reading}_general" if general_sites and reading == "shown" else reading
 
 
-def training_images(run):
-    """The image ids a run trained on, from its training cache (config.json's, or for a model
-    folder without one, model.pt's). A model folder whose cache is not on this machine (the
-    shipped one) leaves out nothing, and says so: its card names what it trained on."""
+def training_cache(run):
+    """A run's training cache: config.json's, or for a model folder without one (the shipped one), model.pt's."""
     config = run / "config.json"
     if config.is_file():
-        cache = Path(read_json(config)["args"]["cache"])
-    else:
-        import torch
-        cache = Path(torch.load(run / "model.pt", map_location="cpu", weights_only=True)["args"]["cache"])
+        return Path(read_json(config)["args"]["cache"])
+    import torch
+    return Path(torch.load(run / "model.pt", map_location="cpu", weights_only=True)["args"]["cache"])
+
+
+def training_images(run):
+    """The image ids a run trained on, from its training cache (training_cache). A model folder
+    whose cache is not on this machine (the shipped one) leaves out nothing, and says so: its card
+    names what it trained on."""
+    cache = training_cache(run)
     if not (cache / "index.csv").is_file():
         print(f"{run}: its training cache {cache} is not here; no site image is left out as a training image")
         return set()
@@ -325,7 +329,7 @@ def site_classes(dx):
 
 def trains_on(run, source):
     """Whether a run's training cache has training rows of `source`."""
-    cache = Path(read_json(run / "config.json")["args"]["cache"])
+    cache = training_cache(run)
     index = read_csv(cache / "index.csv", ("split",))
     return "source" in index and bool(((index["split"] == "train") & (index["source"] == source)).any())
 
@@ -394,8 +398,10 @@ def record_run(run, scores, into, tta):
     folder.mkdir(parents=True, exist_ok=True)
     write_json(read_json(run / "config.json"), folder / "config.json")
     for (site, reading), table in scores.items():
-        write_csv(table[[c for c in RECORDED_COLUMNS if c in table]], folder / f"{site}_{reading}"
-                  f"{'_tta' if tta else ''}.csv", float_format="%.9g")
+        table = table[[c for c in RECORDED_COLUMNS if c in table]]
+        numbers = table.columns.drop("image_id")  # the network's float32, whether fresh or read from a kept file
+        table = table.assign(**{c: table[c].astype(np.float32) for c in numbers})
+        write_csv(table, folder / f"{site}_{reading}{'_tta' if tta else ''}.csv", float_format="%.9g")
 
 
 def recorded_scores(run, cache_pattern, tta):
@@ -437,7 +443,7 @@ def reweighted(table, weights):
 
 def training_class_prior(run):
     """The frequency of each class among a run's training images (its training cache's train rows)."""
-    cache = Path(read_json(run / "config.json")["args"]["cache"])
+    cache = training_cache(run)
     dx = read_csv(cache / "index.csv", ("split", "dx")).query("split == 'train'")["dx"]
     counts = dx.value_counts().reindex(DX_CODES, fill_value=0).to_numpy(dtype=float)
     return np.maximum(counts, 1) / counts.sum()

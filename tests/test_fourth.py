@@ -219,6 +219,11 @@ def test_a_recorded_run_reads_as_the_run_it_was_recorded_from(joint_run, synthet
         ["config.json"] + [f"{site}{tta}.csv" for site in ("ham10000_val_shown", "isic2017_hidden", "isic2017_shown")
                            for tta in ("", "_tta")])
     assert list(pd.read_csv(recorded / "isic2017_hidden.csv").columns) == ["image_id", "prob", *common.CLASS_COLUMNS]
+    # recorded again from the kept files (a second reading), the record is the same to the byte
+    panel.record_run(joint_run, panel.score_run_four(joint_run, pattern, tmp_path / "keep", "cpu"),
+                     tmp_path / "again", False)
+    for path in (tmp_path / "again" / joint_run.name).glob("*.csv"):
+        assert path.read_bytes() == (recorded / path.name).read_bytes(), path.name
     index = pd.read_csv(synthetic_cache / "index.csv")
     assert len(live[False]["isic2017", "hidden"]) == (index["split"] != "train").sum()  # its training images left out
     for tta in (False, True):
