@@ -278,6 +278,11 @@ def read_probs(path, columns=("label", "prob")):
     return df
 
 
+def is_finite_number(value):
+    """A JSON number that is finite (true and false are no numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_thresholds(folder):
     """The operating points of thresholds.json: a dict of names to finite numbers, or one line."""
     path = Path(folder) / "thresholds.json"
@@ -286,7 +291,7 @@ def read_thresholds(folder):
     if not isinstance(thresholds, dict) or not thresholds:
         fail(path, "holds no 'thresholds' object of operating points; run threshold.py")
     for name, value in thresholds.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             fail(path, f"threshold '{name}' is {value!r}, not a number")
     return thresholds
 
@@ -298,8 +303,8 @@ def read_class_biases(folder):
     biases = read_json(path).get("class_biases")
     if biases is None:
         return None
-    if not isinstance(biases, dict) or set(biases) != set(DX_CODES) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in biases.values()):
+    if not isinstance(biases, dict) or set(biases) != set(DX_CODES) or not all(map(is_finite_number,
+                                                                                   biases.values())):
         fail(path, f"'class_biases' must give a number for each of {', '.join(DX_CODES)}")
     return np.array([float(biases[code]) for code in DX_CODES])
 
@@ -1374,6 +1379,13 @@ def classify_files(models, settings, files, metadata, device, tta, class_model=N
                       "class_probs": None if class_probs is None else class_probs[k]}
 
 
+def answers_agree(probs, class_probs, threshold):
+    """For each image, whether its most likely class is malignant exactly where its decision (the
+    probability at or above the threshold) is: a model's two answers agree."""
+    top = np.asarray(DX_CODES)[np.argmax(np.atleast_2d(class_probs), axis=1)]
+    return np.isin(top, list(MALIGNANT_DX)) == (np.atleast_1d(probs) >= threshold)
+
+
 def prediction_row(name, result, threshold, operating_point, tta, calibration=None):
     """One image's row of predictions.csv (predict.py, and the web page's table) from a result of
     classify_files: the malignancy probability (a site's recalibrated one with calibration, the
@@ -1393,7 +1405,7 @@ def prediction_row(name, result, threshold, operating_point, tta, calibration=No
         row.update(top_class=DX_CODES[top], top_class_prob=float(result["class_probs"][top]))
         # whether the most likely class is malignant exactly where the decision is (1), or the two
         # answers disagree (0: shown beside the answer); none where no lesion was found
-        row["answers_agree"] = int((DX_CODES[top] in MALIGNANT_DX) == (decision == "malignant")) \
+        row["answers_agree"] = int(answers_agree(prob, result["class_probs"], threshold)[0]) \
             if prepared["mask_ok"] else None
         row.update({f"prob_{code}": float(result["class_probs"][k]) for k, code in enumerate(DX_CODES)})
     return row

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, MALIGNANT_DX, SPLITS, ArgumentParser, ModelFolder,
+from common import (CLASS_MODEL_FILE, DX_CODES, ENGINES, SPLITS, ArgumentParser, ModelFolder, answers_agree,
                     atomic_path, balanced_accuracy_7, binary_metrics, check_preprocessing, class_table_lines, fail,
                     gradcam_maps, group_members, group_resamples, heat_overlay, hidden_metadata, load_cache,
                     lock_output, metadata_features, model_inputs, multiclass_figures, new_figure, number_in,
@@ -226,13 +226,6 @@ def multiclass_report(rows, class_probs, out_dir, n_resamples, seed):
     return summary, table
 
 
-def answers_agree(probs, class_probs, thresholds):
-    """At each threshold, the share of images whose most likely class is malignant exactly where the
-    decision is (predict.py's answers_agree, over every image)."""
-    top_malignant = np.isin(np.asarray(DX_CODES)[np.argmax(class_probs, axis=1)], list(MALIGNANT_DX))
-    return [float(np.mean(top_malignant == (probs >= t))) for t in thresholds]
-
-
 def plot_gradcam(model, checkpoint, images, test, threshold, n, device, path):
     """Rows: the n most confident true positives, false positives and false negatives."""
     decided = test["prob"].to_numpy() >= threshold
@@ -375,7 +368,7 @@ def main(args):
 
     table = metrics_table(labels, probs, thresholds, args.bootstrap, args.seed)
     if class_probs is not None:  # the two answers of a model that gives both, at each operating point
-        table["answers_agree"] = answers_agree(probs, class_probs, table["threshold"])
+        table["answers_agree"] = [float(np.mean(answers_agree(probs, class_probs, t))) for t in table["threshold"]]
     write_csv(table, out_dir / "metrics.csv")
     by_source = metrics_by_source(rows, labels, probs, thresholds, args)
     if by_source is not None:

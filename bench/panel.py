@@ -392,6 +392,10 @@ def score_run_four(run, cache_pattern, keep, device, tta=False):
 RECORDED_COLUMNS = ["image_id", "prob", *CLASS_COLUMNS]
 
 
+def recorded_file(folder, site, reading, tta):
+    return folder / f"{site}_{reading}{'_tta' if tta else ''}.csv"
+
+
 def record_run(run, scores, into, tta):
     """Write a run's config.json and its site probabilities (float32, written exactly) to into/<run's name>/."""
     folder = into / run.name
@@ -401,7 +405,7 @@ def record_run(run, scores, into, tta):
         table = table[[c for c in RECORDED_COLUMNS if c in table]]
         numbers = table.columns.drop("image_id")  # the network's float32, whether fresh or read from a kept file
         table = table.assign(**{c: table[c].astype(np.float32) for c in numbers})
-        write_csv(table, folder / f"{site}_{reading}{'_tta' if tta else ''}.csv", float_format="%.9g")
+        write_csv(table, recorded_file(folder, site, reading, tta), float_format="%.9g")
 
 
 def recorded_scores(run, cache_pattern, tta):
@@ -411,15 +415,14 @@ def recorded_scores(run, cache_pattern, tta):
     if not config.is_file():
         fail(run, "is neither a trained run (model.pt) nor a recorded one (config.json and its probabilities, "
              "bench/panel.py --record)")
-    config = read_json(config)
+    crop_fit = preprocess_settings(read_json(config)["cache_key"])["crop_fit"]
     trained_on = training_images(run)
-    suffix = "_tta" if tta else ""
     out = {}
     for site, data, split, source, readings in FOUR_SITES:
-        cache = Path(cache_pattern.format(data=data, crop_fit=preprocess_settings(config["cache_key"])["crop_fit"]))
+        cache = Path(cache_pattern.format(data=data, crop_fit=crop_fit))
         rows = site_rows(read_csv(cache / "index.csv"), split, source, trained_on)
         for reading in readings:
-            path = run / f"{site}_{reading}{suffix}.csv"
+            path = recorded_file(run, site, reading, tta)
             if not path.is_file():
                 reading_words = " (test-time augmentation)" if tta else ""
                 fail(path, f"missing: the run was not recorded with this reading{reading_words}")
