@@ -366,9 +366,13 @@ FOUR_FULL_RUNS ?= runs/four_full
 FOUR_FULL_ARMS ?= J10 J20
 FOUR_FULL_J10 := --input-size 160 --epochs 10
 FOUR_FULL_J20 := --input-size 160 --epochs 20
+# JC: J continued from the shipped malignancy network C_s1, the classes learned on it ("Full length,
+# second part"); once JC ships, FOUR_JC_FROM must name the reference of commit f21ae7f
+FOUR_JC_FROM ?= $(REFERENCE)/model.pt
+FOUR_FULL_JC := --input-size 160 --epochs 5 --lr 1e-4 --init-from $(FOUR_JC_FROM)
 four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
-four-full: | $(PY_DEPS)  ## study, 4th edition: J10 and J20 (J at 10 and 20 epochs at 160 px), seeds 0 and 1
+four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px) and JC (FOUR_FULL_ARMS=JC), seeds 0 and 1
 	$(foreach arm,$(FOUR_FULL_ARMS),$(call four_arm,$(arm),ham+isic2017_trainval,$(FOUR_J)) &&) true
 
 # The full length's tables (keep rule): JPB (J10's class biases chosen on HAM10000 val) and TTA (J10 read
@@ -384,3 +388,9 @@ four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (J
 		--out bench/results/four/full
 	$(if $(call four_full_here,J20),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10=$(call four_full_runs,J10) --arm J20=$(call four_full_runs,J20) --out bench/results/four/full_J20)
+	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
+		--arm REFTTA=$(REFERENCE),$(REFERENCE) --arm JCTTA=$(call four_full_runs,JC) --tta REFTTA JCTTA \
+		--out bench/results/four/full_JC_vs_reference_tta)
+	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
+		--arm J10TTA=$(call four_full_runs,J10) --arm JCTTA=$(call four_full_runs,JC) --tta J10TTA JCTTA \
+		--out bench/results/four/full_JC_vs_J10_tta)

@@ -78,6 +78,11 @@ def parse_args(argv=None):
                         "run's or a model folder's, trained with --metadata on images prepared as --cache's): "
                         "export_model.py --classes then gives a folder that reads malignancy and the 7 classes "
                         "in one pass of one network (docs/seven_classes.md, arm K4)")
+    p.add_argument("--init-from", type=Path, metavar="MODEL",
+                   help="--task joint: start from this binary model.pt's network, metadata embedding and "
+                        "malignancy logit (a run's or a model folder's, trained with --metadata on images prepared "
+                        "as --cache's), the 7 class logits new, and train all of it: the classes learned on a "
+                        "network trained for malignancy first (docs/fourth_edition.md, arm JC)")
     p.add_argument("--aug", default="full", choices=AUGMENTATIONS,
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
                         "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
@@ -335,25 +340,51 @@ def epoch_order(targets, sampler, seed, epoch, groups=None, size=None):
     return torch.cat(passes)[first - (first // n) * n:last - (first // n) * n]
 
 
+def source_network(path, flag, args, input_size):
+    """The model of --frozen-from or --init-from (its network is shared or continued) and its
+    checkpoint, checked to read images exactly as this run does."""
+    if not args.metadata:
+        fail(flag, "needs --metadata: the network shared is a metadata model's")
+    source, checkpoint = load_checkpoint(path)
+    for key, ours in (("arch", args.arch), ("input", args.input), ("input_size", input_size), ("metadata", True)):
+        if checkpoint.get(key) != ours:
+            fail(path, f"has {key} {checkpoint.get(key)!r}, this run {ours!r}: a head is trained on "
+                 "the network exactly as that model reads its images")
+    if not checkpoint.get("preprocess"):
+        fail(path, "has no preprocessing settings; retrain it with this version of train.py")
+    check_preprocessing(args.cache, [(source, checkpoint)])
+    return source, checkpoint
+
+
 def frozen_network(model, args, input_size):
     """The new model with --frozen-from's network and metadata embedding loaded and frozen (its
     head alone trains); returns the source's normalisation. The frozen part must stay exactly the
     source's, batch-norm statistics included, so that a model folder can share it (train_one_epoch
     keeps it in eval mode)."""
-    if not args.metadata:
-        fail("--frozen-from", "needs --metadata: the network shared is a metadata model's")
-    source, checkpoint = load_checkpoint(args.frozen_from)
-    for key, ours in (("arch", args.arch), ("input", args.input), ("input_size", input_size), ("metadata", True)):
-        if checkpoint.get(key) != ours:
-            fail(args.frozen_from, f"has {key} {checkpoint.get(key)!r}, this run {ours!r}: a head is trained on "
-                 "the network exactly as that model reads its images")
-    if not checkpoint.get("preprocess"):
-        fail(args.frozen_from, "has no preprocessing settings; retrain it with this version of train.py")
-    check_preprocessing(args.cache, [(source, checkpoint)])
+    source, checkpoint = source_network(args.frozen_from, "--frozen-from", args, input_size)
     network = split_head(source.state_dict())[0]
     model.load_state_dict({**model.state_dict(), **network})
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name not in network
+    return checkpoint["normalisation"]
+
+
+def initial_network(model, args, input_size):
+    """The joint model started from --init-from's binary model: its network and metadata embedding,
+    and its malignancy logit as the joint head's first row (the 7 class rows keep their fresh
+    start); everything then trains. Returns the source's normalisation."""
+    if args.task != SHARED_TASK:
+        fail("--init-from", f"starts a --task {SHARED_TASK} network from a binary one; this run is --task {args.task}")
+    source, checkpoint = source_network(args.init_from, "--init-from", args, input_size)
+    if checkpoint["task"] != "binary" or checkpoint["num_outputs"] != 1:
+        fail(args.init_from, f"is a {checkpoint['task']} model with {checkpoint['num_outputs']} logits; --init-from "
+             "needs a binary one with one malignancy logit")
+    network, head = split_head(source.state_dict())
+    state = {**model.state_dict(), **network}
+    for name in ("head.weight", "head.bias"):
+        state[name] = state[name].clone()
+        state[name][0] = head[name][0]
+    model.load_state_dict(state)
     return checkpoint["normalisation"]
 
 
@@ -476,10 +507,15 @@ def main(args):
         sources = torch.from_numpy(pd.factorize(train_rows["source"])[0])
 
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
-    model, normalisation = build_model(args.arch, num_outputs, args.pretrained and not args.frozen_from,
+    if args.frozen_from and args.init_from:
+        fail("--init-from", "and --frozen-from both name the network to start from; give one")
+    model, normalisation = build_model(args.arch, num_outputs,
+                                       args.pretrained and not (args.frozen_from or args.init_from),
                                        args.weights, args.metadata, views=2 if args.input == "both" else 1)
     if args.frozen_from:
         normalisation = frozen_network(model, args, input_size)
+    if args.init_from:
+        normalisation = initial_network(model, args, input_size)
     model = prepare_model(model, device)
     criterion = criterion.to(device)
     dtype = autocast_dtype(args.precision, device, args.arch)

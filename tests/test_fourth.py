@@ -13,6 +13,7 @@ from conftest import ROOT, trained_with_thresholds
 import common
 import evaluate
 import export_model
+import networks
 import predict
 import train
 
@@ -309,3 +310,29 @@ def test_the_panel_pairs_a_run_whose_weights_are_gone_by_its_record(joint_run, s
     live, again = ((tmp_path / f"{name}.md").read_text().splitlines() for name in ("live", "again"))
     assert "recorded/J_s0" in again[0] and live[1:] == again[1:]  # the first line names where the runs were read
     assert set(pd.read_csv(tmp_path / "live_verdicts.csv")["arm"]) == {"JPB", "JTTA"}
+
+
+def test_a_joint_network_starts_from_a_binary_ones_malignancy_and_trains_on(synthetic_cache, joint_run, tmp_path):
+    size = ["--img-size", "32", "--metadata"]
+    binary = trained_with_thresholds(synthetic_cache, tmp_path / "binary", "--epochs", "1", *size)
+    flags = ["--cache", str(synthetic_cache), "--arch", "efficientnet_lite0", "--task", "joint", "--class-weights",
+             "balanced", *size, "--init-from", str(binary / "model.pt")]
+    args = train.parse_args(["--run-dir", str(tmp_path / "start"), *flags])
+    source, _ = common.load_checkpoint(binary / "model.pt")
+    model, _ = networks.build_model("efficientnet_lite0", 8, False, None, True)
+    train.initial_network(model, args, 32)
+    images, metadata = torch.rand(4, 3, 32, 32), torch.rand(4, common.METADATA_SIZE)
+    with torch.no_grad():
+        started, own = model.eval()(images, metadata), source.eval()(images, metadata)
+    torch.testing.assert_close(started[:, :1], own)  # its malignancy is the binary model's, to the last operation
+    assert started.shape == (4, 8) and not torch.equal(started[:, 1:], torch.zeros(4, 7))
+    # and everything then trains: the network moves away from its start
+    run = trained_with_thresholds(synthetic_cache, tmp_path / "joint", *flags[4:], "--epochs", "1", "--lr", "1e-3")
+    trained = torch.load(run / "model.pt", weights_only=True)
+    assert (trained["task"], trained["num_outputs"]) == ("joint", 8)
+    body = torch.load(binary / "model.pt", weights_only=True)["model"]
+    assert not all(torch.equal(value, trained["model"][name]) for name, value in body.items() if name[:5] != "head.")
+    for extra, words in ((["--task", "multiclass"], "--task joint"), (["--frozen-from", str(binary / "model.pt")],
+                         "give one"), (["--init-from", str(joint_run / "model.pt")], "needs a binary one")):
+        with pytest.raises(SystemExit, match=words):
+            train.main(train.parse_args(["--run-dir", str(tmp_path / "bad"), *flags, *extra]))
