@@ -381,14 +381,14 @@ four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs 
 # whose weights are not here is read from its record, so runs of different machines pair.
 FOUR_RECORDS ?= docs/results/four_full
 four_full_runs = $(call seeded_dirs,$(FOUR_FULL_RUNS)/$(1))
-four_full_here = $(wildcard $(FOUR_FULL_RUNS)/$(1)_s1/model.pt $(FOUR_RECORDS)/$(1)_s1/config.json)
+four_full_here = $(wildcard $(FOUR_FULL_RUNS)/$(1)_s1/config.json $(FOUR_RECORDS)/$(1)_s1/config.json)
 four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (JPB, TTA and J20 beside J10), from runs or records
 	$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) --arm J10=$(call four_full_runs,J10) \
 		--arm JPB=$(call four_full_runs,J10) --adjust JPB=pb --arm TTA=$(call four_full_runs,J10) --tta TTA \
 		--out bench/results/four/full
 	$(if $(call four_full_here,J20),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10=$(call four_full_runs,J10) --arm J20=$(call four_full_runs,J20) --out bench/results/four/full_J20)
-	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
+	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule ship --record $(FOUR_RECORDS) \
 		--arm REFTTA=$(REFERENCE),$(REFERENCE) --arm JCTTA=$(call four_full_runs,JC) --tta REFTTA JCTTA \
 		--out bench/results/four/full_JC_vs_reference_tta)
 	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \

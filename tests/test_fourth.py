@@ -175,6 +175,34 @@ def test_the_fourth_panel_reads_both_answers_and_applies_its_rule():
     assert "| better |" in text and "passes" in text and "fails" in text
 
 
+def test_the_ship_rule_asks_higher_balanced_accuracy_and_the_ranking_kept():
+    """--rule ship ("What ships"): a recipe replaces the model when its panel balanced accuracy is
+    higher and its ranking falls no further than the keep rule allows (panel -0.005, a site -0.020,
+    HAM10000 val -0.010); balanced accuracy may fall anywhere but the panel's mean."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import panel
+    outside = [site for site, *_ in panel.FOUR_SITES if site not in panel.FOUR_GUARDS]
+    changes = {"names": ({}, 0.100), "ranks": ({}, -0.001), "one_site": ({outside[0]: -0.025}, 0.100),
+               "ham_val": ({"ham10000_val": -0.011}, 0.100), "panel": ({s: -0.006 for s in outside}, 0.100)}
+    rows = []
+    for site, *_ in panel.FOUR_SITES:
+        for arm, (roc, bal) in {"REF": ({}, 0.0), **changes}.items():
+            default = 0.050 if arm == "ranks" else -0.004
+            difference = {"roc_auc": roc.get(site, default), "bal_acc": -0.200 if site == "ham10000_val" else bal}
+            rows.append({"site": site, "reading": "shown", "in_panel": True, "arm": arm,
+                         **{f"{m}{suffix}": (0.7 + d if suffix == "" else d) for m, d in difference.items()
+                            for suffix in ("", "_difference", "_difference_seed0", "_difference_seed1")}})
+    arms = {name: ["a", "b"] for name in ["REF", *changes]}
+    verdict = panel.verdicts_four(pd.DataFrame(rows), arms, "ship", dict.fromkeys(arms, False)).set_index("arm")
+    assert verdict["passes"].to_dict() == {"names": True, "ranks": False, "one_site": False, "ham_val": False,
+                                           "panel": False}
+    # the keep rule guards HAM10000 val's balanced accuracy (here -0.200), which the ship rule leaves free
+    keep = panel.verdicts_four(pd.DataFrame(rows), arms, "keep", dict.fromkeys(arms, False)).set_index("arm")
+    assert not keep["passes"].any()
+    assert panel.rule_words(panel.FOUR_RULES["ship"]).startswith("balanced accuracy higher, neither panel figure "
+                                                                 "below -0.005 / no limit")
+
+
 def test_the_inference_only_arms_reweight_the_classes_and_leave_malignancy(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import panel
