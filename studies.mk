@@ -389,7 +389,7 @@ four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (J
 	$(if $(call four_full_here,J20),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10=$(call four_full_runs,J10) --arm J20=$(call four_full_runs,J20) --out bench/results/four/full_J20)
 	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule ship --record $(FOUR_RECORDS) \
-		--arm REFTTA=$(REFERENCE),$(REFERENCE) --arm JCTTA=$(call four_full_runs,JC) --tta REFTTA JCTTA \
+		--arm REFTTA=$(REFERENCE)$(comma)$(REFERENCE) --arm JCTTA=$(call four_full_runs,JC) --tta REFTTA JCTTA \
 		--out bench/results/four/full_JC_vs_reference_tta)
 	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10TTA=$(call four_full_runs,J10) --arm JCTTA=$(call four_full_runs,JC) --tta J10TTA JCTTA \
