@@ -370,10 +370,21 @@ FOUR_FULL_J20 := --input-size 160 --epochs 20
 # second part"); once JC ships, FOUR_JC_FROM must name the reference of commit f21ae7f
 FOUR_JC_FROM ?= $(REFERENCE)/model.pt
 FOUR_FULL_JC := --input-size 160 --epochs 5 --lr 1e-4 --init-from $(FOUR_JC_FROM)
+# JLP: linear probing, then fine-tuning ("Full length, third part"): for each seed a 7-class head on
+# FOUR_JC_FROM's network frozen (the probe: K4's recipe, 10 epochs), then JC started from it, 4 epochs
+FOUR_JLP_PROBE := --task multiclass --loss ce --class-weights balanced --frozen-from $(FOUR_JC_FROM) --input-size 160 \
+	--epochs 10
+FOUR_JLP_TUNE := $(FOUR_J) --init-from $(FOUR_JC_FROM) --input-size 160 --epochs 4 --lr 1e-4
+four_train = $(PYTHON) train.py --cache cache/ham+isic2017_trainval_224_third_pad --run-dir $(1) --arch efficientnet_lite0 \
+	--input full --metadata --val-source ham10000_full --aug full $(2) --seed $(3) $$(test -f $(1)/last.pt && echo --resume)
+four_jlp = $(foreach seed,$(THIRD_SEEDS),(probe=$(FOUR_FULL_RUNS)/JLP_probe_s$(seed); run=$(FOUR_FULL_RUNS)/JLP_s$(seed); \
+	(test -f $$probe/config.json || $(call four_train,$$probe,$(FOUR_JLP_PROBE),$(seed))) && \
+	(test -f $$run/config.json || $(call four_train,$$run,$(FOUR_JLP_TUNE) --init-head $$probe/model.pt,$(seed)))) &&) true
 four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
-four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px) and JC (FOUR_FULL_ARMS=JC), seeds 0 and 1
-	$(foreach arm,$(FOUR_FULL_ARMS),$(call four_arm,$(arm),ham+isic2017_trainval,$(FOUR_J)) &&) true
+four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC and JLP (FOUR_FULL_ARMS=JC), seeds 0 and 1
+	$(foreach arm,$(FOUR_FULL_ARMS),$(if $(filter JLP,$(arm)),$(four_jlp),$(call four_arm,$(arm),ham+isic2017_trainval,\
+		$(FOUR_J))) &&) true
 
 # The full length's tables (keep rule): JPB (J10's class biases chosen on HAM10000 val) and TTA (J10 read
 # with the 8 flips and rotations) beside J10; J20 beside J10 where its runs or records exist. Each run
@@ -394,3 +405,9 @@ four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (J
 	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10TTA=$(call four_full_runs,J10) --arm JCTTA=$(call four_full_runs,JC) --tta J10TTA JCTTA \
 		--out bench/results/four/full_JC_vs_J10_tta)
+	$(if $(call four_full_here,JLP),$(PYTHON) bench/panel.py --four --rule ship --record $(FOUR_RECORDS) \
+		--arm REFTTA=$(REFERENCE)$(comma)$(REFERENCE) --arm JLPTTA=$(call four_full_runs,JLP) --tta REFTTA JLPTTA \
+		--out bench/results/four/full_JLP_vs_reference_tta)
+	$(if $(call four_full_here,JLP),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
+		--arm JCTTA=$(call four_full_runs,JC) --arm JLPTTA=$(call four_full_runs,JLP) --tta JCTTA JLPTTA \
+		--out bench/results/four/full_JLP_vs_JC_tta)

@@ -83,6 +83,11 @@ def parse_args(argv=None):
                         "malignancy logit (a run's or a model folder's, trained with --metadata on images prepared "
                         "as --cache's), the 7 class logits new, and train all of it: the classes learned on a "
                         "network trained for malignancy first (docs/fourth_edition.md, arm JC)")
+    p.add_argument("--init-head", type=Path, metavar="MODEL",
+                   help="with --init-from: the 7 class logits start from this model's head, a --task multiclass "
+                        "run trained with --frozen-from on --init-from's model (a linear probe), so that the "
+                        "network is fine-tuned from a head that already names the classes (linear probing, then "
+                        "fine-tuning: docs/fourth_edition.md, arm JLP)")
     p.add_argument("--aug", default="full", choices=AUGMENTATIONS,
                    help="basic: flips; full: flips, rotation, RandomResizedCrop, colour jitter, noise; shift: full "
                         "plus another clinic's camera: a dark circular frame, defocus blur, gamma, JPEG "
@@ -381,11 +386,27 @@ def initial_network(model, args, input_size):
              "needs a binary one with one malignancy logit")
     network, head = split_head(source.state_dict())
     state = {**model.state_dict(), **network}
+    probe = probe_head(args, network) if args.init_head else None
     for name in ("head.weight", "head.bias"):
         state[name] = state[name].clone()
         state[name][0] = head[name][0]
+        if probe is not None:
+            state[name][1:] = probe[name]
     model.load_state_dict(state)
     return checkpoint["normalisation"]
+
+
+def probe_head(args, network):
+    """--init-head's 7-class head, checked to have been trained on exactly `network` (--init-from's,
+    frozen): a head read on other features would start the classes from noise."""
+    probe, checkpoint = load_checkpoint(args.init_head)
+    if checkpoint["task"] != "multiclass" or checkpoint["num_outputs"] != len(DX_CODES):
+        fail(args.init_head, f"is a {checkpoint['task']} model with {checkpoint['num_outputs']} logits; --init-head "
+             "needs a 7-class one")
+    body, head = split_head(probe.state_dict())
+    if body.keys() != network.keys() or not all(torch.equal(body[k].float(), network[k].float()) for k in body):
+        fail(args.init_head, f"was not trained on {args.init_from}'s network frozen (train.py --frozen-from)")
+    return head
 
 
 def train_one_epoch(model, images, metadata, targets, order, criterion, optimizer, scheduler, scaler, augment, noise,
@@ -514,6 +535,8 @@ def main(args):
                                        args.weights, args.metadata, views=2 if args.input == "both" else 1)
     if args.frozen_from:
         normalisation = frozen_network(model, args, input_size)
+    if args.init_head and not args.init_from:
+        fail("--init-head", "starts the classes of an --init-from network; give --init-from too")
     if args.init_from:
         normalisation = initial_network(model, args, input_size)
     model = prepare_model(model, device)

@@ -364,3 +364,23 @@ def test_a_joint_network_starts_from_a_binary_ones_malignancy_and_trains_on(synt
                          "give one"), (["--init-from", str(joint_run / "model.pt")], "needs a binary one")):
         with pytest.raises(SystemExit, match=words):
             train.main(train.parse_args(["--run-dir", str(tmp_path / "bad"), *flags, *extra]))
+
+    # linear probing, then fine-tuning: the class logits start from a 7-class head trained on the frozen network
+    probe = trained_with_thresholds(synthetic_cache, tmp_path / "probe", "--task", "multiclass", "--class-weights",
+                                    "balanced", "--epochs", "1", *size, "--frozen-from", str(binary / "model.pt"))
+    args = train.parse_args(["--run-dir", str(tmp_path / "lp"), *flags, "--init-head", str(probe / "model.pt")])
+    model, _ = networks.build_model("efficientnet_lite0", 8, False, None, True)
+    train.initial_network(model, args, 32)
+    prober, _ = common.load_checkpoint(probe / "model.pt")
+    with torch.no_grad():
+        started, own, classes = model.eval()(images, metadata), source(images, metadata), prober.eval()(images, metadata)
+    torch.testing.assert_close(started, torch.cat([own, classes], dim=1))
+    scratch = trained_with_thresholds(synthetic_cache, tmp_path / "scratch", "--task", "multiclass", "--epochs", "1",
+                                      *size)
+    for head, words in ((scratch, "was not trained on"), (joint_run, "needs a 7-class one")):
+        with pytest.raises(SystemExit, match=words):
+            train.main(train.parse_args(["--run-dir", str(tmp_path / "bad"), *flags, "--init-head",
+                                         str(head / "model.pt")]))
+    with pytest.raises(SystemExit, match="give --init-from too"):
+        train.main(train.parse_args(["--run-dir", str(tmp_path / "bad"), *flags[:-2], "--init-head",
+                                     str(probe / "model.pt")]))
