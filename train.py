@@ -502,6 +502,10 @@ def main(args):
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     args.loss = args.loss or ("ce" if args.task == "multiclass" else "wbce")
+    if args.frozen_from and args.init_from:
+        fail("--init-from", "and --frozen-from both name the network to start from; give one")
+    if args.init_head and not args.init_from:
+        fail("--init-head", "starts the classes of an --init-from network; give --init-from too")
 
     index, arrays = load_cache(args.cache)
     train_rows, val_rows = index[index["split"] == "train"], index[index["split"] == "val"]
@@ -528,15 +532,11 @@ def main(args):
         sources = torch.from_numpy(pd.factorize(train_rows["source"])[0])
 
     criterion, num_outputs, targets = loss_and_targets(args, train_rows)
-    if args.frozen_from and args.init_from:
-        fail("--init-from", "and --frozen-from both name the network to start from; give one")
     model, normalisation = build_model(args.arch, num_outputs,
                                        args.pretrained and not (args.frozen_from or args.init_from),
                                        args.weights, args.metadata, views=2 if args.input == "both" else 1)
     if args.frozen_from:
         normalisation = frozen_network(model, args, input_size)
-    if args.init_head and not args.init_from:
-        fail("--init-head", "starts the classes of an --init-from network; give --init-from too")
     if args.init_from:
         normalisation = initial_network(model, args, input_size)
     model = prepare_model(model, device)
