@@ -382,7 +382,7 @@ four_jlp = $(foreach seed,$(THIRD_SEEDS),(probe=$(FOUR_FULL_RUNS)/JLP_probe_s$(s
 	(test -f $$run/config.json || $(call four_train,$$run,$(FOUR_JLP_TUNE) --init-head $$probe/model.pt,$(seed)))) &&) true
 four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
-four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC and JLP (FOUR_FULL_ARMS=JC), seeds 0 and 1
+four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC and JLP (FOUR_FULL_ARMS="JC JLP"), seeds 0 and 1
 	$(foreach arm,$(FOUR_FULL_ARMS),$(if $(filter JLP,$(arm)),$(four_jlp),$(call four_arm,$(arm),ham+isic2017_trainval,\
 		$(FOUR_J))) &&) true
 
@@ -393,21 +393,17 @@ four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs 
 FOUR_RECORDS ?= docs/results/four_full
 four_full_runs = $(call seeded_dirs,$(FOUR_FULL_RUNS)/$(1))
 four_full_here = $(wildcard $(FOUR_FULL_RUNS)/$(1)_s1/config.json $(FOUR_RECORDS)/$(1)_s1/config.json)
-four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (JPB, TTA and J20 beside J10), from runs or records
+# four_tta_read: arm $(1) (once its runs or records exist) beside $(3) (its runs $(4)), both with TTA, by the
+# rule $(2), into full_$(1)_vs_$(5)_tta
+four_tta_read = $(if $(call four_full_here,$(1)),$(PYTHON) bench/panel.py --four --rule $(2) --record $(FOUR_RECORDS) \
+	--arm $(3)TTA=$(4) --arm $(1)TTA=$(call four_full_runs,$(1)) --tta $(3)TTA $(1)TTA --out bench/results/four/full_$(1)_vs_$(5)_tta)
+four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (JPB, TTA, J20 beside J10; JC, JLP beside the reference), from runs or records
 	$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) --arm J10=$(call four_full_runs,J10) \
 		--arm JPB=$(call four_full_runs,J10) --adjust JPB=pb --arm TTA=$(call four_full_runs,J10) --tta TTA \
 		--out bench/results/four/full
 	$(if $(call four_full_here,J20),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10=$(call four_full_runs,J10) --arm J20=$(call four_full_runs,J20) --out bench/results/four/full_J20)
-	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule ship --record $(FOUR_RECORDS) \
-		--arm REFTTA=$(REFERENCE)$(comma)$(REFERENCE) --arm JCTTA=$(call four_full_runs,JC) --tta REFTTA JCTTA \
-		--out bench/results/four/full_JC_vs_reference_tta)
-	$(if $(call four_full_here,JC),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
-		--arm J10TTA=$(call four_full_runs,J10) --arm JCTTA=$(call four_full_runs,JC) --tta J10TTA JCTTA \
-		--out bench/results/four/full_JC_vs_J10_tta)
-	$(if $(call four_full_here,JLP),$(PYTHON) bench/panel.py --four --rule ship --record $(FOUR_RECORDS) \
-		--arm REFTTA=$(REFERENCE)$(comma)$(REFERENCE) --arm JLPTTA=$(call four_full_runs,JLP) --tta REFTTA JLPTTA \
-		--out bench/results/four/full_JLP_vs_reference_tta)
-	$(if $(call four_full_here,JLP),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
-		--arm JCTTA=$(call four_full_runs,JC) --arm JLPTTA=$(call four_full_runs,JLP) --tta JCTTA JLPTTA \
-		--out bench/results/four/full_JLP_vs_JC_tta)
+	$(call four_tta_read,JC,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JC,keep,J10,$(call four_full_runs,J10),J10)
+	$(call four_tta_read,JLP,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JLP,keep,JC,$(call four_full_runs,JC),JC)
