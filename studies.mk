@@ -208,9 +208,9 @@ third-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEP
 THIRD_RUNS  ?= runs/third
 THIRD_SEEDS ?= 0 1
 THIRD_BUDGET ?= --input-size 128 --epochs 3
-# seeded_runs: $(1) run folder without the seed, $(2) cache, $(3) train.py flags; seeded_dirs: the
-# runs' folders, comma-separated (bench/panel.py's and bench/seven_classes.py's --arm)
-seeded_runs = $(foreach seed,$(THIRD_SEEDS),(run=$(1)_s$(seed); test -f $$run/config.json || \
+# seeded_runs: $(1) run folder without the seed, $(2) cache, $(3) train.py flags, $(4) the seeds (default
+# THIRD_SEEDS); seeded_dirs: the runs' folders, comma-separated (bench/panel.py's and bench/seven_classes.py's --arm)
+seeded_runs = $(foreach seed,$(or $(4),$(THIRD_SEEDS)),(run=$(1)_s$(seed); test -f $$run/config.json || \
 	$(PYTHON) train.py --cache $(2) --run-dir $$run --arch efficientnet_lite0 --input crop --metadata $(3) \
 		--seed $(seed) $$(test -f $$run/last.pt && echo --resume)) &&) true
 seeded_dirs = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)))
@@ -333,9 +333,9 @@ four-data: data/isic2017_trainval/metadata.csv data/ph2/metadata.csv | $(PY_DEPS
 	test -f data/three_trainval/metadata.csv || $(PYTHON) fetch_data.py --from-dir $(SHARED)/ham10000_full \
 		$(SHARED)/isic2017 $(SHARED)/bcn20000_84 --only-split train val --out data/three_trainval
 	$(foreach data,three_trainval ham+isic2017_trainval hamfull_trainval $(THIRD_SITES),$(call third_cache,$(data),pad) &&) true
-# $(1) arm, $(2) dataset, $(3) train.py flags that change the baseline J's
+# $(1) arm, $(2) dataset, $(3) train.py flags that change the baseline J's, $(4) the seeds (default all)
 four_arm = $(call seeded_runs,$(FOUR_RUNS)/$(1),cache/$(2)_224_third_pad,--input full --val-source ham10000_full \
-	--aug full $(FOUR_BUDGET) $(3))
+	--aug full $(FOUR_BUDGET) $(3),$(4))
 FOUR_J := --task joint --loss wbce --class-weights balanced
 FOUR_ARMS ?= J M U D DR DF DS DV
 FOUR_ARM_J  := ham+isic2017_trainval,$(FOUR_J)
@@ -375,11 +375,8 @@ FOUR_FULL_JC := --input-size 160 --epochs 5 --lr 1e-4 --init-from $(FOUR_JC_FROM
 FOUR_JLP_PROBE := --task multiclass --loss ce --class-weights balanced --frozen-from $(FOUR_JC_FROM) --input-size 160 \
 	--epochs 10
 FOUR_JLP_TUNE := $(FOUR_J) --init-from $(FOUR_JC_FROM) --input-size 160 --epochs 4 --lr 1e-4
-four_train = $(PYTHON) train.py --cache cache/ham+isic2017_trainval_224_third_pad --run-dir $(1) --arch efficientnet_lite0 \
-	--input full --metadata --val-source ham10000_full --aug full $(2) --seed $(3) $$(test -f $(1)/last.pt && echo --resume)
-four_jlp = $(foreach seed,$(THIRD_SEEDS),(probe=$(FOUR_FULL_RUNS)/JLP_probe_s$(seed); run=$(FOUR_FULL_RUNS)/JLP_s$(seed); \
-	(test -f $$probe/config.json || $(call four_train,$$probe,$(FOUR_JLP_PROBE),$(seed))) && \
-	(test -f $$run/config.json || $(call four_train,$$run,$(FOUR_JLP_TUNE) --init-head $$probe/model.pt,$(seed)))) &&) true
+four_jlp = $(foreach s,$(THIRD_SEEDS),$(call four_arm,JLP_probe,ham+isic2017_trainval,$(FOUR_JLP_PROBE),$(s)) && \
+	$(call four_arm,JLP,ham+isic2017_trainval,$(FOUR_JLP_TUNE) --init-head $(FOUR_FULL_RUNS)/JLP_probe_s$(s)/model.pt,$(s)) &&) true
 four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
 four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC and JLP (FOUR_FULL_ARMS="JC JLP"), seeds 0 and 1
