@@ -378,8 +378,6 @@ def initial_network(model, args, input_size):
     """The joint model started from --init-from's binary model: its network and metadata embedding,
     and its malignancy logit as the joint head's first row (the 7 class rows keep their fresh
     start); everything then trains. Returns the source's normalisation."""
-    if args.task != SHARED_TASK:
-        fail("--init-from", f"starts a --task {SHARED_TASK} network from a binary one; this run is --task {args.task}")
     source, checkpoint = source_network(args.init_from, "--init-from", args, input_size)
     if checkpoint["task"] != "binary" or checkpoint["num_outputs"] != 1:
         fail(args.init_from, f"is a {checkpoint['task']} model with {checkpoint['num_outputs']} logits; --init-from "
@@ -506,6 +504,8 @@ def main(args):
         fail("--init-from", "and --frozen-from both name the network to start from; give one")
     if args.init_head and not args.init_from:
         fail("--init-head", "starts the classes of an --init-from network; give --init-from too")
+    if args.init_from and args.task != SHARED_TASK:
+        fail("--init-from", f"starts a --task {SHARED_TASK} network from a binary one; this run is --task {args.task}")
 
     index, arrays = load_cache(args.cache)
     train_rows, val_rows = index[index["split"] == "train"], index[index["split"] == "val"]
