@@ -375,12 +375,17 @@ FOUR_FULL_JC := --input-size 160 --epochs 5 --lr 1e-4 --init-from $(FOUR_JC_FROM
 FOUR_JLP_PROBE := --task multiclass --loss ce --class-weights balanced --frozen-from $(FOUR_JC_FROM) --input-size 160 \
 	--epochs 10
 FOUR_JLP_TUNE := $(FOUR_J) --init-from $(FOUR_JC_FROM) --input-size 160 --epochs 4 --lr 1e-4
+# JLP3: JLP's fine-tuning at a peak of 3e-5 from the same probes ("Full length, fifth part"); JLW, only
+# if JLP3 fails: JLP's with the classes' loss weighted 0.5 beside the malignancy's
+FOUR_JLP3_TUNE := $(FOUR_J) --init-from $(FOUR_JC_FROM) --input-size 160 --epochs 4 --lr 3e-5
+FOUR_JLW_TUNE := $(FOUR_JLP_TUNE) --class-loss-weight 0.5
+# four_jlp: arm $(1) (JLP, JLP3, JLW), each seed's probe (trained once, shared) then its fine-tuning
 four_jlp = $(foreach s,$(THIRD_SEEDS),$(call four_arm,JLP_probe,ham+isic2017_trainval,$(FOUR_JLP_PROBE),$(s)) && \
-	$(call four_arm,JLP,ham+isic2017_trainval,$(FOUR_JLP_TUNE) --init-head $(FOUR_FULL_RUNS)/JLP_probe_s$(s)/model.pt,$(s)) &&) true
+	$(call four_arm,$(1),ham+isic2017_trainval,$(FOUR_$(1)_TUNE) --init-head $(FOUR_FULL_RUNS)/JLP_probe_s$(s)/model.pt,$(s)) &&) true
 four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
-four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC and JLP (FOUR_FULL_ARMS="JC JLP"), seeds 0 and 1
-	$(foreach arm,$(FOUR_FULL_ARMS),$(if $(filter JLP,$(arm)),$(four_jlp),$(call four_arm,$(arm),ham+isic2017_trainval,\
+four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC, JLP, JLP3, JLW (FOUR_FULL_ARMS="JLP3"), seeds 0 and 1
+	$(foreach arm,$(FOUR_FULL_ARMS),$(if $(filter JLP JLP3 JLW,$(arm)),$(call four_jlp,$(arm)),$(call four_arm,$(arm),ham+isic2017_trainval,\
 		$(FOUR_J))) &&) true
 
 # The full length's tables (keep rule): JPB (J10's class biases chosen on HAM10000 val) and TTA (J10 read
@@ -404,3 +409,7 @@ four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (J
 	$(call four_tta_read,JC,keep,J10,$(call four_full_runs,J10),J10)
 	$(call four_tta_read,JLP,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
 	$(call four_tta_read,JLP,keep,JC,$(call four_full_runs,JC),JC)
+	$(call four_tta_read,JLP3,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JLP3,keep,JLP,$(call four_full_runs,JLP),JLP)
+	$(call four_tta_read,JLW,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JLW,keep,JLP,$(call four_full_runs,JLP),JLP)
