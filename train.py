@@ -73,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--label-smoothing", type=number_in(float, 0, 0.5), default=0.0, metavar="EPS",
                    help="CrossEntropy's label smoothing (--loss ce): the target gives EPS of its weight evenly "
                         "to every class, so the network is not pushed to certainty on HAM10000's noisy labels")
+    p.add_argument("--class-loss-weight", type=number_in(float, 0), default=1.0, metavar="W",
+                   help="--task joint: the 7 classes' CrossEntropy is weighted W beside the malignancy's BCE (1: "
+                        "their plain sum); below 1 the classes pull the shared network less (docs/fourth_edition.md, "
+                        "arm JLW)")
     p.add_argument("--frozen-from", type=Path, metavar="MODEL",
                    help="train only a new head on this model.pt's network and metadata embedding, frozen (a "
                         "run's or a model folder's, trained with --metadata on images prepared as --cache's): "
@@ -275,12 +279,13 @@ class JointLoss(torch.nn.Module):
     """--task joint: BCE (with pos_weight for wbce) of the malignancy logit (column 0) plus the
     CrossEntropy of the 7 class logits; targets are (malignant, class index) rows."""
 
-    def __init__(self, binary, classes):
+    def __init__(self, binary, classes, class_weight=1.0):
         super().__init__()
-        self.binary, self.classes = binary, classes
+        self.binary, self.classes, self.class_weight = binary, classes, class_weight
 
     def forward(self, logits, targets):
-        return self.binary(logits[:, 0], targets[:, 0].float()) + self.classes(logits[:, 1:], targets[:, 1])
+        return (self.binary(logits[:, 0], targets[:, 0].float())
+                + self.class_weight * self.classes(logits[:, 1:], targets[:, 1]))
 
 
 def class_loss(args, targets):
@@ -307,7 +312,8 @@ def loss_and_targets(args, train_rows):
         if args.loss == "wbce":
             n_pos = int(malignant.sum())
             pos_weight = torch.tensor(args.pos_weight or (len(malignant) - n_pos) / n_pos)
-        return (JointLoss(torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight), class_loss(args, classes)),
+        return (JointLoss(torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight), class_loss(args, classes),
+                          args.class_loss_weight),
                 1 + len(DX_CODES), torch.stack([malignant, classes], dim=1))
     targets = malignant
     if args.label_smoothing and args.loss != "ce":
@@ -506,6 +512,9 @@ def main(args):
         fail("--init-head", "starts the classes of an --init-from network; give --init-from too")
     if args.init_from and args.task != SHARED_TASK:
         fail("--init-from", f"starts a --task {SHARED_TASK} network from a binary one; this run is --task {args.task}")
+    if args.class_loss_weight != 1.0 and args.task != SHARED_TASK:
+        fail(f"--class-loss-weight {args.class_loss_weight}", f"weighs the classes beside malignancy in --task "
+             f"{SHARED_TASK}; this run is --task {args.task}")
 
     index, arrays = load_cache(args.cache)
     train_rows, val_rows = index[index["split"] == "train"], index[index["split"] == "val"]

@@ -124,10 +124,21 @@ def test_general_sites_are_read_as_the_model_was_trained(joint_run, synthetic_ca
 def test_the_levers_refuse_what_they_cannot_do(synthetic_cache, tmp_path):
     for flags, words in ((["--general-sites"], "needs --metadata"),
                          (["--sampler", "source"], "needs a dataset of several sources"),
-                         (["--task", "joint", "--loss", "ce"], "--loss bce or wbce")):
+                         (["--task", "joint", "--loss", "ce"], "--loss bce or wbce"),
+                         (["--class-loss-weight", "0.5"], "weighs the classes beside malignancy")):
         with pytest.raises(SystemExit, match=words):
             train.main(train.parse_args(["--cache", str(synthetic_cache), "--run-dir", str(tmp_path / "bad"),
                                          "--epochs", "1", "--img-size", "32", *flags]))
+
+
+def test_the_class_loss_weight_scales_the_classes_term_and_not_malignancys():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 8), torch.tensor([[1, 0], [0, 1], [1, 2], [0, 3], [1, 4], [0, 6]])
+    binary, classes = torch.nn.BCEWithLogitsLoss(), torch.nn.CrossEntropyLoss()
+    bce, ce = binary(logits[:, 0], targets[:, 0].float()), classes(logits[:, 1:], targets[:, 1])
+    for weight in (1.0, 0.5, 0.0):
+        loss = train.JointLoss(binary, classes, weight)(logits, targets)
+        assert torch.isclose(loss, bce + weight * ce), weight
 
 
 def test_the_fourth_panel_reads_both_answers_and_applies_its_rule():
