@@ -16,7 +16,13 @@ COLLECTIONS   ?= --collection HAM10000 --collection "Challenge 2017: Training"
 FROM_DIR      ?=
 SYNTHETIC_N   ?= 1500
 ARCH          ?= efficientnet_lite0
+# joint: one network for both answers (the malignancy network, a 7-class probe on it, both fine-tuned
+# together: three trainings); binary: the malignancy network alone
+TASK          ?= joint
 EPOCHS        ?= 10
+PROBE_EPOCHS  ?= 10
+JOINT_EPOCHS  ?= 4
+JOINT_LR      ?= 3e-5
 # two sizes: the cache's square images (preprocess.py --cache-size) and the network's input, to which
 # they are resized (train.py --input-size); IMG_SIZE and TRAIN_SIZE, their names before, still work
 CACHE_SIZE    ?= $(or $(IMG_SIZE),224)
@@ -130,17 +136,31 @@ $(SEG_RUN)/config.json: | $(PY_DEPS)
 	$(PYTHON) train_segmenter.py --data data/$(SEG_DATA) --run-dir $(SEG_RUN) --epochs $(SEG_EPOCHS) \
 		$(foreach weight,$(SEG_WEIGHTS),--source-weight $(weight)) $(if $(wildcard $(SEG_RUN)/last.pt),--resume)
 
-ifeq ($(MEMBERS),)
-# val_probs.csv is written when training ends (model.pt already after the first epoch), so an
-# interrupted run is not taken for a finished one; it resumes from its last.pt.
-$(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
-	$(PYTHON) train.py --cache $(CACHE) --run-dir $(RUN_DIR) --arch $(ARCH) --epochs $(EPOCHS) \
-		--batch-size $(BATCH_SIZE) --lr $(LR) --loss $(LOSS) --aug $(AUG) --input $(INPUT) --input-size $(INPUT_SIZE) \
-		$(if $(filter on,$(METADATA)),--metadata) $(TRAIN_FLAGS) $(if $(wildcard $(RUN_DIR)/last.pt),--resume)
-else
+# train_run: train.py into run folder $(1) with the flags $(2) beside the shared ones; val_probs.csv is
+# written when training ends (model.pt already after the first epoch), so an interrupted run is not
+# taken for a finished one; it resumes from its last.pt.
+train_run = $(PYTHON) train.py --cache $(CACHE) --run-dir $(1) --arch $(ARCH) --batch-size $(BATCH_SIZE) --aug $(AUG) \
+	--input $(INPUT) --input-size $(INPUT_SIZE) $(if $(filter on,$(METADATA)),--metadata) $(2) $(TRAIN_FLAGS) \
+	$(if $(wildcard $(1)/last.pt),--resume)
+ifneq ($(MEMBERS),)
 # MEMBERS="a b c" (run names, as RUN): runs/RUN is their ensemble instead of a model of its own.
 $(RUN_DIR)/val_probs.csv: $(foreach m,$(MEMBERS),runs/$(m)/val_probs.csv) | $(PY_DEPS)
 	$(PYTHON) ensemble.py --run-dir $(RUN_DIR) $(addprefix runs/,$(MEMBERS))
+else ifeq ($(TASK),binary)
+$(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
+	$(call train_run,$(RUN_DIR),--epochs $(EPOCHS) --lr $(LR) --loss $(LOSS))
+else
+# TASK=joint, one network for both answers in three trainings (docs/fourth_edition.md, arm JLP3): the
+# malignancy network (TASK=binary's run, into runs/RUN_malignancy), a 7-class head on it frozen (the
+# linear probe, runs/RUN_probe), then both heads and the network fine-tuned together from those two
+$(RUN_DIR)_malignancy/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
+	$(call train_run,$(RUN_DIR)_malignancy,--epochs $(EPOCHS) --lr $(LR) --loss $(LOSS))
+$(RUN_DIR)_probe/val_probs.csv: $(RUN_DIR)_malignancy/val_probs.csv | $(PY_DEPS)
+	$(call train_run,$(RUN_DIR)_probe,--task multiclass --loss ce --class-weights balanced --epochs $(PROBE_EPOCHS) \
+		--lr $(LR) --frozen-from $(RUN_DIR)_malignancy/model.pt)
+$(RUN_DIR)/val_probs.csv: $(RUN_DIR)_probe/val_probs.csv | $(PY_DEPS)
+	$(call train_run,$(RUN_DIR),--task joint --loss $(LOSS) --class-weights balanced --epochs $(JOINT_EPOCHS) \
+		--lr $(JOINT_LR) --init-from $(RUN_DIR)_malignancy/model.pt --init-head $(RUN_DIR)_probe/model.pt)
 endif
 
 ifeq ($(TTA),on)
@@ -216,14 +236,15 @@ $(RUN_DIR)/isic2017_trainval/metrics.csv: $(RUN_DIR)/thresholds.json cache/isic2
 	$(PYTHON) evaluate.py --run $(RUN_DIR) --cache cache/isic2017_trainval_$(CACHE_SIZE)$(CACHE_SUFFIX) --split all \
 		--out-dir $(RUN_DIR)/isic2017_trainval
 
-# The reference model (models/reference/MODEL_CARD.md): the third edition's recipe C, seed 1
-# (docs/third_edition.md). Retrained: make third-data, then make third-full (which trains it as
-# runs/third_full/C_s1), then its TTA thresholds and make export RUN=third_full/C_s1
-# EXPORT_DIR=models/reference (the card's exact commands). Checked and read through caches its own
-# compact segmenter made; the full-precision run's folder holds the compact model's evaluations.
-REF_RUN ?= runs/third_full/C_s1
-# the 7-class run exported beside it as classes.pt (docs/seven_classes.md; empty: none)
-REF_CLASSES_RUN ?= runs/seven_full/K0_s1
+# The reference model (models/reference/MODEL_CARD.md): the fourth edition's JLP3, seed 1
+# (docs/fourth_edition.md), one network for both answers. Retrained: make four-data, then make
+# four-full FOUR_FULL_ARMS=JLP3 (runs/four_full/JLP3_s1; it starts from PREVIOUS_REFERENCE, studies.mk),
+# then its TTA thresholds and make export RUN=four_full/JLP3_s1 EXPORT_DIR=models/reference (the card's
+# exact commands). Checked and read through caches its own compact segmenter made; the full-precision
+# run's folder holds the compact model's evaluations.
+REF_RUN ?= runs/four_full/JLP3_s1
+# a 7-class run exported beside it as classes.pt (empty: none; the shipped network gives both answers)
+REF_CLASSES_RUN ?=
 # the reference model's crop (model.pt's preprocess key; a test holds them equal)
 REF_CROP_FIT ?= pad
 ref_cache = $(PYTHON) preprocess.py --data data/$(1) --cache-size 224 --colour-constancy shades_of_gray --segmenter unet \
@@ -235,7 +256,7 @@ reference-bench: | $(PY_DEPS) $(REFERENCE_ONNX)  ## the reference model against 
 		--out-dir $(REF_RUN)/compact_val
 	$(PYTHON) bench/reference_model.py --full-probs $(REF_RUN)/val_tta/test_probs.csv \
 		--compact-probs $(REF_RUN)/compact_val/test_probs.csv \
-		$(if $(REF_CLASSES_RUN),--full-class-probs $(REF_CLASSES_RUN)/val_tta/test_probs.csv) \
+		--full-class-probs $(or $(REF_CLASSES_RUN),$(REF_RUN))/val_tta/test_probs.csv \
 		--out bench/results/reference_faithful
 	$(PYTHON) bench/reference_model.py --speed --n 500 --out bench/results/reference_speed
 
@@ -261,24 +282,32 @@ site-bench: | $(PY_DEPS)  ## site calibration on PH2 (two-fold) and ISIC 2017 (v
 data/isic2017_test/metadata.csv: | $(PY_DEPS)
 	$(PYTHON) fetch_data.py --from-dir $(SHARED)/isic2017 --only-split test --out data/isic2017_test
 
-reference-test: | $(PY_DEPS)  ## read the HAM10000 test split, ISIC 2017 test and PH2 with the reference model, for its card
-	$(MAKE) data/hamfull_valtest/metadata.csv data/isic2017_test/metadata.csv data/ph2/metadata.csv
+data/bcn20000_test/metadata.csv: | $(PY_DEPS)
+	$(PYTHON) fetch_data.py --from-dir $(SHARED)/bcn20000_84 --only-split test --out data/bcn20000_test
+
+reference-test: | $(PY_DEPS)  ## read the HAM10000, ISIC 2017 and BCN20000 test splits and PH2 with the reference model, for its card
+	$(MAKE) data/hamfull_valtest/metadata.csv data/isic2017_test/metadata.csv data/bcn20000_test/metadata.csv \
+		data/ph2/metadata.csv
 	$(call ref_cache,hamfull_valtest)
 	$(call ref_cache,isic2017_test)
+	$(call ref_cache,bcn20000_test)
 	$(call ref_cache,ph2)
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/hamfull_valtest_224_reference \
 		--out-dir $(REF_RUN)/compact_ham10000_test
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/isic2017_test_224_reference --split test \
 		--out-dir $(REF_RUN)/compact_isic2017_test
+	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/bcn20000_test_224_reference --split test \
+		--out-dir $(REF_RUN)/compact_bcn20000_test
 	$(PYTHON) evaluate.py --run $(REFERENCE) --cache cache/ph2_224_reference --split all --out-dir $(REF_RUN)/compact_ph2
 	$(PYTHON) bench/study2.py --read "$(REF_RUN)/compact_ham10000_test:HAM10000 test" \
-		"$(REF_RUN)/compact_isic2017_test:ISIC 2017 test" "$(REF_RUN)/compact_ph2:PH2" \
+		"$(REF_RUN)/compact_isic2017_test:ISIC 2017 test" "$(REF_RUN)/compact_bcn20000_test:BCN20000 test" \
+		"$(REF_RUN)/compact_ph2:PH2" \
 		--out bench/results/reference_test --plots docs/results/reference
 
 # fp32: at 64 px bf16 autocast trains slower on a CPU than fp32 (17 s an epoch against 10 here)
 demo:  ## the whole pipeline on synthetic images, under 2 minutes on 2 CPU cores
-	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo CACHE_SIZE=64 INPUT_SIZE=64 EPOCHS=6 ARCH=efficientnet_lite0 \
-		BATCH_SIZE=32 LR=2e-3 TRAIN_FLAGS="--precision fp32"
+	$(MAKE) all DATA=synthetic SYNTHETIC_N=1000 RUN=demo CACHE_SIZE=64 INPUT_SIZE=64 EPOCHS=4 PROBE_EPOCHS=2 JOINT_EPOCHS=2 \
+		JOINT_LR=2e-4 ARCH=efficientnet_lite0 BATCH_SIZE=32 LR=2e-3 TRAIN_FLAGS="--precision fp32"
 
 test: | $(PY_DEPS) $(REFERENCE_ONNX)  ## run the test suite (the reference model as make setup leaves it: with its ONNX files)
 	$(PYTHON) -m pytest -q tests
@@ -328,7 +357,7 @@ help:  ## list targets and variables
 	@echo "studies (studies.mk; their write-ups in docs/):"
 	@$(call list_targets,studies.mk)
 	@echo "variables (current value):"
-	@$(foreach v,DATA SOURCE COLLECTIONS FROM_DIR SYNTHETIC_N ARCH EPOCHS CACHE_SIZE INPUT_SIZE BATCH_SIZE LR LOSS AUG INPUT \
+	@$(foreach v,DATA SOURCE COLLECTIONS FROM_DIR SYNTHETIC_N ARCH TASK EPOCHS PROBE_EPOCHS JOINT_EPOCHS JOINT_LR CACHE_SIZE INPUT_SIZE BATCH_SIZE LR LOSS AUG INPUT \
 		HAIR SEGMENTER SEG_RUN SEG_MODEL COLOUR CROP_FIT METADATA TTA TARGET_RECALL FETCH_FLAGS TRAIN_FLAGS TEST_SOURCE MEMBERS \
 		SHARED RUN EXPORT_DIR IMAGES MODEL CLINIC PREDICT_OUT PYTHON,printf '  %-14s %s\n' '$(v)' '$($(v))';)
 

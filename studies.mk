@@ -184,6 +184,16 @@ crop-fit-study: $(SEG_RUN)/config.json | $(PY_DEPS)  ## the padded crop's lesion
 	$(PYTHON) bench/hair_study.py --runs $(SCREEN_RUN)/first $(SCREEN_RUN)/two $(SCREEN_RUN)/first_pad \
 		--out bench/results/crop_fit/classifier_screen
 
+# The reference model of the third edition and the seven-class study (C_s1, with its 7-class network
+# as classes.pt), shipped until the fourth edition's JLP3 replaced it: that edition's arms started
+# from it and were read against it, and the seven-class study's K4 learned on it. Its files from git.
+PREVIOUS_REFERENCE := cache/reference_third
+PREVIOUS_REFERENCE_COMMIT := a644f92
+$(PREVIOUS_REFERENCE)/model.pt:
+	mkdir -p $(@D)
+	$(foreach f,classes.pt segmenter.pt thresholds.json export.json model.pt,git show \
+		$(PREVIOUS_REFERENCE_COMMIT):models/reference/$(f) > $(@D)/$(f).part && mv $(@D)/$(f).part $(@D)/$(f) &&) true
+
 # Study, third edition (docs/third_edition.md, its protocol): ranking at clinics the model never
 # saw, every choice read on an outside panel (ISIC 2017, PH2, isic2020_dev) at two seeds. Data:
 # ham10000_full's train and val rows only (its test split is never imported here), and the panel's
@@ -288,13 +298,13 @@ SEVEN_FULL_EPOCHS ?= 20
 # K4: a head on the shipped binary model's frozen network, read as that model reads its images
 # (SEVEN_K4_FLAGS: its input form and size, the reference model's since issue 33: the whole image
 # at 160 px; a test holds them to model.pt's)
-SEVEN_K4_FROM  ?= $(REFERENCE)/model.pt
+SEVEN_K4_FROM  ?= $(PREVIOUS_REFERENCE)/model.pt
 SEVEN_K4_FLAGS ?= --input full --input-size 160
 seven_tta = $(foreach seed,$(THIRD_SEEDS),(test -f $(1)_s$(seed)/val_tta/test_probs.csv || \
 	($(PYTHON) threshold.py --run $(1)_s$(seed) && $(PYTHON) evaluate.py --run $(1)_s$(seed) --split val --tta \
 		--bootstrap 0 --out-dir $(1)_s$(seed)/val_tta)) &&) true
 seven_tta_files = $(subst $(eval) ,$(comma),$(foreach seed,$(THIRD_SEEDS),$(1)_s$(seed)/val_tta/test_probs.csv))
-seven-full: | $(PY_DEPS)  ## 7 classes: K0, the screen's combined recipe and K4 (a head on the shipped network) at full length, seeds 0 and 1
+seven-full: | $(PY_DEPS) $(PREVIOUS_REFERENCE)/model.pt  ## 7 classes: K0, the screen's combined recipe and K4 (a head on the shipped network) at full length, seeds 0 and 1
 	$(call seven_arm,runs/seven_full/K0,--input-size 160 --epochs 10,--class-weights balanced)
 	$(call seven_arm,runs/seven_full/S,--input-size 160 --epochs $(SEVEN_FULL_EPOCHS),$(SEVEN_FULL_FLAGS))
 	$(call seven_arm,runs/seven_full/K4,--epochs 10,--class-weights balanced $(SEVEN_K4_FLAGS) \
@@ -316,7 +326,8 @@ seven-full: | $(PY_DEPS)  ## 7 classes: K0, the screen's combined recipe and K4 
 seven-export: | $(PY_DEPS)  ## 7 classes: the run the protocol chose, exported beside the reference model
 	$(PYTHON) bench/seven_classes.py --decide bench/results/seven --runs runs/seven_full > bench/results/seven/decision.txt
 	cat bench/results/seven/decision.txt
-	$(PYTHON) export_model.py --run $(REF_RUN) --classes $$(tail -1 bench/results/seven/decision.txt) --out $(REFERENCE)
+	$(PYTHON) export_model.py --run runs/third_full/C_s1 --classes $$(tail -1 bench/results/seven/decision.txt) \
+		--out $(PREVIOUS_REFERENCE)
 
 # Study, fourth edition (docs/fourth_edition.md, its protocol): one network for both answers, trained
 # on three clinics (BCN20000 joins), both answers read at every site of the panel, at two seeds.
@@ -366,9 +377,9 @@ FOUR_FULL_RUNS ?= runs/four_full
 FOUR_FULL_ARMS ?= J10 J20
 FOUR_FULL_J10 := --input-size 160 --epochs 10
 FOUR_FULL_J20 := --input-size 160 --epochs 20
-# JC: J continued from the shipped malignancy network C_s1, the classes learned on it ("Full length,
-# second part"); once JC ships, FOUR_JC_FROM must name the reference of commit f21ae7f
-FOUR_JC_FROM ?= $(REFERENCE)/model.pt
+# JC: J continued from the then shipped malignancy network C_s1 (PREVIOUS_REFERENCE), the classes
+# learned on it ("Full length, second part")
+FOUR_JC_FROM ?= $(PREVIOUS_REFERENCE)/model.pt
 FOUR_FULL_JC := --input-size 160 --epochs 5 --lr 1e-4 --init-from $(FOUR_JC_FROM)
 # JLP: linear probing, then fine-tuning ("Full length, third part"): for each seed a 7-class head on
 # FOUR_JC_FROM's network frozen (the probe: K4's recipe, 10 epochs), then JC started from it, 4 epochs
@@ -384,7 +395,7 @@ four_jlp = $(foreach s,$(THIRD_SEEDS),$(call four_arm,JLP_probe,ham+isic2017_tra
 	$(call four_arm,$(1),ham+isic2017_trainval,$(FOUR_$(1)_TUNE) --init-head $(FOUR_FULL_RUNS)/JLP_probe_s$(s)/model.pt,$(s)) &&) true
 four-full: FOUR_BUDGET = $(FOUR_FULL_$(arm))
 four-full: FOUR_RUNS = $(FOUR_FULL_RUNS)
-four-full: | $(PY_DEPS)  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC, JLP, JLP3, JLW (FOUR_FULL_ARMS="JLP3"), seeds 0 and 1
+four-full: | $(PY_DEPS) $(PREVIOUS_REFERENCE)/model.pt  ## study, 4th edition: J10, J20 (J at 10 and 20 epochs at 160 px), JC, JLP, JLP3, JLW (FOUR_FULL_ARMS="JLP3"), seeds 0 and 1
 	$(foreach arm,$(FOUR_FULL_ARMS),$(if $(filter JLP JLP3 JLW,$(arm)),$(call four_jlp,$(arm)),$(call four_arm,$(arm),ham+isic2017_trainval,\
 		$(FOUR_J))) &&) true
 
@@ -399,17 +410,17 @@ four_full_here = $(wildcard $(FOUR_FULL_RUNS)/$(1)_s1/config.json $(FOUR_RECORDS
 # rule $(2), into full_$(1)_vs_$(5)_tta
 four_tta_read = $(if $(call four_full_here,$(1)),$(PYTHON) bench/panel.py --four --rule $(2) --record $(FOUR_RECORDS) \
 	--arm $(3)TTA=$(4) --arm $(1)TTA=$(call four_full_runs,$(1)) --tta $(3)TTA $(1)TTA --out bench/results/four/full_$(1)_vs_$(5)_tta)
-four-full-read: | $(PY_DEPS)  ## study, 4th edition: the full length's tables (JPB, TTA, J20 beside J10; JC, JLP beside the reference), from runs or records
+four-full-read: | $(PY_DEPS) $(PREVIOUS_REFERENCE)/model.pt  ## study, 4th edition: the full length's tables (JPB, TTA, J20 beside J10; JC, JLP beside the reference), from runs or records
 	$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) --arm J10=$(call four_full_runs,J10) \
 		--arm JPB=$(call four_full_runs,J10) --adjust JPB=pb --arm TTA=$(call four_full_runs,J10) --tta TTA \
 		--out bench/results/four/full
 	$(if $(call four_full_here,J20),$(PYTHON) bench/panel.py --four --rule keep --record $(FOUR_RECORDS) \
 		--arm J10=$(call four_full_runs,J10) --arm J20=$(call four_full_runs,J20) --out bench/results/four/full_J20)
-	$(call four_tta_read,JC,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JC,ship,REF,$(PREVIOUS_REFERENCE)$(comma)$(PREVIOUS_REFERENCE),reference)
 	$(call four_tta_read,JC,keep,J10,$(call four_full_runs,J10),J10)
-	$(call four_tta_read,JLP,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JLP,ship,REF,$(PREVIOUS_REFERENCE)$(comma)$(PREVIOUS_REFERENCE),reference)
 	$(call four_tta_read,JLP,keep,JC,$(call four_full_runs,JC),JC)
-	$(call four_tta_read,JLP3,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JLP3,ship,REF,$(PREVIOUS_REFERENCE)$(comma)$(PREVIOUS_REFERENCE),reference)
 	$(call four_tta_read,JLP3,keep,JLP,$(call four_full_runs,JLP),JLP)
-	$(call four_tta_read,JLW,ship,REF,$(REFERENCE)$(comma)$(REFERENCE),reference)
+	$(call four_tta_read,JLW,ship,REF,$(PREVIOUS_REFERENCE)$(comma)$(PREVIOUS_REFERENCE),reference)
 	$(call four_tta_read,JLW,keep,JLP,$(call four_full_runs,JLP),JLP)

@@ -22,7 +22,7 @@ import export_model
 import networks
 
 PH2 = SHARED_DATA / "ph2"
-WEIGHTS = ["model.pt", "classes.pt", "segmenter.pt", "thresholds.json", "export.json"]
+WEIGHTS = ["model.pt", "segmenter.pt", "thresholds.json", "export.json"]
 
 
 def weights_only_copy(folder):
@@ -57,7 +57,7 @@ def predict(folder, files, out, *flags):
 
 def test_each_network_is_written_as_onnx_checked_against_pytorch_on_real_images(onnx_folder):
     record = json.loads((onnx_folder / common.ONNX_RECORD).read_text())
-    assert set(record["networks"]) == {"model.pt", "classes.pt", "segmenter.pt"}
+    assert set(record["networks"]) == {"model.pt", "segmenter.pt"}
     assert record["checked_on"].startswith("8 images from ")
     for name, entry in record["networks"].items():
         assert (onnx_folder / entry["onnx"]).is_file()
@@ -67,8 +67,8 @@ def test_each_network_is_written_as_onnx_checked_against_pytorch_on_real_images(
     # what the engine reads instead of the weights: every field of the checkpoint but the weights
     model = torch.load(onnx_folder / "model.pt", weights_only=True)
     fields = record["networks"]["model.pt"]["checkpoint"]
-    assert {k: fields[k] for k in ("arch", "task", "input", "img_size", "normalisation", "preprocess")} == \
-        {k: model[k] for k in ("arch", "task", "input", "img_size", "normalisation", "preprocess")}
+    assert {k: fields[k] for k in ("arch", "task", "input", "input_size", "normalisation", "preprocess")} == \
+        {k: model[k] for k in ("arch", "task", "input", "input_size", "normalisation", "preprocess")}
 
 
 def test_the_onnx_file_reads_plain_pixels_and_gives_pytorchs_logits(onnx_folder):
@@ -215,7 +215,7 @@ def test_make_setup_leaves_the_reference_model_on_current_onnx_files():
     if not (common.onnx_dir(REFERENCE) / common.ONNX_RECORD).is_file():
         pytest.skip("models/reference has no ONNX files: make setup (or make test) writes them")
     networks = common.onnx_networks(REFERENCE, "onnx")
-    assert set(networks) == {"model.pt", "classes.pt", "segmenter.pt"}
+    assert set(networks) == {"model.pt", "segmenter.pt"}
     # made on this machine outside the shipped folder, which holds its weights once, within 25 MB
     assert all(path.parent == common.MACHINE_ONNX / "models" / "reference" for path in networks.values())
     assert not list(REFERENCE.glob("*.onnx")) and sum(p.stat().st_size for p in REFERENCE.iterdir()) <= 25 * 2**20

@@ -36,21 +36,19 @@ def real_rows(n_malignant, n_benign):
 def test_the_reference_folder_is_compact_complete_and_the_recipe_it_claims():
     shipped = [p for p in REFERENCE.iterdir() if p.name != "clinics"]  # a user's site calibrations are theirs
     files = sorted(p.name for p in shipped)
-    assert files == ["MODEL_CARD.md", "classes.pt", "export.json", "model.pt", "segmenter.pt", "thresholds.json"]
+    assert files == ["MODEL_CARD.md", "export.json", "model.pt", "segmenter.pt", "thresholds.json"]
     assert sum(p.stat().st_size for p in shipped) <= 25 * 2**20
-    # the seven classes: the seven-class study's K0 (docs/seven_classes.md), compact, on images prepared alike
-    classes = torch.load(REFERENCE / common.CLASS_MODEL_FILE, weights_only=True)
-    assert all(t.dtype == torch.float16 for t in classes["model"].values() if t.is_floating_point())
-    assert (classes["task"], classes["arch"], classes["input"], classes["img_size"], classes["args"]["class_weights"],
-            classes["args"]["sampler"], classes["args"]["epochs"]) == ("multiclass", "efficientnet_lite0", "crop", 160,
-                                                                       "balanced", "none", 10)
+    # one network for both answers (docs/fourth_edition.md): a malignancy logit beside the 7 classes',
+    # fine-tuned from the third edition's malignancy network and a 7-class probe on it
     exported = json.loads((REFERENCE / "export.json").read_text())
-    assert exported["classes_run"] == "runs/seven_full/K0_s1"
+    args = exported["run_config"]["args"]
+    assert (args["task"], args["class_weights"], args["loss"]) == ("joint", "balanced", "wbce")
+    assert args["init_from"] and args["init_head"] and "classes_run" not in exported
     assert all(exported["sha256"][name] == common.file_digest(REFERENCE / name) for name in exported["sha256"])
     checkpoint = torch.load(REFERENCE / "model.pt", weights_only=True)
     assert all(t.dtype == torch.float16 for t in checkpoint["model"].values() if t.is_floating_point())
-    assert (checkpoint["arch"], checkpoint["input"], checkpoint["img_size"], checkpoint["metadata"],
-            checkpoint["loss"]) == ("efficientnet_lite0", "full", 160, True, "wbce")
+    assert (checkpoint["arch"], checkpoint["task"], checkpoint["num_outputs"], checkpoint["input"], checkpoint["input_size"],
+            checkpoint["metadata"], checkpoint["loss"]) == ("efficientnet_lite0", "joint", 8, "full", 160, True, "wbce")
     key = checkpoint["preprocess"]
     assert (key["segmenter"], key["segmenter_model"], key["colour_constancy"]) == ("unet", "segmenter.pt",
                                                                                    "shades_of_gray")
@@ -83,12 +81,15 @@ def test_the_make_defaults_are_the_reference_models_recipe():
     defaults = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.startswith("  ") and
                     len(line.split()) == 2)
     assert (defaults["ARCH"], defaults["INPUT"], defaults["INPUT_SIZE"], defaults["LOSS"]) == (
-        checkpoint["arch"], checkpoint["input"], str(checkpoint["img_size"]), checkpoint["loss"])
+        checkpoint["arch"], checkpoint["input"], str(checkpoint["input_size"]), checkpoint["loss"])
     assert defaults["METADATA"] == ("on" if checkpoint["metadata"] else "off")
     assert (defaults["SEGMENTER"], defaults["COLOUR"], defaults["CROP_FIT"], defaults["HAIR"]) == (
         checkpoint["preprocess"]["segmenter"], settings["colour_constancy"], settings["crop_fit"],
         settings["hair_removal"])
     assert defaults["TTA"] == ("on" if json.loads((REFERENCE / "thresholds.json").read_text())["tta"] else "off")
+    # one network for both answers, fine-tuned as it was: its task, epochs and learning rate
+    assert (defaults["TASK"], int(defaults["JOINT_EPOCHS"]), float(defaults["JOINT_LR"])) == (
+        checkpoint["task"], checkpoint["args"]["epochs"], checkpoint["args"]["lr"])
     # its training images: HAM10000 with ISIC 2017's training images (the third edition's C), which
     # a default download takes from the Archive, choosing the epoch on HAM10000's val rows alone
     assert checkpoint["args"]["val_source"] == ["ham10000_full"] and "isic2017" in checkpoint["args"]["cache"]
@@ -99,7 +100,7 @@ def test_the_make_defaults_are_the_reference_models_recipe():
     k4 = [line for line in subprocess.run(["make", "-n", "seven-full", "PYTHON=python3"], cwd=ROOT, capture_output=True,
                                           text=True, timeout=60).stdout.splitlines() if "--frozen-from" in line]
     assert k4 and all(line.split("--input ")[-1].split()[0] == checkpoint["input"] and
-                      line.split("--input-size ")[-1].split()[0] == str(checkpoint["img_size"]) for line in k4)
+                      line.split("--input-size ")[-1].split()[0] == str(checkpoint["input_size"]) for line in k4)
 
 
 def test_predict_with_no_run_uses_the_reference_model(tmp_path):
