@@ -10,8 +10,8 @@ Prints a table (file, probability, decision) and writes a CSV (default <run>/pre
 predictions.csv in the current folder for the reference model): file, malignancy_prob, decision
 (benign/malignant at the chosen threshold, or "no lesion found" where no plausible lesion was
 found: the whole image was scored, and mask_ok is 0), threshold, operating_point, tta, mask_area,
-mask_ok; where the model gives the 7 classes (a 7-class run, or a model folder with classes.pt, as
-the reference model has), top_class and top_class_prob (the most likely class, also printed beside
+mask_ok; where the model gives the 7 classes (a 7-class or joint run, as the reference model is, or
+a model folder with classes.pt), top_class and top_class_prob (the most likely class, also printed beside
 malignancy and named on the overlay), answers_agree (1 where the class is malignant exactly where the
 decision is; 0 where the two answers disagree, which the table says beside the answer) and prob_<dx>
 for each of the seven, and with --clinic NAME (a site calibration written by
