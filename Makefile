@@ -142,19 +142,21 @@ $(SEG_RUN)/config.json: | $(PY_DEPS)
 train_run = $(PYTHON) train.py --cache $(CACHE) --run-dir $(1) --arch $(ARCH) --batch-size $(BATCH_SIZE) --aug $(AUG) \
 	--input $(INPUT) --input-size $(INPUT_SIZE) $(if $(filter on,$(METADATA)),--metadata) $(2) $(TRAIN_FLAGS) \
 	$(if $(wildcard $(1)/last.pt),--resume)
+# the malignancy network's own flags: TASK=binary's run and TASK=joint's first training
+MALIGNANCY_FLAGS = --epochs $(EPOCHS) --lr $(LR) --loss $(LOSS)
 ifneq ($(MEMBERS),)
 # MEMBERS="a b c" (run names, as RUN): runs/RUN is their ensemble instead of a model of its own.
 $(RUN_DIR)/val_probs.csv: $(foreach m,$(MEMBERS),runs/$(m)/val_probs.csv) | $(PY_DEPS)
 	$(PYTHON) ensemble.py --run-dir $(RUN_DIR) $(addprefix runs/,$(MEMBERS))
 else ifeq ($(TASK),binary)
 $(RUN_DIR)/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
-	$(call train_run,$(RUN_DIR),--epochs $(EPOCHS) --lr $(LR) --loss $(LOSS))
+	$(call train_run,$(RUN_DIR),$(MALIGNANCY_FLAGS))
 else
 # TASK=joint, one network for both answers in three trainings (docs/fourth_edition.md, arm JLP3): the
 # malignancy network (TASK=binary's run, into runs/RUN_malignancy), a 7-class head on it frozen (the
 # linear probe, runs/RUN_probe), then both heads and the network fine-tuned together from those two
 $(RUN_DIR)_malignancy/val_probs.csv: $(CACHE)/index.csv | $(PY_DEPS)
-	$(call train_run,$(RUN_DIR)_malignancy,--epochs $(EPOCHS) --lr $(LR) --loss $(LOSS))
+	$(call train_run,$(RUN_DIR)_malignancy,$(MALIGNANCY_FLAGS))
 $(RUN_DIR)_probe/val_probs.csv: $(RUN_DIR)_malignancy/val_probs.csv | $(PY_DEPS)
 	$(call train_run,$(RUN_DIR)_probe,--task multiclass --loss ce --class-weights balanced --epochs $(PROBE_EPOCHS) \
 		--lr $(LR) --frozen-from $(RUN_DIR)_malignancy/model.pt)
@@ -178,7 +180,8 @@ $(RUN_DIR)/thresholds.json: $(RUN_DIR)/val_probs.csv | $(PY_DEPS)
 endif
 
 export: $(RUN_DIR)/thresholds.json | $(PY_DEPS)  ## compact fp16 copy of runs/RUN for predict.py --run, into EXPORT_DIR (models/RUN)
-	$(PYTHON) export_model.py --run $(RUN_DIR) --out $(EXPORT_DIR)
+	$(PYTHON) export_model.py --run $(RUN_DIR) --out $(EXPORT_DIR) $(if $(filter $(REFERENCE),$(EXPORT_DIR)),--onnx-out \
+		$(dir $(REFERENCE_ONNX)))
 
 predict: | $(PY_DEPS) $(REFERENCE_ONNX)  ## classify IMAGES="files or folders" with the reference model (or MODEL=folder) into PREDICT_OUT
 	$(if $(IMAGES),,$(error predict needs IMAGES="image files or folders"))

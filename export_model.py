@@ -24,9 +24,10 @@ files of the old folder that an export does not write, such as MODEL_CARD.md, ar
                    on which images, and the versions (an ONNX file whose weights file changed since
                    is not used)
 
---onnx FOLDER adds the ONNX files to a model folder that has none; --onnx-out DIR puts them
-elsewhere (make setup writes models/reference's into cache/onnx/models/reference, where predict.py
-finds them: made on each machine rather than shipped, they leave the folder its 25 MB).
+--onnx FOLDER adds the ONNX files to a model folder that has none; --onnx-out DIR, there or in an
+export, puts them elsewhere (make setup and make export write models/reference's into
+cache/onnx/models/reference, where predict.py finds them: made on each machine rather than shipped,
+they leave the folder its 25 MB).
 
 Example: python export_model.py --run runs/study2/final/F1 --out models/reference
          python export_model.py --run runs/third_full/C_s0 --classes runs/seven/K0_s0 --out models/reference
@@ -68,8 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--onnx", type=Path, metavar="FOLDER",
                    help="instead of exporting a run: add ONNX files (and onnx.json) to this model folder")
     p.add_argument("--onnx-out", type=Path, metavar="DIR",
-                   help="with --onnx: write the ONNX files and onnx.json into DIR rather than beside the weights "
-                        "(make setup: cache/onnx/models/reference, where predict.py finds them)")
+                   help="write the ONNX files and onnx.json into DIR rather than beside the weights (make setup "
+                        "and make export of models/reference: cache/onnx/models/reference, where predict.py finds "
+                        "them, so the folder holds its weights once)")
     p.add_argument("--check-images", type=Path, nargs="+", metavar="PATH",
                    help="image files or folders the ONNX files are checked on against PyTorch (at most 64 "
                         f"images are read; default: {GENERATED_IMAGES} generated lesion-like images)")
@@ -78,8 +80,6 @@ def parse_args(argv=None):
         p.error("give --run and --out (export a run), or --onnx FOLDER (add ONNX files to a model folder)")
     if args.onnx is not None and (args.run or args.out or args.classes):
         p.error("--onnx FOLDER takes no --run, --out or --classes")
-    if args.onnx_out is not None and args.onnx is None:
-        p.error("--onnx-out goes with --onnx FOLDER")
     return args
 
 
@@ -319,7 +319,7 @@ def main(args):
             config = args.classes / "config.json"
             origin.update(classes_run=shown(args.classes),
                           classes_run_config=read_json(config) if config.is_file() else None)
-        onnx, checked_on = add_onnx(build, args.check_images)
+        onnx, checked_on = add_onnx(build, args.check_images, args.onnx_out)
         write_json({**origin, "exported_at_commit": git_commit(),
                     "sha256": {p.name: file_digest(p) for p in sorted(build.iterdir())},
                     "onnx": {"checked_on": checked_on, "largest_probability_difference":

@@ -159,6 +159,21 @@ def test_a_folder_without_current_onnx_files_runs_on_pytorch_or_says_why_not(onn
     assert result.returncode == 1 and "model.onnx was made from another model.pt" in result.stderr, result.stderr
 
 
+def test_an_export_with_onnx_out_leaves_the_folder_its_weights_alone(trained_run, tmp_path):
+    """make export of models/reference: the ONNX files go where predict.py finds them, not into the
+    folder, and export.json lists only what the folder holds."""
+    folder, onnx = tmp_path / "model", tmp_path / "onnx"
+    export_model.main(export_model.parse_args(["--run", str(trained_run), "--out", str(folder),
+                                               "--onnx-out", str(onnx)]))
+    held = sorted(p.name for p in folder.iterdir())
+    assert not [name for name in held if name.endswith(".onnx") or name == common.ONNX_RECORD]
+    assert sorted(json.loads((folder / "export.json").read_text())["sha256"]) == \
+        [name for name in held if name != "export.json"]
+    record = json.loads((onnx / common.ONNX_RECORD).read_text())
+    assert record["networks"]["model.pt"]["source_sha256"] == common.file_digest(folder / "model.pt")
+    assert (onnx / record["networks"]["model.pt"]["onnx"]).is_file()
+
+
 def test_an_onnx_file_that_differs_from_pytorch_is_not_written(tmp_path, monkeypatch):
     folder = weights_only_copy(tmp_path / "reference")
     monkeypatch.setattr(export_model, "ONNX_TOLERANCE", 0.0)  # float32 rounding alone now exceeds it
